@@ -1,0 +1,1 @@
+"""The ``capi-backbones`` command line. Each ``*_commands`` module registers its subcommands."""

@@ -1,0 +1,11 @@
+"""User-facing CLI errors: printed as one line, exit code 2, no traceback."""
+
+__all__ = ["CliError", "USER_ERRORS"]
+
+
+class CliError(Exception):
+    """An error caused by the user's input, reported without a traceback."""
+
+
+# Library exceptions that mean "bad input", turned into CliError by the command handlers.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, OSError)

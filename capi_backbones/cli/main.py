@@ -1,0 +1,39 @@
+"""Entry point of the ``capi-backbones`` command line."""
+
+import argparse
+import logging
+import sys
+
+from capi_backbones.cli import feature_commands, model_commands, train_commands
+from capi_backbones.cli.errors import CliError
+
+__all__ = ["main", "build_parser"]
+
+COMMAND_MODULES = (model_commands, feature_commands, train_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capi-backbones", description="CAPI vision backbones.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as error:
+        print(f"capi-backbones {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

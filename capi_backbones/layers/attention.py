@@ -1,0 +1,47 @@
+"""Multi-head (cross-)attention with RoPE on q and k, no biases."""
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from capi_backbones.layers.rope import Rope
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, dim: int, num_heads: int, *, context_dim: int | None = None, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}.")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        context_dim = context_dim or dim
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(dim, dim, **kw)
+        self.k_proj = nn.Linear(context_dim, dim, **kw)
+        self.v_proj = nn.Linear(context_dim, dim, **kw)
+        self.proj = nn.Linear(dim, dim, **kw)
+        self.rope = Rope(self.head_dim, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        coords: Tensor,
+        context: Tensor | None = None,
+        context_coords: Tensor | None = None,
+    ) -> Tensor:
+        """x: (b, n_q, d), coords: (b or 1, n_q, 2); context: (b, n_k, d_k) or None for self-attention."""
+        if context is None:
+            context, context_coords = x, coords
+        b, n_q, d = x.shape
+        n_k = context.shape[1]
+        h, hd = self.num_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, n_q, h, hd).transpose(1, 2)  # (b, h, n_q, hd)
+        k = self.k_proj(context).reshape(b, n_k, h, hd).transpose(1, 2)  # (b, h, n_k, hd)
+        v = self.v_proj(context).reshape(b, n_k, h, hd).transpose(1, 2)
+        q = self.rope(q, coords[:, None])  # coords broadcast over heads
+        k = self.rope(k, context_coords[:, None])
+        x = F.scaled_dot_product_attention(q, k, v)  # (b, h, n_q, hd)
+        return self.proj(x.transpose(1, 2).reshape(b, n_q, d))

@@ -1,0 +1,231 @@
+"""CAPI encoder and cross-attention predictor.
+
+Paper: "Cluster and Predict Latent Patches for Improved Masked Image Modeling",
+Darcet et al., 2025 (https://arxiv.org/abs/2502.08769). Official code: facebookresearch/capi.
+Module attribute names are the official checkpoint keys, so released files load with strict=True.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from capi_backbones.layers import Block
+from capi_backbones.models.config import CapiConfig
+from capi_backbones.models.coordinates import edge_register_coordinates, patch_coordinates, scale_to_extent
+
+__all__ = ["BackboneOutput", "CapiModel", "Transformer", "nearest_valid_sizes"]
+
+
+@dataclass
+class BackboneOutput:
+    patch_features: Tensor  # (B, h, w, D), enc_norm-ed patch tokens
+    registers: Tensor  # (B, n_registers, D), enc_norm-ed register tokens
+    pooled: Tensor | None  # (B, D_pred) predictor pooling, or None when not asked for
+
+
+class Transformer(nn.Module):
+    """A stack of blocks under ``.blocks`` (the checkpoint's ``encoder.blocks.i`` / ``decoder.blocks.i``)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, *, context_dim: int | None = None, **block_kw) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [Block(dim, num_heads, context_dim=context_dim, **block_kw) for _ in range(depth)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def nearest_valid_sizes(size: int, patch_size: int) -> tuple[int, ...]:
+    lower = (size // patch_size) * patch_size
+    return tuple(s for s in (lower, lower + patch_size) if s > 0)
+
+
+class CapiModel(nn.Module):
+    """CAPI backbone. ``model(x)`` returns the official 3-tuple ``(global_repr, registers, feature_map)``."""
+
+    def __init__(self, config: CapiConfig | None = None, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config = config or CapiConfig()
+        dd = dict(device=device, dtype=dtype)
+        block_kw = dict(mlp_ratio=config.mlp_ratio, norm_eps=config.norm_eps, drop_path=config.drop_path_rate, **dd)
+        self.encoder = Transformer(config.embed_dim, config.depth, config.num_heads, **block_kw)
+        self.decoder = Transformer(
+            config.pred_embed_dim, config.pred_depth, config.pred_num_heads, context_dim=config.embed_dim, **block_kw
+        )
+        self.mask_token = nn.Parameter(torch.empty(1, config.pred_embed_dim, **dd))
+        self.registers = nn.Parameter(torch.empty(1, config.n_registers, config.embed_dim, **dd))
+        self.patch_embed = nn.Conv2d(
+            config.in_chans, config.embed_dim, kernel_size=config.patch_size, stride=config.patch_size, **dd
+        )
+        self.enc_norm = nn.RMSNorm(config.embed_dim, eps=config.norm_eps, elementwise_affine=False, **dd)
+        self.dec_norm = nn.RMSNorm(config.pred_embed_dim, eps=config.norm_eps, elementwise_affine=False, **dd)
+        if device is None or torch.device(device).type != "meta":
+            self.init_weights()
+
+    # ---- properties -------------------------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def n_registers(self) -> int:
+        return self.config.n_registers
+
+    num_prefix_tokens = n_registers
+
+    # ---- init -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> "CapiModel":
+        """The official init: xavier-uniform linears and patch_embed, N(0, 0.02) tokens, RoPE frequencies."""
+        self.patch_embed.reset_parameters()
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.embed_dim, -1))
+        nn.init.normal_(self.registers, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+            elif hasattr(module, "freqs"):
+                module.reset_parameters()
+        return self
+
+    # ---- shapes -----------------------------------------------------------------------------------------------
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of (height, width) pixels; raises on sizes that do not tile."""
+        p = self.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if size < p or size % p:
+                valid = " or ".join(str(s) for s in nearest_valid_sizes(size, p))
+                raise ValueError(
+                    f"Input {name} {size} is not a positive multiple of the patch size {p}. "
+                    f"Nearest valid {name}: {valid}. Resize or crop the image (FeatureExtractor does it for you)."
+                )
+        return height // p, width // p
+
+    def _check_input(self, x: Tensor) -> tuple[int, int]:
+        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
+            raise ValueError(
+                f"Expected images of shape (B, {self.config.in_chans}, H, W), got {tuple(x.shape)}. "
+                "Add a batch dimension with x[None] or convert the image to RGB."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"Expected a floating point tensor, got {x.dtype}. Normalise the image first.")
+        return self.grid_size(x.shape[-2], x.shape[-1])
+
+    # ---- encoder ----------------------------------------------------------------------------------------------
+    def prepare_tokens(self, x: Tensor, visible_indices: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Embed patches, keep the visible ones and prepend registers.
+
+        visible_indices: (B, n_visible) patch indices per image (row-major), or None for all patches.
+        Returns tokens (B, R + n, D), their coordinates (B or 1, R + n, 2), and the full
+        patch coordinates (h*w, 2).
+        """
+        b = x.shape[0]
+        h, w = self._check_input(x)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        all_coords = patch_coordinates(h, w, device=tokens.device, dtype=tokens.dtype)  # (h*w, 2)
+        if visible_indices is None:
+            coords = all_coords[None]  # (1, h*w, 2), shared by the batch
+        else:
+            tokens = tokens.gather(1, visible_indices[..., None].expand(-1, -1, tokens.shape[-1]))
+            coords = all_coords[visible_indices]  # (B, n_visible, 2)
+        reg_coords = edge_register_coordinates(self.n_registers, device=tokens.device, dtype=tokens.dtype)
+        reg_coords = scale_to_extent(reg_coords, coords)  # (B or 1, R, 2)
+        tokens = torch.cat([self.registers.expand(b, -1, -1), tokens], dim=1)
+        coords = torch.cat([reg_coords, coords], dim=1)
+        return tokens, coords, all_coords
+
+    def run_encoder(
+        self, tokens: Tensor, coords: Tensor, *, n_blocks: int | None = None, collect: Sequence[int] = ()
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run the first ``n_blocks`` encoder blocks (all by default). Returns the last (un-normed) tokens and
+        ``{i: output of block i}`` for the 0-based indices in ``collect``."""
+        collected = {}
+        for i, block in enumerate(self.encoder.blocks[:n_blocks]):
+            tokens = block(tokens, coords)
+            if i in collect:
+                collected[i] = tokens
+        return tokens, collected
+
+    def encode(self, x: Tensor, visible_indices: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Encoder forward: ``enc_norm``-ed tokens (B, R + n, D), their coordinates, all patch coordinates."""
+        tokens, coords, all_coords = self.prepare_tokens(x, visible_indices)
+        tokens, _ = self.run_encoder(tokens, coords)
+        return self.enc_norm(tokens), coords, all_coords
+
+    # ---- predictor --------------------------------------------------------------------------------------------
+    def predict(
+        self, context: Tensor, context_coords: Tensor, query_coords: Tensor, *, n_blocks: int | None = None
+    ) -> Tensor:
+        """Predictor: mask tokens at ``query_coords`` (B or 1, n_q, 2) cross-attend to the normed encoder
+        output ``context`` (B, n_k, D). Runs the first ``n_blocks`` blocks (all by default), then ``dec_norm``."""
+        b, n_q = context.shape[0], query_coords.shape[1]
+        queries = self.mask_token[None].expand(b, n_q, -1)  # (B, n_q, D_pred)
+        for block in self.decoder.blocks[:n_blocks]:
+            queries = block(queries, query_coords, context=context, context_coords=context_coords)
+        return self.dec_norm(queries)
+
+    # ---- inference API ----------------------------------------------------------------------------------------
+    def forward_features(self, x: Tensor, *, pooled: bool = True) -> BackboneOutput:
+        """Dense features, registers and (optionally) predictor-pooled embedding.
+
+        Pooling runs only predictor block 1, which is all the official forward keeps; with
+        ``pooled=False`` no predictor block runs at all."""
+        b = x.shape[0]
+        h, w = self._check_input(x)
+        tokens, coords, all_coords = self.encode(x)
+        registers = tokens[:, : self.n_registers]
+        patches = tokens[:, self.n_registers :].reshape(b, h, w, self.embed_dim)  # (B, h, w, D)
+        pooled_out = None
+        if pooled:
+            pooled_out = self.predict(tokens, coords, all_coords[None], n_blocks=1).mean(dim=1)  # (B, D_pred)
+        return BackboneOutput(patch_features=patches, registers=registers, pooled=pooled_out)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Official output: ``(global_repr (B, D), registers (B, R, D), feature_map (B, h, w, D))``."""
+        out = self.forward_features(x, pooled=True)
+        return out.pooled, out.registers, out.patch_features
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        *,
+        reshape: bool = False,
+        norm: bool = True,
+        return_registers: bool = False,
+    ) -> tuple:
+        """DINOv2-style intermediate outputs.
+
+        n: the last ``n`` blocks, or a sequence of 0-based block indices. ``norm`` applies ``enc_norm``.
+        ``reshape`` returns patch maps as (B, D, h, w) instead of (B, h*w, D). With ``return_registers``
+        each item is a ``(patches, registers)`` pair.
+        """
+        depth = len(self.encoder)
+        indices = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad or not indices:
+            raise ValueError(f"Block indices {bad or indices} are out of range for an encoder of depth {depth}.")
+        indices = [i % depth for i in indices]
+        b = x.shape[0]
+        h, w = self._check_input(x)
+        tokens, coords, _ = self.prepare_tokens(x)
+        _, outputs = self.run_encoder(tokens, coords, n_blocks=max(indices) + 1, collect=indices)
+        result = []
+        for i in indices:
+            out = self.enc_norm(outputs[i]) if norm else outputs[i]
+            patches, registers = out[:, self.n_registers :], out[:, : self.n_registers]
+            if reshape:
+                patches = patches.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+            result.append((patches, registers) if return_registers else patches)
+        return tuple(result)
