@@ -1,0 +1,1 @@
+"""CAPI pretraining: masking, online clustering, heads, losses, EMA, schedules, parameter groups and the loop."""

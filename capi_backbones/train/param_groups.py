@@ -1,0 +1,103 @@
+"""Optimizer parameter groups with CAPI's per-parameter multipliers, and the per-step schedule update.
+
+Rules, as in the official ``get_params_groups`` (applied to the student: backbone and head):
+
+- biases (and LayerScale ``gamma``): weight decay x0;
+- weights of normalization layers: weight decay x ``norm_wd_mult`` (0.1);
+- anything under ``patch_embed`` (its weight and its bias): lr x ``patch_embed_lr_mult`` (0.2);
+- anything under ``rope`` (``rope.freqs``): lr x ``rope_lr_mult`` (0: frozen). Its weight decay stays x1,
+  which does nothing at lr 0 with decoupled (AdamW) decay;
+- everything else, ``registers``, ``mask_token`` and the head's ``weight_g`` / ``weight_v`` included: x1, x1.
+
+Multipliers combine (``patch_embed.bias``: lr x0.2, wd x0). Parameters with ``requires_grad=False`` are
+left out, as officially. Norm layers are found by module type, the other rules by name segment
+(so ``module.`` / ``_orig_mod.`` wrapper prefixes don't matter).
+"""
+
+import logging
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from capi_backbones.layers.rope import Rope
+
+__all__ = ["NORM_LAYERS", "apply_schedules", "build_param_groups", "param_multipliers"]
+
+logger = logging.getLogger(__name__)
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _BatchNorm)
+
+
+def param_multipliers(
+    name: str,
+    owner: nn.Module,
+    *,
+    patch_embed_lr_mult: float = 0.2,
+    rope_lr_mult: float = 0.0,
+    norm_wd_mult: float = 0.1,
+) -> tuple[float, float]:
+    """(lr_mult, wd_mult) of the parameter ``name`` (dotted, as in ``named_parameters``) held by ``owner``."""
+    segments = name.split(".")
+    leaf = segments[-1]
+    lr_mult, wd_mult = 1.0, 1.0
+    if leaf == "bias" or leaf == "gamma":
+        wd_mult = 0.0
+    elif isinstance(owner, NORM_LAYERS) and leaf == "weight":
+        wd_mult = norm_wd_mult
+    if "patch_embed" in segments:
+        lr_mult *= patch_embed_lr_mult
+    if "rope" in segments or isinstance(owner, Rope):
+        lr_mult *= rope_lr_mult
+    return lr_mult, wd_mult
+
+
+def build_param_groups(
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    patch_embed_lr_mult: float = 0.2,
+    rope_lr_mult: float = 0.0,
+    norm_wd_mult: float = 0.1,
+    lr: float | None = None,
+) -> list[dict]:
+    """Groups ``{"params", "names", "lr_mult", "wd_mult", "weight_decay"}`` (and ``"lr"`` if given), one per
+    distinct (lr_mult, wd_mult), in order of first appearance. Every trainable parameter is in exactly one.
+    """
+    owners = {id(p): m for _, m in model.named_modules() for p in m.parameters(recurse=False)}
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr_mult, wd_mult = param_multipliers(
+            name,
+            owners[id(param)],
+            patch_embed_lr_mult=patch_embed_lr_mult,
+            rope_lr_mult=rope_lr_mult,
+            norm_wd_mult=norm_wd_mult,
+        )
+        group = groups.setdefault(
+            (lr_mult, wd_mult),
+            {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "weight_decay": weight_decay * wd_mult},
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False).")
+    out = list(groups.values())
+    if lr is not None:
+        for group in out:
+            group["lr"] = lr * group["lr_mult"]
+    for group in out:
+        logger.debug("lr x%s, wd x%s: %d tensors", group["lr_mult"], group["wd_mult"], len(group["params"]))
+    return out
+
+
+def apply_schedules(optimizer, *, lr: float, weight_decay: float) -> None:
+    """Set every group's ``lr = lr * lr_mult`` and ``weight_decay = weight_decay * wd_mult`` for this step."""
+    for i, group in enumerate(optimizer.param_groups):
+        if "lr_mult" not in group or "wd_mult" not in group:
+            raise KeyError(
+                f"Optimizer param group {i} has no 'lr_mult'/'wd_mult'; build the optimizer from build_param_groups()."
+            )
+        group["lr"] = lr * group["lr_mult"]
+        group["weight_decay"] = weight_decay * group["wd_mult"]
