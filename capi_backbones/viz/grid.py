@@ -1,0 +1,156 @@
+"""Pictures of PCA maps with Pillow only: upsampling, the grid image and atomic PNG writing.
+
+The grid has one row per image: input | PCA RGB | component 1 | ... | component k, the components drawn with
+the ``coolwarm`` colormap (blue = low, grey = mean, red = high). Maps are upsampled with nearest-neighbour
+interpolation by default, which keeps the patch edges crisp ("bilinear"/"bicubic" look smoother but blur
+small parts)."""
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from capi_backbones.viz.colormap import coolwarm
+from capi_backbones.viz.pca import PcaResult
+
+__all__ = ["RESAMPLE_MODES", "pca_grid", "save_png", "upsample"]
+
+RESAMPLE_MODES = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+BACKGROUND = (255, 255, 255)
+BORDER = (200, 200, 200)
+TEXT = (40, 40, 40)
+PADDING = 8  # pixels around and between tiles
+LABEL_SIZE = 13
+
+
+def _resample_mode(resample: str) -> Image.Resampling:
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"Unknown resample mode {resample!r}. Allowed: {', '.join(RESAMPLE_MODES)}.")
+    return RESAMPLE_MODES[resample]
+
+
+def upsample(values: np.ndarray, size: tuple[int, int], resample: str = "nearest") -> np.ndarray:
+    """Resize a (h, w) or (h, w, c) float map to ``size`` = (H, W), channel by channel. Returns float32."""
+    mode = _resample_mode(resample)
+    values = np.asarray(values, dtype=np.float32)
+    squeeze = values.ndim == 2
+    if squeeze:
+        values = values[..., None]  # (h, w, 1)
+    if values.ndim != 3:
+        raise ValueError(f"Expected a (h, w) or (h, w, c) map, got shape {values.shape}.")
+    height, width = size
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(values[..., c]), mode="F").resize((width, height), mode))
+        for c in range(values.shape[-1])
+    ]
+    out = np.stack(channels, axis=-1)  # (H, W, c)
+    return out[..., 0] if squeeze else out
+
+
+def _to_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"Expected an RGB image (H, W, 3), got an array of shape {array.shape}.")
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)  # floats in [0, 1]
+    return Image.fromarray(array[..., :3])
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # old Pillow or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _tile(values: np.ndarray, size: tuple[int, int], resample: str) -> Image.Image:
+    """An (h, w, 3) RGB map in [0, 1] upsampled to ``size`` (H, W)."""
+    rgb = np.clip(upsample(values, size, resample), 0.0, 1.0)
+    return Image.fromarray(np.rint(rgb * 255).astype(np.uint8))
+
+
+def pca_grid(
+    images: Sequence,
+    results: Sequence[PcaResult],
+    *,
+    n_heatmaps: int | None = None,
+    tile_height: int = 224,
+    resample: str = "nearest",
+    labels: bool = True,
+) -> Image.Image:
+    """Grid picture: per row input | PCA RGB | the first ``n_heatmaps`` components (all by default).
+
+    images: PIL images or (H, W, 3) arrays (uint8, or floats in [0, 1]), shown as the model saw them: each is
+    resized to its row's tile, whose aspect ratio is the feature grid's (h, w).
+    """
+    if len(images) != len(results):
+        raise ValueError(f"Got {len(images)} images but {len(results)} PCA results; pass one result per image.")
+    if not results:
+        raise ValueError("Nothing to draw: no images given.")
+    if tile_height < 16:
+        raise ValueError(f"tile_height must be at least 16 pixels, got {tile_height}.")
+    available = min(r.n_components for r in results)
+    n_heatmaps = available if n_heatmaps is None else n_heatmaps
+    if not 0 <= n_heatmaps <= available:
+        raise ValueError(f"n_heatmaps must be between 0 and {available} (the components computed), got {n_heatmaps}.")
+    _resample_mode(resample)
+
+    rows = []
+    for image, result in zip(images, results, strict=True):
+        h, w = result.grid_size
+        size = (tile_height, max(1, round(tile_height * w / h)))  # (H, W)
+        tiles = [_to_pil(image).resize(size[::-1], Image.Resampling.BICUBIC), _tile(result.rgb, size, resample)]
+        heat = result.display_components()[..., :n_heatmaps]  # (h, w, n) in [0, 1], NaN outside the foreground
+        for c in range(n_heatmaps):
+            colored = coolwarm(upsample(heat[..., c], size, resample))  # NaN (background) -> black
+            tiles.append(Image.fromarray(colored))
+        rows.append(tiles)
+
+    n_cols = len(rows[0])
+    col_widths = [max(row[c].width for row in rows) for c in range(n_cols)]
+    font = _font(LABEL_SIZE)
+    header = LABEL_SIZE + PADDING if labels else 0
+    width = sum(col_widths) + PADDING * (n_cols + 1)
+    height = header + tile_height * len(rows) + PADDING * (len(rows) + 1)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    xs = [PADDING + sum(col_widths[:c]) + PADDING * c for c in range(n_cols)]
+    if labels:
+        names = ["input", "PCA 1-3 as RGB"] + [f"component {c + 1}" for c in range(n_heatmaps)]
+        for x, col_width, name in zip(xs, col_widths, names, strict=True):
+            draw.text((x + col_width / 2, PADDING + LABEL_SIZE / 2), name, fill=TEXT, font=font, anchor="mm")
+    for r, row in enumerate(rows):
+        y = header + PADDING + r * (tile_height + PADDING)
+        for x, col_width, tile in zip(xs, col_widths, row, strict=True):
+            left = x + (col_width - tile.width) // 2
+            canvas.paste(tile, (left, y))
+            draw.rectangle((left - 1, y - 1, left + tile.width, y + tile.height), outline=BORDER)
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` as PNG atomically (temporary file in the same folder, then rename). Creates the folder."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"Output file {str(path)!r} must end in .png.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", optimize=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
