@@ -1,5 +1,99 @@
-"""Subcommands (to be filled in)."""
+"""``capi-backbones extract``: features of image files and folders, written to resumable shards."""
+
+import argparse
+import logging
+import sys
+
+from capi_backbones.cli.errors import USER_ERRORS, CliError
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "capi_vitl14_lvd"
 
 
 def register(subparsers) -> None:
     """Add this module's subcommands to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "extract",
+        help="extract features of images into shards on disk",
+        description=(
+            "Extract CAPI features (patch features, predictor-pooled embedding, registers) of image files and "
+            "folders (searched recursively) into safetensors or .npy shards with an index.json. Re-running into "
+            "the same --out folder skips the images already done; unreadable images are reported and skipped."
+        ),
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"pretrained weights name (default {DEFAULT_MODEL} unless --weights is given), or an architecture "
+        "name such as capi_vits14 to go with --weights",
+    )
+    parser.add_argument(
+        "--weights", default=None, metavar="PATH", help="local checkpoint (.pth/.safetensors); architecture inferred"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULT_IMAGE_SIZE,
+        help=f"shorter side in pixels, a multiple of 14 (default {DEFAULT_IMAGE_SIZE}); the longer side keeps the "
+        "aspect ratio, rounded to a multiple of 14",
+    )
+    parser.add_argument("--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead")
+    parser.add_argument("--format", choices=("safetensors", "npy"), default="safetensors", help="shard format")
+    parser.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16/fp16 need CUDA",
+    )
+    parser.add_argument("--no-pooled", action="store_true", help="skip the predictor: patch features and registers")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from capi_backbones.features import FeatureExtractor, expand_inputs
+
+    try:
+        expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
+        model = args.model if args.model is not None or args.weights is not None else DEFAULT_MODEL
+        extractor = FeatureExtractor(
+            model,
+            weights=args.weights,
+            device=args.device,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            keep_aspect=not args.square,
+            precision=args.precision,
+            num_workers=args.workers,
+        )
+        summary = extractor.extract_to_disk(
+            args.images,
+            args.out,
+            format=args.format,
+            shard_size=args.shard_size,
+            pooled=not args.no_pooled,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    except USER_ERRORS as error:
+        logger.debug("extract failed", exc_info=True)  # the traceback, with --verbose
+        raise CliError(str(error).strip().splitlines()[0] if str(error).strip() else repr(error)) from error
+    print(
+        f"{summary.n_written} images written in {len(summary.shards)} shard(s), {summary.n_skipped} already done, "
+        f"{len(summary.failed)} failed; index: {summary.index_path}",
+        file=sys.stderr,
+    )
+    for name, message in summary.failed.items():
+        print(f"failed: {name}: {message}", file=sys.stderr)
+    return 1 if summary.failed else 0

@@ -1,0 +1,360 @@
+"""FeatureExtractor: images in, CAPI features out (in memory or sharded on disk)."""
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.features.images import ImageSource, expand_inputs, iter_file_paths, to_rgb_tensor
+from capi_backbones.features.output import FeatureOutput
+from capi_backbones.features.preprocessing import Preprocessor
+from capi_backbones.features.writer import DEFAULT_SHARD_SIZE, ShardWriter
+from capi_backbones.models import ARCHITECTURES, CapiModel
+
+__all__ = ["ExtractionSummary", "FeatureExtractor", "resolve_model"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractionSummary:
+    """What :meth:`FeatureExtractor.extract_to_disk` did."""
+
+    out_dir: Path
+    index_path: Path  # out_dir / "index.json"
+    n_written: int  # images whose features were written in this run
+    n_skipped: int  # images already in the index (resumed), not recomputed
+    failed: dict[str, str] = field(default_factory=dict)  # recorded name -> error message, for this run
+    shards: list[str] = field(default_factory=list)  # shard names written in this run
+
+
+def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike | None") -> tuple[CapiModel, str]:
+    """Turn the FeatureExtractor's ``model``/``weights`` arguments into a model and a short description.
+
+    - a ``CapiModel``: used as is (``weights`` must be None);
+    - an architecture name (``capi_vits14``, ...) with ``weights`` = a local file or directory:
+      ``from_pretrained(weights, arch=name)``;
+    - any other name or source (``capi_vitl14_lvd``, a path, ``hf-hub:owner/repo``): ``from_pretrained(model)``;
+    - ``None`` with ``weights``: ``from_pretrained(weights)`` (the architecture is read off the checkpoint).
+    """
+    if isinstance(model, CapiModel):
+        if weights is not None:
+            raise ValueError("Pass either a CapiModel or weights, not both. Load weights into the model yourself.")
+        return model, "custom CapiModel"
+    if model is not None and not isinstance(model, str):
+        raise TypeError(f"model must be a CapiModel, a model name or None, got {type(model).__name__}.")
+    from capi_backbones.pretrained import from_pretrained  # the loader sits below features
+
+    if model in ARCHITECTURES:
+        if weights is None:
+            raise ValueError(
+                f"'{model}' is an architecture, not a set of weights. Pass weights=PATH to a checkpoint, a pretrained "
+                f"name such as 'capi_vitl14_lvd', or a model you built yourself, e.g. "
+                f"FeatureExtractor(create_model('{model}', pretrained=False)) for random weights."
+            )
+        return from_pretrained(os.fspath(weights), arch=model), f"{model} from {os.fspath(weights)}"
+    if model is not None and weights is not None:
+        raise ValueError(
+            f"weights can only go with an architecture name ({', '.join(ARCHITECTURES)}), got model='{model}'."
+        )
+    if model is None and weights is None:
+        raise ValueError("Give a model: a CapiModel, a pretrained name such as 'capi_vitl14_lvd', or weights=PATH.")
+    source = model if model is not None else os.fspath(weights)
+    return from_pretrained(source), source
+
+
+def weights_fingerprint(model: CapiModel) -> str:
+    """A short hash of the patch embedding, to tell models apart when resuming an extraction."""
+    weight = model.patch_embed.weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
+
+
+class _PreprocessedImages(Dataset):
+    """Decodes and preprocesses one image per item; errors are returned (not raised) so a worker survives them."""
+
+    def __init__(self, sources: list[ImageSource], preprocessor: Preprocessor) -> None:
+        self.sources = sources
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Exception | None]:
+        try:
+            return index, self.preprocessor(to_rgb_tensor(self.sources[index])), None
+        except (OSError, ValueError, TypeError) as error:
+            return index, None, error
+
+
+class FeatureExtractor:
+    """Extract CAPI features (patch features, predictor pooling, registers) from images.
+
+    Args:
+        model: a ``CapiModel``; a pretrained weights name (``"capi_vitl14_lvd"``, see ``capi_backbones.list_models``)
+            or any ``from_pretrained`` source (local file or directory, URL, ``"hf-hub:owner/repo"``); an architecture
+            name (``"capi_vits14"``, ...) together with ``weights``; or None with ``weights`` (architecture read off the
+            checkpoint). A bare architecture name without weights is an error: pass
+            ``create_model(name, pretrained=False)`` to use random weights on purpose.
+        weights: path to a local checkpoint, used with an architecture name or alone.
+        device: where the model runs. None: the given model's device, or ``"cuda"`` if available else ``"cpu"`` for
+            models loaded here. The model is moved there and put in eval mode.
+        image_size: target resolution, a multiple of 14: the shorter side with ``keep_aspect`` (the longer side is
+            rounded to a multiple of 14), or the side of the square otherwise. See ``features.preprocessing``.
+        batch_size: images per forward pass. Results do not depend on it.
+        keep_aspect: True keeps the aspect ratio (images of different shapes get different patch grids);
+            False resizes every image to an ``image_size`` square.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"``
+            (autocast, CUDA only: half precision on the CPU is refused because it is far slower there).
+        num_workers: DataLoader worker processes decoding and resizing images while the model runs (0: in the
+            calling process).
+
+    Outputs are float32 CPU tensors. Every forward pass runs under ``torch.inference_mode()``.
+
+    Methods: ``extractor(images)`` -> one :class:`FeatureOutput` (all images must get the same processed size);
+    ``extract(images)`` -> a list with one ``FeatureOutput`` (B = 1) per image; ``patch_features(images)`` -> the
+    (B, h, w, D) tensor without running the predictor; ``extract_to_disk(inputs, out_dir)`` -> resumable shards.
+    """
+
+    def __init__(
+        self,
+        model: CapiModel | str | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        batch_size: int = 16,
+        keep_aspect: bool = True,
+        precision: str = "auto",
+        num_workers: int = 0,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+        given_model = isinstance(model, CapiModel)
+        model, self.model_description = resolve_model(model, weights)
+        if device is None:
+            cuda = "cuda" if torch.cuda.is_available() else "cpu"
+            device = next(model.parameters()).device if given_model else cuda
+        self.device = torch.device(device)
+        self.autocast_dtype = self._autocast_dtype(precision, self.device)
+        self.precision = precision
+        self.model = model.to(self.device).eval()
+        self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    @staticmethod
+    def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+        if precision == "auto":
+            return torch.bfloat16 if device.type == "cuda" else None
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}.")
+        dtype = PRECISIONS[precision]
+        if dtype is not None and device.type != "cuda":
+            raise ValueError(
+                f"precision '{precision}' is only allowed on CUDA (device is '{device}'): half-precision matmuls are "
+                "very slow on CPUs. Use precision='fp32' or 'auto'."
+            )
+        return dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessor.image_size
+
+    @property
+    def keep_aspect(self) -> bool:
+        return self.preprocessor.keep_aspect
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) an image of (height, width) pixels is resized to."""
+        return self.preprocessor.output_size(height, width)
+
+    def preprocess(self, image: ImageSource) -> Tensor:
+        """One image (not a directory) as the normalised model input (3, H, W), float32."""
+        return self.preprocessor(to_rgb_tensor(image))
+
+    # ---- in memory ----------------------------------------------------------------------------------------------
+    def __call__(self, images: ImageSource | Sequence[ImageSource], *, pooled: bool = True) -> FeatureOutput:
+        """Features of ``images`` as one batch, in input order.
+
+        All images must get the same processed size (always true with ``keep_aspect=False``); otherwise a
+        ValueError says which differ: use :meth:`extract` for a list with one output per image instead.
+        An unreadable image raises an error naming it. ``pooled=False`` skips the predictor.
+        """
+        sources = expand_inputs(images)
+        parts = list(self._iter_batches(sources, pooled=pooled, single_size=True))
+        order = torch.tensor([i for indices, _ in parts for i in indices])
+        return FeatureOutput.concatenate([output for _, output in parts]).select(order.argsort())
+
+    def extract(self, images: ImageSource | Sequence[ImageSource], *, pooled: bool = True) -> list[FeatureOutput]:
+        """One :class:`FeatureOutput` (batch size 1) per image, in input order. Images of different sizes are
+        batched with others of the same processed size."""
+        sources = expand_inputs(images)
+        results: list[FeatureOutput | None] = [None] * len(sources)
+        for indices, output in self._iter_batches(sources, pooled=pooled, single_size=False):
+            for k, i in enumerate(indices):
+                results[i] = output.select(k)
+        return results
+
+    def patch_features(self, images: ImageSource | Sequence[ImageSource]) -> Tensor:
+        """The (B, h, w, D) patch features only; no predictor block runs. Same size rule as ``__call__``."""
+        return self(images, pooled=False).patch_features
+
+    # ---- on disk ------------------------------------------------------------------------------------------------
+    def extract_to_disk(
+        self,
+        inputs: str | os.PathLike | Sequence[str | os.PathLike],
+        out_dir: str | os.PathLike,
+        *,
+        format: str = "safetensors",
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        pooled: bool = True,
+        dtype: str = "float32",
+        progress: bool = True,
+    ) -> ExtractionSummary:
+        """Extract features of image files and directories into shards under ``out_dir``; resumable.
+
+        Writes ``out_dir/index.json`` and shards ``shard_00000.safetensors`` (or ``shard_00000/`` folders of
+        ``.npy`` files with ``format="npy"``), each holding up to ``shard_size`` images of one processed size
+        (see ``capi_backbones.features.writer`` for the layout). Each shard is written to a temporary name and
+        renamed, and the index is rewritten the same way after each shard, so no partial shard ever appears.
+
+        A re-run into the same ``out_dir`` skips the images already listed in the index (and refuses to mix in
+        features made with other settings or another model). An unreadable image is logged with its name,
+        recorded under ``failed`` in the index, and skipped; the run goes on (failed images are tried again on
+        the next run). ``dtype`` is the storage dtype, ``"float32"`` or ``"float16"``.
+        """
+        paths = [p.resolve() for p in iter_file_paths(expand_inputs(inputs))]
+        paths = list(dict.fromkeys(paths))  # a file given twice is done once
+        writer = ShardWriter(
+            Path(out_dir),
+            format=format,
+            shard_size=shard_size,
+            dtype=dtype,
+            settings=self._settings(pooled),
+            root=_common_root(inputs),
+        )
+        todo = [p for p in paths if p not in writer.done]
+        n_skipped = len(paths) - len(todo)
+        if n_skipped:
+            logger.info("Resuming in %s: %d of %d images already done.", out_dir, n_skipped, len(paths))
+        failed: dict[str, str] = {}
+        bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
+        try:
+            batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed)
+            for indices, output in batches:
+                for k, i in enumerate(indices):
+                    writer.add(todo[i], output.select(k))
+                bar.update(len(indices))
+                bar.set_postfix(failed=len(failed), refresh=False)
+        except KeyboardInterrupt:
+            writer.finish()  # keep the finished images
+            raise
+        finally:
+            bar.close()
+        for name, message in failed.items():
+            writer.add_failure(Path(name), message)
+        writer.finish()
+        return ExtractionSummary(
+            out_dir=Path(out_dir),
+            index_path=writer.index_path,
+            n_written=len(todo) - len(failed),
+            n_skipped=n_skipped,
+            failed={writer.name_of(Path(name)): message for name, message in failed.items()},
+            shards=writer.shards_written,
+        )
+
+    def _settings(self, pooled: bool) -> dict:
+        return {
+            "model": self.model_description,
+            "config": self.model.config.to_dict(),
+            "weights_fingerprint": weights_fingerprint(self.model),
+            "image_size": self.image_size,
+            "keep_aspect": self.keep_aspect,
+            "pooled": pooled,
+            "mean": list(self.preprocessor.mean),
+            "std": list(self.preprocessor.std),
+        }
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _iter_batches(
+        self, sources: list[ImageSource], *, pooled: bool, single_size: bool, failures: dict[str, str] | None = None
+    ) -> Iterator[tuple[list[int], FeatureOutput]]:
+        """Decode (in workers), group by processed size, run the model. Yields (input indices, batch output).
+
+        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
+        skipped. With ``single_size`` a second processed size raises a ValueError right away.
+        """
+        loader = DataLoader(
+            _PreprocessedImages(sources, self.preprocessor),
+            batch_size=None,  # one image per item: batches are formed here, by size
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 * self.batch_size if self.num_workers else None,
+        )
+        pending: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}
+        for index, pixels, error in loader:
+            if error is not None:
+                if failures is None:
+                    raise error
+                failures[str(sources[index])] = str(error)
+                logger.warning("Skipping %s: %s", sources[index], error)
+                continue
+            size = tuple(pixels.shape[-2:])
+            if single_size and pending and size not in pending:
+                (other,) = pending
+                raise ValueError(
+                    f"Images get different processed sizes ({other[0]}x{other[1]} and {size[0]}x{size[1]}, "
+                    f"image {index}), so their features cannot form one batch. Use extractor.extract(images) for "
+                    "one output per image, or keep_aspect=False for a fixed square size."
+                )
+            group = pending.setdefault(size, [])
+            group.append((index, pixels))
+            if len(group) == self.batch_size:
+                yield self._run_group(pending.pop(size), pooled)
+        for group in sorted(pending.values(), key=lambda g: g[0][0]):
+            yield self._run_group(group, pooled)
+
+    def _run_group(self, group: list[tuple[int, Tensor]], pooled: bool) -> tuple[list[int], FeatureOutput]:
+        indices = [i for i, _ in group]
+        batch = torch.stack([pixels for _, pixels in group])  # (B, 3, H, W)
+        return indices, self.forward(batch, pooled=pooled)
+
+    def forward(self, batch: Tensor, *, pooled: bool = True) -> FeatureOutput:
+        """Run the model on an already preprocessed batch (B, 3, H, W). Outputs are float32 on the CPU."""
+        dtype = next(self.model.parameters()).dtype
+        batch = batch.to(self.device, dtype=dtype, non_blocking=True)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            out = self.model.forward_features(batch, pooled=pooled)
+        h, w = out.patch_features.shape[1:3]
+        return FeatureOutput(
+            patch_features=out.patch_features.float().cpu(),
+            pooled=None if out.pooled is None else out.pooled.float().cpu(),
+            registers=out.registers.float().cpu(),
+            grid_size=(h, w),
+            image_size=tuple(batch.shape[-2:]),
+        )
+
+
+def _common_root(inputs) -> Path:
+    """The deepest folder holding every input (a directory counts as itself, a file as its parent)."""
+    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    folders = [p if p.is_dir() else p.parent for p in (Path(i).resolve() for i in items)]
+    return Path(os.path.commonpath(folders))

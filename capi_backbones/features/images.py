@@ -1,0 +1,205 @@
+"""Image inputs: finding image files, decoding them, and turning any accepted input into RGB uint8 tensors.
+
+Accepted inputs (see :func:`expand_inputs` and :func:`to_rgb_tensor`):
+
+- ``PIL.Image.Image`` in any common mode (see :func:`pil_to_rgb`);
+- a path (``str`` or ``pathlib.Path``) to an image file, or to a directory searched recursively for files with
+  an extension in :data:`capi_backbones.constants.IMAGE_EXTENSIONS` (hidden files and folders are skipped);
+- a numpy ``uint8`` array of shape (H, W) (grayscale), (H, W, 1), (H, W, 3) (RGB) or (H, W, 4) (RGBA, alpha dropped);
+- a torch tensor of shape (C, H, W) or (B, C, H, W) with C = 1 or 3, either ``uint8`` in [0, 255] or floating point
+  in [0, 1]. Tensors hold *raw* RGB pixels: the extractor resizes and normalises them (do not pass normalised ones).
+
+Colour conversions: palette (P, PA), grayscale (L, LA, 1), CMYK and YCbCr become RGB; the alpha channel of RGBA/LA/PA
+is dropped (colours are kept as stored, not composited on a background); 16-bit (I;16*) and 32-bit integer (I) images
+holding values in [0, 65535] are scaled to [0, 255] by ``round(v / 257)`` (65535 -> 255), never clipped; float (F)
+images must hold values in [0, 1]. EXIF orientation is applied to files (``PIL.ImageOps.exif_transpose``).
+"""
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from capi_backbones.constants import IMAGE_EXTENSIONS
+
+__all__ = [
+    "ImageSource",
+    "expand_inputs",
+    "find_image_files",
+    "is_image_path",
+    "load_image",
+    "pil_to_rgb",
+    "to_rgb_tensor",
+]
+
+ImageSource = Image.Image | str | os.PathLike | np.ndarray | Tensor
+
+_SIXTEEN_BIT_MAX = 65535
+_MODES_VIA_RGBA = ("P", "PA")  # palette images may carry transparency: expand it first, then drop it
+_ACCEPTED = "PIL images, image paths, directories, numpy uint8 arrays (H, W[, C]) and torch tensors ([B,] C, H, W)"
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_image_files(directory: Path) -> list[Path]:
+    """Image files under ``directory`` (recursive, sorted, hidden files and folders skipped)."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and is_image_path(Path(f)))
+    return found
+
+
+def expand_inputs(inputs: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """Flatten the user's inputs into a list with one entry per image, in input order.
+
+    A single input or a list of them; directories expand to their image files, (B, C, H, W) tensors to B images.
+    Raises FileNotFoundError for a missing path, ValueError for an empty directory, a file without an image
+    extension, or no inputs at all.
+    """
+    items = [inputs] if _is_single_input(inputs) else list(inputs)
+    if not items:
+        raise ValueError(f"No images given. Pass one or a list of: {_ACCEPTED}.")
+    expanded: list[ImageSource] = []
+    for item in items:
+        if isinstance(item, str | os.PathLike):
+            expanded.extend(_expand_path(Path(item)))
+        elif isinstance(item, Tensor) and item.ndim == 4:
+            expanded.extend(item.unbind(0))
+        elif isinstance(item, Image.Image | np.ndarray | Tensor):
+            expanded.append(item)
+        else:
+            raise TypeError(f"Unsupported image input of type {type(item).__name__}. Accepted: {_ACCEPTED}.")
+    return expanded
+
+
+def _is_single_input(inputs) -> bool:
+    return isinstance(inputs, Image.Image | str | os.PathLike | np.ndarray | Tensor)
+
+
+def _expand_path(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = find_image_files(path)
+        if not files:
+            raise ValueError(
+                f"No image files found in directory '{path}' (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
+            )
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"Image path '{path}' does not exist.")
+    if not is_image_path(path):
+        raise ValueError(
+            f"'{path}' is not an image file: its extension '{path.suffix}' is not one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}. Convert it or leave it out."
+        )
+    return [path]
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file to RGB with its EXIF orientation applied. Raises OSError/ValueError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # returns a new, loaded image (or a copy)
+            return pil_to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise OSError(f"Cannot read image '{path}': {error}") from error
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any common PIL mode to 8-bit RGB (see the module docstring for the rules)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
+    if mode in _MODES_VIA_RGBA:
+        image = image.convert("RGBA")
+    return image.convert("RGB")  # L, LA, 1, RGBA, RGBX, CMYK, YCbCr, ...: PIL's standard conversions
+
+
+def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    values = np.asarray(image)
+    if image.mode == "F":
+        low, high, scale = 0.0, 1.0, 255.0
+    else:  # I;16, I;16B, I;16L, I;16N, I (16-bit PNG/TIFF data in a 32-bit container)
+        low, high, scale = 0, _SIXTEEN_BIT_MAX, 255.0 / _SIXTEEN_BIT_MAX
+    if values.size and (values.min() < low or values.max() > high):
+        raise ValueError(
+            f"{image.mode} image has values in [{values.min()}, {values.max()}], outside the supported range "
+            f"[{low}, {high}]. Convert it to 8-bit RGB yourself first."
+        )
+    return np.round(values.astype(np.float64) * scale).astype(np.uint8)
+
+
+def to_rgb_tensor(source: ImageSource) -> Tensor:
+    """One image as an RGB uint8 tensor (3, H, W) (or float32 in [0, 1] for float tensor inputs).
+
+    Decodes paths, converts PIL modes, validates array and tensor shapes, dtypes and value ranges.
+    """
+    if isinstance(source, str | os.PathLike):
+        source = load_image(source)
+    if isinstance(source, Image.Image):
+        source = np.asarray(pil_to_rgb(source))
+    if isinstance(source, np.ndarray):
+        return _array_to_tensor(source)
+    if isinstance(source, Tensor):
+        return _check_tensor(source)
+    raise TypeError(f"Unsupported image input of type {type(source).__name__}. Accepted: {_ACCEPTED}.")
+
+
+def _array_to_tensor(array: np.ndarray) -> Tensor:
+    if array.dtype != np.uint8:
+        raise TypeError(
+            f"Expected a uint8 numpy image, got dtype {array.dtype}. Convert it, e.g. "
+            "(array * 255).round().astype(np.uint8) for floats in [0, 1], or pass a float torch tensor (C, H, W)."
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]  # (H, W, 1)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or min(array.shape[:2]) == 0:
+        raise ValueError(
+            f"Expected a numpy image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}. "
+            "Channels go last (HWC); use array.transpose(1, 2, 0) for a CHW array."
+        )
+    rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]  # (H, W, 3), alpha dropped
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W), a copy: the input may be read-only
+
+
+def _check_tensor(tensor: Tensor) -> Tensor:
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3) or min(tensor.shape[1:]) == 0:
+        raise ValueError(
+            f"Expected an image tensor of shape (C, H, W) or (B, C, H, W) with C = 1 or 3, got {tuple(tensor.shape)}. "
+            "Channels go first; use tensor.permute(2, 0, 1) for an HWC tensor."
+        )
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.uint8:
+        pass
+    elif tensor.is_floating_point():
+        low, high = tensor.min().item(), tensor.max().item()
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Float image tensors must hold raw pixels in [0, 1], got values in [{low:.3g}, {high:.3g}]. "
+                "Pass un-normalised images (the extractor normalises them) or a uint8 tensor."
+            )
+        tensor = tensor.float()
+    else:
+        raise TypeError(f"Expected a uint8 or floating point image tensor, got {tensor.dtype}.")
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
+def iter_file_paths(sources: Iterable[ImageSource]) -> list[Path]:
+    """The file paths among ``sources``; raises TypeError if any source is not a path."""
+    paths = []
+    for source in sources:
+        if not isinstance(source, str | os.PathLike):
+            raise TypeError(
+                f"Writing features to disk needs image files or directories (names are recorded for resuming), "
+                f"got a {type(source).__name__}. Save the images to files first, or use FeatureExtractor.extract()."
+            )
+        paths.append(Path(source))
+    return paths

@@ -1,0 +1,76 @@
+"""The size policy, bicubic resizing and ImageNet normalisation applied before the model.
+
+Size policy (one rule, used everywhere):
+
+- ``keep_aspect=True`` (default): scale the image so that its **shorter side is** ``image_size`` pixels, then round
+  the longer side to the nearest multiple of the patch size (14). ``image_size`` itself must be a multiple of the
+  patch size, so the shorter side is exact and the aspect ratio is kept up to at most half a patch (7 px) on the
+  longer side. Small images are scaled up, large ones down.
+- ``keep_aspect=False``: resize to a fixed ``image_size x image_size`` square (the aspect ratio is not kept; every
+  image gets the same patch grid, so any set of images can be batched together).
+
+Resizing is bicubic with antialiasing (``torch.nn.functional.interpolate``) on float pixels in [0, 1], clamped back
+to [0, 1], followed by normalisation with the ImageNet mean and std.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from capi_backbones.models import nearest_valid_sizes
+
+__all__ = ["Preprocessor", "resize_and_normalize"]
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Maps a raw RGB image tensor (3, h, w) (uint8, or float in [0, 1]) to the model input (3, H, W)."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE  # shorter side (keep_aspect) or square side, a multiple of patch_size
+    patch_size: int = PATCH_SIZE  # both output sides are multiples of it
+    keep_aspect: bool = True  # False: fixed image_size x image_size square
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        size, patch = self.image_size, self.patch_size
+        if not isinstance(size, int) or size < patch or size % patch:
+            nearest = " or ".join(str(s) for s in nearest_valid_sizes(int(self.image_size), self.patch_size))
+            raise ValueError(
+                f"image_size must be a positive multiple of the patch size {self.patch_size}, got {self.image_size}. "
+                f"Nearest valid: {nearest}."
+            )
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processed (H, W) for an input of (height, width) pixels."""
+        if not self.keep_aspect:
+            return self.image_size, self.image_size
+        scale = self.image_size / min(height, width)
+        return self._round_to_patch(height * scale), self._round_to_patch(width * scale)
+
+    def _round_to_patch(self, size: float) -> int:
+        return max(self.patch_size, round(size / self.patch_size) * self.patch_size)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return resize_and_normalize(image, self.output_size(*image.shape[-2:]), mean=self.mean, std=self.std)
+
+
+def resize_and_normalize(
+    image: Tensor,
+    size: tuple[int, int],
+    *,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> Tensor:
+    """Bicubic antialiased resize of an RGB image (3, h, w) (uint8 or float in [0, 1]) to ``size`` = (H, W),
+    then ``(x - mean) / std``. Returns float32 (3, H, W)."""
+    pixels = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    if tuple(pixels.shape[-2:]) != tuple(size):
+        pixels = F.interpolate(pixels[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        pixels = pixels.clamp_(0.0, 1.0)  # bicubic overshoots at edges
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean_t) / std_t

@@ -1,0 +1,112 @@
+"""One shard of saved features: writing it atomically and reading it back.
+
+A shard holds the features of up to ``shard_size`` images that share one processed size:
+
+- ``format="safetensors"``: one file ``shard_00000.safetensors`` with tensors ``patch_features`` (N, h, w, D),
+  ``registers`` (N, 16, D) and, when pooling ran, ``pooled`` (N, D_pred); its metadata holds ``files`` (a JSON list
+  of the image names, in row order), ``grid_size`` and ``image_size`` (JSON lists).
+- ``format="npy"``: a folder ``shard_00000/`` with ``patch_features.npy``, ``registers.npy``, optional
+  ``pooled.npy`` and ``files.json`` (``{"files": [...], "grid_size": [h, w], "image_size": [H, W]}``).
+
+Both are written under a hidden temporary name in the same folder and renamed into place, so a shard either
+exists whole or not at all.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+__all__ = ["FORMATS", "SavedShard", "read_shard", "write_shard"]
+
+FORMATS = {"safetensors": ".safetensors", "npy": ""}  # format -> shard name suffix
+ARRAY_NAMES = ("patch_features", "registers", "pooled")
+
+
+@dataclass
+class SavedShard:
+    """The contents of one shard. ``files`` names the rows, relative to the index's ``root``."""
+
+    files: list[str]
+    patch_features: Tensor  # (N, h, w, D)
+    registers: Tensor  # (N, R, D)
+    pooled: Tensor | None  # (N, D_pred) or None
+    grid_size: tuple[int, int]
+    image_size: tuple[int, int]
+
+
+def write_shard(path: Path, shard: SavedShard, *, format: str) -> None:
+    """Write ``shard`` to ``path`` (``.../shard_00000.safetensors`` or ``.../shard_00000``) atomically."""
+    tensors = {name: getattr(shard, name).contiguous() for name in ARRAY_NAMES if getattr(shard, name) is not None}
+    description = {"files": shard.files, "grid_size": list(shard.grid_size), "image_size": list(shard.image_size)}
+    if format == "safetensors":
+        metadata = {key: json.dumps(value) for key, value in description.items()}
+        _atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    elif format == "npy":
+        _atomic_folder(path, lambda tmp: _write_npy_folder(tmp, tensors, description))
+    else:
+        raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
+
+
+def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> None:
+    for name, tensor in tensors.items():
+        np.save(folder / f"{name}.npy", tensor.numpy())
+    (folder / "files.json").write_text(json.dumps(description))
+
+
+def read_shard(path: str | os.PathLike) -> SavedShard:
+    """Read a shard written by :func:`write_shard` (a ``.safetensors`` file or an npy shard folder)."""
+    path = Path(path)
+    if path.is_dir():
+        description = json.loads((path / "files.json").read_text())
+        arrays = {
+            name: torch.from_numpy(np.load(path / f"{name}.npy"))
+            for name in ARRAY_NAMES
+            if (path / f"{name}.npy").exists()
+        }
+    else:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            description = {key: json.loads(value) for key, value in handle.metadata().items()}
+        arrays = load_file(path)
+    return SavedShard(
+        files=description["files"],
+        patch_features=arrays["patch_features"],
+        registers=arrays["registers"],
+        pooled=arrays.get("pooled"),
+        grid_size=tuple(description["grid_size"]),
+        image_size=tuple(description["image_size"]),
+    )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _atomic_file(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_folder(path: Path, write) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        os.rename(tmp, path)  # fails if the folder exists: ShardWriter never reuses a shard name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
