@@ -239,9 +239,7 @@ class MaskingCollator:
         self.n_visible = self.n_tokens - self.n_masked
         self.n_predict = int(self.n_masked * prediction_ratio)
         if self.n_visible == 0:
-            raise ValueError(
-                f"mask_ratio={mask_ratio} masks all {self.n_tokens} patches of a {h}x{w} grid; lower it."
-            )
+            raise ValueError(f"mask_ratio={mask_ratio} masks all {self.n_tokens} patches of a {h}x{w} grid; lower it.")
         if not 0 < self.n_predict <= self.n_masked:
             raise ValueError(
                 f"prediction_ratio={prediction_ratio} of {self.n_masked} masked patches gives n_predict="
