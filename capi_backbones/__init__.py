@@ -1,7 +1,17 @@
 """capi-backbones: CAPI vision backbones as an installable, tested model library."""
 
 from capi_backbones.models import ARCHITECTURES, BackboneOutput, CapiConfig, CapiModel
+from capi_backbones.pretrained import create_model, from_pretrained, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["ARCHITECTURES", "BackboneOutput", "CapiConfig", "CapiModel", "__version__"]
+__all__ = [
+    "ARCHITECTURES",
+    "BackboneOutput",
+    "CapiConfig",
+    "CapiModel",
+    "__version__",
+    "create_model",
+    "from_pretrained",
+    "list_models",
+]
