@@ -20,7 +20,13 @@ from capi_backbones.pretrained.checkpoint_io import (
 )
 from capi_backbones.pretrained.errors import CheckpointError, DownloadError
 from capi_backbones.pretrained.hf_hub_model import CapiHubModel
-from capi_backbones.pretrained.loader import create_model, from_pretrained, list_models, resolve_checkpoint
+from capi_backbones.pretrained.loader import (
+    create_model,
+    from_pretrained,
+    list_models,
+    model_config,
+    resolve_checkpoint,
+)
 from capi_backbones.pretrained.network import download_hub_files, download_url
 from capi_backbones.pretrained.weights import WEIGHTS, PretrainedWeights, get_weights
 
@@ -45,6 +51,7 @@ __all__ = [
     "infer_config",
     "list_models",
     "load_state_into_new_model",
+    "model_config",
     "read_checkpoint",
     "resolve_architecture",
     "resolve_checkpoint",

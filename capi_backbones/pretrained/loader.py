@@ -18,7 +18,7 @@ from capi_backbones.pretrained.local_loading import load_local
 from capi_backbones.pretrained.network import HF_HUB_PREFIX, download_url
 from capi_backbones.pretrained.weights import WEIGHT_ALIASES, WEIGHTS, PretrainedWeights, get_weights
 
-__all__ = ["create_model", "from_pretrained", "list_models", "resolve_checkpoint"]
+__all__ = ["create_model", "from_pretrained", "list_models", "model_config", "resolve_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,17 @@ def from_pretrained(
     return model
 
 
+def model_config(name: str, **config_overrides) -> CapiConfig:
+    """The ``CapiConfig`` of a model name (architecture or weights), with field overrides."""
+    arch_name = get_weights(name).arch if _is_registered(name) else name
+    if arch_name not in ARCHITECTURES:
+        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.")
+    try:
+        return CapiConfig.from_dict(ARCHITECTURES[arch_name].to_dict() | config_overrides)
+    except TypeError as error:
+        raise ValueError(f"Invalid config overrides {config_overrides}: {error}") from error
+
+
 def create_model(
     name: str,
     *,
@@ -105,14 +116,9 @@ def create_model(
     pretrained=False: official random init (none on ``device="meta"``), train mode. pretrained=True: the
     registered weights (``capi_vitl14`` = LVD), strictly loaded, eval mode.
     """
-    weights = get_weights(name) if name in WEIGHTS or name in WEIGHT_ALIASES else None
+    weights = get_weights(name) if _is_registered(name) else None
     arch_name = weights.arch if weights is not None else name
-    if arch_name not in ARCHITECTURES:
-        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.")
-    try:
-        config = CapiConfig.from_dict(ARCHITECTURES[arch_name].to_dict() | config_overrides)
-    except TypeError as error:
-        raise ValueError(f"Invalid config overrides {config_overrides}: {error}") from error
+    config = model_config(arch_name, **config_overrides)
     if not pretrained:
         return CapiHubModel(config, device=device, dtype=dtype)
     if weights is None:
