@@ -1,0 +1,358 @@
+"""Pretraining configuration: nested dataclasses whose defaults are the official ViT-L/14 recipe.
+
+The official default config (facebookresearch/capi ``default_pretrain_config.yaml``) and paper Table 6:
+16384 prototypes, teacher/student temperatures 0.06/0.12, 3 Sinkhorn-Knopp iterations, AdamW lr 1e-3,
+betas (0.9, 0.95), weight decay 0.1, 10% warmup then cosine truncated at 80%, EMA momentum 0.999 -> 1,
+inverse-block masking (65%) with roll, 5% of the masked patches predicted, crops of scale (0.6, 1) at 224 px.
+
+Batch size: ``optim.batch_size`` is the GLOBAL batch (images per optimizer step over all ranks). Each rank
+loads ``batch_size // world_size`` images, so the same config gives the same data order and the same
+schedules on 1 or 64 GPUs. (The official code instead sets a per-GPU batch: 512 x 32 GPUs = 16384.)
+
+Load a YAML file (or a preset name) and apply ``section.key=value`` overrides with :func:`load_config`.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE, N_REGISTERS, PATCH_SIZE
+from capi_backbones.models import CapiConfig
+
+__all__ = [
+    "ClusteringConfig",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PRESETS",
+    "TrainConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 1024  # encoder width
+    depth: int = 24  # encoder blocks
+    num_heads: int = 16  # encoder heads
+    pred_embed_dim: int = 1024  # predictor width
+    pred_depth: int = 12  # predictor blocks (all run in training)
+    pred_num_heads: int = 16  # predictor heads
+    patch_size: int = PATCH_SIZE  # patch side in pixels
+    n_registers: int = N_REGISTERS  # register tokens (multiple of 4)
+    mlp_ratio: float = 4.0  # MLP hidden width / block width
+    drop_path_rate: float = 0.2  # batch-subset stochastic depth of the student
+
+    def to_capi_config(self, *, drop_path_rate: float | None = None) -> CapiConfig:
+        values = dataclasses.asdict(self)
+        if drop_path_rate is not None:
+            values["drop_path_rate"] = drop_path_rate
+        return CapiConfig(**values)
+
+
+@dataclass
+class ClusteringConfig:
+    n_prototypes: int = 16384  # K, prototypes of the online clustering and outputs of the student head
+    target_temp: float = 0.06  # Sinkhorn-Knopp temperature of the teacher logits
+    pred_temp: float = 0.12  # temperature of the clustering layer's own loss
+    student_temp: float = 0.12  # temperature of the student's CAPI loss
+    n_sk_iter: int = 3  # Sinkhorn-Knopp iterations
+    positionwise: bool = True  # balance prototypes per patch position (the paper's SK)
+    bias: bool = True  # bias of the clustering linear layer
+    lr: float = 5e-4  # clustering AdamW peak lr (same schedule shape as the student)
+    final_lr: float = 0.0  # lr the cosine heads to (truncated, so never reached)
+    betas: tuple[float, float] = (0.9, 0.95)  # clustering AdamW betas
+    weight_decay: float = 0.01  # PyTorch's AdamW default (the official config sets none)
+
+
+@dataclass
+class OptimConfig:
+    total_steps: int = 500_000  # optimizer steps of the whole run (sets the schedules)
+    batch_size: int = 16384  # GLOBAL batch: images per step summed over all ranks
+    lr: float = 1e-3  # student AdamW peak lr
+    final_lr: float = 0.0  # lr the cosine heads to (truncated at truncate_cos, so never reached)
+    betas: tuple[float, float] = (0.9, 0.95)  # student AdamW betas
+    weight_decay: float = 0.1  # student AdamW weight decay (biases 0, norm weights x norm_wd_mult)
+    warmup_fraction: float = 0.1  # linear warmup over this fraction of total_steps
+    truncate_cos: float = 0.8  # the cosine stops at this fraction of its course
+    patch_embed_lr_mult: float = 0.2  # lr multiplier of patch_embed
+    rope_lr_mult: float = 0.0  # lr multiplier of the RoPE frequencies
+    norm_wd_mult: float = 0.1  # weight-decay multiplier of norm weights
+    momentum_start: float = 1.0  # EMA momentum at step 0
+    momentum: float = 0.999  # EMA momentum at the end of warmup
+    momentum_final: float = 1.0  # EMA momentum the cosine heads to
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_fraction * self.total_steps))
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder of images, searched recursively
+    image_size: int = DEFAULT_IMAGE_SIZE  # square crop side in pixels (a multiple of the patch size)
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # RandomResizedCrop area fraction
+    hflip: bool = True  # random horizontal flip
+    mask_ratio: float = 0.65  # fraction of patches hidden from the student
+    prediction_ratio: float = 0.05  # fraction of the masked patches the student predicts
+    masking: str = "inverse_block"  # uniform | block | inverse_block
+    roll: bool = True  # roll the mask on the torus (inverse_block)
+    num_workers: int = 8  # DataLoader workers per rank (augmentations are seeded per sample)
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/capi"  # run directory: config, checkpoints, metrics, loss curves
+    seed: int = 0  # seeds weights, data order, augmentations and masks
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    parallel: str = "ddp"  # ddp | fsdp (torch.distributed.fsdp.fully_shard) when launched with torchrun
+    compile: bool = False  # torch.compile the teacher and student forwards
+    log_every: int = 20  # steps between progress lines / metric records
+    checkpoint_every: int = 3750  # steps between checkpoints (also one at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept in OUTPUT_DIR/checkpoints
+    resume: bool = True  # continue from the newest checkpoint of output_dir when there is one
+    nan_limit: int = 3  # stop after this many non-finite steps in a row (each one skips its update)
+    plot_every_checkpoint: bool = True  # redraw loss_curves.png at every checkpoint
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Check the values that the dataclass types cannot; returns self."""
+        self.model.to_capi_config()  # head-dim / register checks, raising ValueError
+        if self.data.image_size % self.model.patch_size:
+            p = self.model.patch_size
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} is not a multiple of model.patch_size={p}; "
+                f"use e.g. {max(self.data.image_size // p, 1) * p}."
+            )
+        if self.data.masking not in ("uniform", "block", "inverse_block"):
+            raise ConfigError(f"data.masking={self.data.masking!r}; allowed: uniform, block, inverse_block.")
+        if self.train.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device={self.train.device!r}; allowed: auto, cpu, cuda.")
+        if self.train.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel={self.train.parallel!r}; allowed: ddp, fsdp.")
+        positive = {
+            "optim.total_steps": self.optim.total_steps,
+            "optim.batch_size": self.optim.batch_size,
+            "clustering.n_prototypes": self.clustering.n_prototypes,
+            "train.log_every": self.train.log_every,
+            "train.checkpoint_every": self.train.checkpoint_every,
+            "train.keep_checkpoints": self.train.keep_checkpoints,
+            "train.nan_limit": self.train.nan_limit,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}.")
+        low, high = self.data.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.data.crop_scale}.")
+        if not 0 < self.data.mask_ratio < 1 or not 0 < self.data.prediction_ratio <= 1:
+            raise ConfigError(
+                f"data.mask_ratio must be in (0, 1) and data.prediction_ratio in (0, 1], got "
+                f"{self.data.mask_ratio} and {self.data.prediction_ratio}."
+            )
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}.")
+        return self
+
+
+# ---- presets: overrides of the ViT-L defaults ----------------------------------------------------------------------
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # A laptop-CPU run in minutes: 8x8 patches of 14 px, a 4-block 128-wide encoder, 512 prototypes.
+    # prediction_ratio 0.2 keeps the official count of 8 predicted patches per image at this grid size.
+    "tiny": {
+        "model": dict(
+            embed_dim=128, depth=4, num_heads=4, pred_embed_dim=128, pred_depth=2, pred_num_heads=4, drop_path_rate=0.1
+        ),
+        "clustering": dict(n_prototypes=512),
+        "optim": dict(total_steps=1000, batch_size=64, lr=1e-3),
+        "data": dict(image_size=112, prediction_ratio=0.2, num_workers=0),
+        "train": dict(output_dir="runs/capi_tiny", log_every=10, checkpoint_every=200, device="cpu"),
+    },
+    "vits14": {
+        "model": dict(embed_dim=384, depth=12, num_heads=6, pred_embed_dim=384, pred_depth=6, pred_num_heads=6),
+        "train": dict(output_dir="runs/capi_vits14"),
+    },
+    "vitb14": {
+        "model": dict(embed_dim=768, depth=12, num_heads=12, pred_embed_dim=768, pred_depth=6, pred_num_heads=12),
+        "train": dict(output_dir="runs/capi_vitb14"),
+    },
+    "vitl14": {"train": dict(output_dir="runs/capi_vitl14")},
+}
+
+
+# ---- dict <-> dataclass ---------------------------------------------------------------------------------------------
+def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples as lists), ready for YAML."""
+
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    return {
+        section.name: {f.name: plain(getattr(getattr(config, section.name), f.name)) for f in fields(section.type)}
+        for section in fields(TrainConfig)
+    }
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+def _valid_keys() -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in _section_types().items() for f in fields(cls)]
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the field type ``annotation``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+            return None
+        (annotation,) = [a for a in options if a is not type(None)]
+        return _coerce(value, annotation, key)
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple) or len(value) != len(item_types):
+            raise ConfigError(f"{key} expects a list of {len(item_types)} values like [0.6, 1.0], got {value!r}.")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            if isinstance(value, str):
+                number = float(value.replace("_", ""))
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if isinstance(value, dict | list):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        raise ConfigError(f"{key} expects {annotation.__name__}, got {value!r}.") from None
+    raise ConfigError(f"{key}: unsupported field type {annotation}.")
+
+
+def _check_key(section: str, key: str | None = None) -> tuple[type, dict[str, Any]]:
+    sections = _section_types()
+    if section not in sections:
+        raise ConfigError(f"Unknown config section {section!r}. Valid keys: {', '.join(_valid_keys())}.")
+    hints = typing.get_type_hints(sections[section])
+    if key is not None and key not in hints:
+        raise ConfigError(f"Unknown config key '{section}.{key}'. Valid keys: {', '.join(_valid_keys())}.")
+    return sections[section], hints
+
+
+def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Apply a nested dict ``{section: {key: value}}`` on top of ``base`` (the defaults when None)."""
+    config = dataclasses.replace(base) if base is not None else TrainConfig()
+    if not isinstance(values, dict):
+        raise ConfigError(f"A config must be a mapping of sections, got {type(values).__name__}.")
+    for section, entries in values.items():
+        _check_key(section)
+        if not isinstance(entries, dict):
+            raise ConfigError(f"Config section {section!r} must be a mapping of keys, got {entries!r}.")
+        current = getattr(config, section)
+        updates = {}
+        for key, value in entries.items():
+            _, hints = _check_key(section, key)
+            updates[key] = _coerce(value, hints[key], f"{section}.{key}")
+        setattr(config, section, dataclasses.replace(current, **updates))
+    return config
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``section.key=value`` strings, typed by the dataclass field."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(
+                f"Override {item!r} is not of the form section.key=value (e.g. optim.lr=5e-4). "
+                f"Valid keys: {', '.join(_valid_keys())}."
+            )
+        _check_key(section, key)
+        nested.setdefault(section, {})[key] = value
+    return config_from_dict(nested, config)
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a config from a preset name or a YAML file (or the defaults when None), then apply the overrides.
+
+    A YAML file may name a preset to start from with a top-level ``preset: tiny`` entry.
+    """
+    config = TrainConfig()
+    if source is not None:
+        name = str(source)
+        if name in PRESETS:
+            config = config_from_dict(PRESETS[name])
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigError(
+                    f"Config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file."
+                )
+            values = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}.")
+            preset = values.pop("preset", None)
+            if preset is not None:
+                if preset not in PRESETS:
+                    raise ConfigError(f"{path}: unknown preset {preset!r}. Available: {', '.join(PRESETS)}.")
+                config = config_from_dict(PRESETS[preset])
+            try:
+                config = config_from_dict(values, config)
+            except ConfigError as error:
+                raise ConfigError(f"{path}: {error}") from None
+    if overrides:
+        config = apply_overrides(config, overrides)
+    return config.validate()
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    tmp.replace(path)

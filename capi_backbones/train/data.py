@@ -1,0 +1,274 @@
+"""Pretraining data: a folder of images, seeded augmentations and a restorable, rank-sharded order.
+
+The data order is an infinite *stream*: epoch e is a seeded permutation of the images, and the stream is
+epoch 0, epoch 1, ... one after the other. Step t consumes stream positions ``[t * G, (t + 1) * G)`` for
+the global batch G, and rank r of W takes the r-th slice of G / W of them. Everything random about a sample
+(which image, its crop and flip, its mask) is seeded by ``(seed, stream position)``, so:
+
+- resuming at step t needs only t (no sampler or worker state), and is bit-exact;
+- the result does not depend on the number of DataLoader workers;
+- one step on W ranks sees exactly the images, crops and masks of one single-process step.
+"""
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from capi_backbones.constants import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from capi_backbones.train.masking import MaskedBatch, MaskingCollator
+
+__all__ = [
+    "CropBox",
+    "ImageStream",
+    "PositionMaskingCollate",
+    "StepBatchSampler",
+    "TrainTransform",
+    "build_loader",
+    "derive_seed",
+    "find_images",
+    "random_resized_crop_box",
+]
+
+logger = logging.getLogger(__name__)
+
+# Stream tags separate the seeds drawn for different purposes from the same (seed, position).
+EPOCH_ORDER, AUGMENTATION, MASK = 0, 1, 2
+
+
+def derive_seed(seed: int, tag: int, value: int) -> int:
+    """A well-mixed 63-bit seed for ``(seed, tag, value)`` (numpy SeedSequence hashing)."""
+    high, low = np.random.SeedSequence([seed, tag, value]).generate_state(2, dtype=np.uint32)
+    return ((int(high) & 0x7FFFFFFF) << 32) | int(low)
+
+
+def seeded_generator(seed: int, tag: int, value: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, tag, value))
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """All image files under ``root`` (recursive, extensions from ``IMAGE_EXTENSIONS``), sorted."""
+    root = Path(root).expanduser()
+    if not str(root) or not root.is_dir():
+        raise FileNotFoundError(
+            f"Image folder {str(root)!r} does not exist or is not a directory. "
+            "Set data.root=/path/to/images (searched recursively)."
+        )
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise FileNotFoundError(
+            f"No images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}). "
+            "Point data.root at a folder that holds images."
+        )
+    return paths
+
+
+# ---- augmentation ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CropBox:
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    generator: torch.Generator,
+) -> CropBox:
+    """The box of torchvision's RandomResizedCrop (10 tries of a random area and log-uniform aspect ratio,
+    then a centre crop with the ratio clamped), drawn from ``generator``."""
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u_area, u_ratio = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_low + (log_high - log_low) * u_ratio)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return CropBox(top, left, h, w)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return CropBox((height - h) // 2, (width - w) // 2, h, w)
+
+
+class TrainTransform:
+    """RandomResizedCrop (bicubic, on the PIL image like the official pipeline), optional horizontal flip,
+    then a float tensor normalised with the ImageNet mean and std. Randomness comes in as a generator."""
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.6, 1.0),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.image_size = image_size
+        self.crop_scale = crop_scale
+        self.hflip = hflip
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> Tensor:
+        box = random_resized_crop_box(image.height, image.width, self.crop_scale, generator=generator)
+        flip = bool(torch.rand(1, generator=generator) < 0.5)  # always drawn: the stream does not depend on hflip
+        image = TF.resized_crop(
+            image, box.top, box.left, box.height, box.width, [self.image_size, self.image_size],
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        )  # fmt: skip
+        if self.hflip and flip:
+            image = TF.horizontal_flip(image)
+        tensor = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)  # (3, S, S) in [0, 1]
+        return TF.normalize(tensor, self.mean, self.std)
+
+
+# ---- the stream -----------------------------------------------------------------------------------------------------
+class ImageStream(Dataset):
+    """Map-style dataset indexed by *stream position*; returns ``(image (3, S, S), position)``.
+
+    An unreadable file is logged with its path and replaced by the next image of the same epoch's order
+    (deterministic), with the crop and flip of the original position.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: TrainTransform, seed: int = 0) -> None:
+        if not paths:
+            raise ValueError("ImageStream needs at least one image path.")
+        self.paths = list(paths)
+        self.transform = transform
+        self.seed = seed
+        self._epoch = -1
+        self._order: Tensor | None = None
+        self.unreadable: set[int] = set()  # indices that failed to load (in this process)
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        """The permutation of image indices for ``epoch`` (cached for the current epoch)."""
+        if epoch != self._epoch:
+            n = len(self.paths)
+            dtype = torch.int32 if n < 2**31 else torch.int64
+            self._order = torch.randperm(n, generator=seeded_generator(self.seed, EPOCH_ORDER, epoch), dtype=dtype)
+            self._epoch = epoch
+        return self._order
+
+    def image_index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.paths))
+        return int(self.epoch_order(epoch)[offset])
+
+    def _load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        n = len(self.paths)
+        epoch, offset = divmod(position, n)
+        order = self.epoch_order(epoch)
+        for shift in range(n):
+            index = int(order[(offset + shift) % n])
+            try:
+                image = self._load(index)
+                break
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                level = logging.DEBUG if index in self.unreadable else logging.WARNING  # warn once per file
+                self.unreadable.add(index)
+                logger.log(level, "Unreadable image %s (%s); using another image instead.", self.paths[index], error)
+        else:
+            raise RuntimeError(f"None of the {n} images under the data root could be read; see the warnings above.")
+        generator = seeded_generator(self.seed, AUGMENTATION, position)
+        return self.transform(image, generator), position
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields, for steps ``start_step .. total_steps - 1``, this rank's slice of the step's stream positions."""
+
+    def __init__(self, global_batch: int, *, rank: int, world_size: int, start_step: int, total_steps: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(
+                f"optim.batch_size={global_batch} (the global batch) is not divisible by the {world_size} ranks; "
+                f"use a multiple of {world_size}."
+            )
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.start_step = start_step
+        self.total_steps = total_steps
+
+    def positions(self, step: int) -> list[int]:
+        first = step * self.global_batch + self.rank * self.local_batch
+        return list(range(first, first + self.local_batch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            yield self.positions(step)
+
+    def __len__(self) -> int:
+        return max(self.total_steps - self.start_step, 0)
+
+
+def build_loader(
+    stream: ImageStream,
+    sampler: StepBatchSampler,
+    collate_fn,
+    *,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+class PositionMaskingCollate:
+    """``collate_fn`` for :class:`ImageStream` items ``(image, position)``: stacks the images and draws each
+    image's mask from a generator seeded by ``(seed, position)`` with ``MaskingCollator.sample_indices``,
+    so a sample's mask does not depend on the batch it lands in, the rank, the worker or a resume."""
+
+    def __init__(self, masking: MaskingCollator, seed: int) -> None:
+        self.masking = masking
+        self.seed = seed
+
+    def __call__(self, items: Sequence[tuple[Tensor, int]]) -> MaskedBatch:
+        if not items:
+            raise ValueError("Cannot collate an empty batch.")
+        images = torch.stack([image for image, _ in items])  # (B, 3, S, S)
+        masks, visible, predict = [], [], []
+        for _, position in items:
+            m, v, p = self.masking.sample_indices(1, seeded_generator(self.seed, MASK, position))
+            masks.append(m)
+            visible.append(v)
+            predict.append(p)
+        return MaskedBatch(
+            images=images,
+            visible_indices=torch.cat(visible),  # (B, n_visible)
+            predict_indices=torch.cat(predict),  # (B, n_predict)
+            masks=torch.cat(masks),  # (B, h, w)
+        )

@@ -1,0 +1,561 @@
+"""The CAPI pretraining loop: models, optimizers, schedules, logging, checkpoints, signals and resume.
+
+One step (spec section 7): teacher forward + clustering loss backward; student forward + CAPI loss backward;
+AdamW step on the student; EMA update of the teacher; clustering optimizer step. A step whose losses are not
+finite skips all three updates; ``train.nan_limit`` such steps in a row stop the run.
+
+SIGTERM or SIGUSR1 asks for a checkpoint at the end of the current step and a clean exit. Resuming from a
+checkpoint restores models, optimizers, step counter (hence schedules and data order) and the RNG states,
+so an interrupted run continues bit for bit (on CPU).
+"""
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from capi_backbones.models import CapiModel
+from capi_backbones.train import checkpointing
+from capi_backbones.train.clustering import OnlineClustering
+from capi_backbones.train.config import TrainConfig, config_from_dict, config_to_dict, save_config
+from capi_backbones.train.data import (
+    ImageStream,
+    PositionMaskingCollate,
+    StepBatchSampler,
+    TrainTransform,
+    build_loader,
+    derive_seed,
+    find_images,
+)
+from capi_backbones.train.distributed import (
+    DistributedContext,
+    all_reduce_grads_mean,
+    init_distributed,
+    reducers,
+    shutdown_distributed,
+)
+from capi_backbones.train.ema import ema_update_
+from capi_backbones.train.heads import L2NormLinear
+from capi_backbones.train.losses import capi_loss
+from capi_backbones.train.masking import MaskedBatch, MaskingCollator
+from capi_backbones.train.metrics import MetricsWriter, draw_curves, read_metrics
+from capi_backbones.train.param_groups import apply_schedules, build_param_groups
+from capi_backbones.train.schedules import warmup_truncated_cosine
+from capi_backbones.train.step import StudentNet, assignment_entropies, teacher_targets
+
+__all__ = ["NonFiniteLossError", "StepMetrics", "TrainResult", "Trainer", "train"]
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RANK_SEED_TAG = 3  # derive_seed tag of the per-rank torch seed (stochastic depth)
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "loss_curves.png"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a NaN or infinite loss."""
+
+
+@dataclass
+class StepMetrics:
+    step: int  # 0-based index of the step
+    loss: float  # CAPI loss of the student (mean over predicted tokens of the global batch)
+    clustering_loss: float  # loss of the online clustering layer
+    target_entropy: float  # mean per-token entropy of the SK targets (log K: uniform, 0: one-hot)
+    prototype_entropy: float  # entropy of the mean target (prototype usage); 0 = all tokens on one prototype
+    lr: float
+    weight_decay: float
+    momentum: float
+    clustering_lr: float
+    finite: bool  # False: the updates of this step were skipped
+    seconds: float  # wall time of the step, data loading included
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int  # steps already done when this run started (0, or the resumed checkpoint's)
+    end_step: int  # steps done when it stopped
+    history: list[StepMetrics] = field(default_factory=list)  # one entry per step run by this call
+    stopped_by_signal: bool = False
+    last_checkpoint: Path | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [m.loss for m in self.history]
+
+
+class Trainer:
+    """Builds the student, teacher, clustering layer and optimizers from a :class:`TrainConfig`, resumes
+    from the run directory's newest checkpoint when ``train.resume`` is set, and runs steps."""
+
+    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None) -> None:
+        self.config = config.validate()
+        self.context = context or init_distributed(config.train.device)
+        self.device = self.context.device
+        self.run_dir = Path(config.train.output_dir)
+        self.step = 0
+        self.nan_streak = 0
+        self._stop_requested = False
+        mc, cc, oc = config.model, config.clustering, config.optim
+        if oc.batch_size % self.context.world_size:
+            raise ValueError(
+                f"optim.batch_size={oc.batch_size} is the global batch and must be divisible by the "
+                f"{self.context.world_size} ranks; use a multiple of {self.context.world_size}."
+            )
+        self.local_batch = oc.batch_size // self.context.world_size
+        self.grid = (config.data.image_size // mc.patch_size,) * 2
+        self.masking = MaskingCollator(
+            self.grid,
+            mask_ratio=config.data.mask_ratio,
+            prediction_ratio=config.data.prediction_ratio,
+            strategy=config.data.masking,
+            roll=config.data.roll,
+            seed=config.train.seed,
+        )
+
+        # ---- models: identical init on every rank ----
+        torch.manual_seed(config.train.seed)
+        backbone = CapiModel(mc.to_capi_config(), device=self.device)
+        head = L2NormLinear(mc.pred_embed_dim, cc.n_prototypes, device=self.device)
+        self.student = StudentNet(backbone, head).train()
+        self.teacher = CapiModel(mc.to_capi_config(drop_path_rate=0.0), device=self.device)
+        self.teacher.load_state_dict(backbone.state_dict())
+        self.teacher.requires_grad_(False).eval()
+        self.clustering = OnlineClustering(
+            mc.embed_dim,
+            cc.n_prototypes,
+            target_temp=cc.target_temp,
+            pred_temp=cc.pred_temp,
+            n_sk_iter=cc.n_sk_iter,
+            positionwise=cc.positionwise,
+            bias=cc.bias,
+            device=self.device,
+        ).train()
+        self._wrap_parallel()
+        self.optimizer = torch.optim.AdamW(
+            build_param_groups(
+                self.student,
+                weight_decay=oc.weight_decay,
+                patch_embed_lr_mult=oc.patch_embed_lr_mult,
+                rope_lr_mult=oc.rope_lr_mult,
+                norm_wd_mult=oc.norm_wd_mult,
+                lr=oc.lr,
+            ),
+            lr=oc.lr,
+            betas=oc.betas,
+            weight_decay=oc.weight_decay,
+        )
+        self.clustering_optimizer = torch.optim.AdamW(
+            self.clustering.parameters(), lr=cc.lr, betas=cc.betas, weight_decay=cc.weight_decay
+        )
+        self._ema_pairs = (list(self.teacher.parameters()), list(self.student.backbone.parameters()))
+        self._sum, self._max = reducers(self.context)
+        self._autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if self.device.type == "cuda"
+            else contextlib.nullcontext
+        )
+        self._student_forward = self._student_ddp if self._student_ddp is not None else self.student
+        self._teacher_encode = self.teacher.encode
+        if config.train.compile:
+            self._student_forward = torch.compile(self._student_forward)
+            self._teacher_encode = torch.compile(self._teacher_encode)
+        torch.manual_seed(derive_seed(config.train.seed, RANK_SEED_TAG, self.context.rank))
+        self.resumed_from = self._maybe_resume()
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def _wrap_parallel(self) -> None:
+        self._student_ddp = None
+        if not self.context.is_distributed:
+            return
+        if self.config.train.parallel == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+            cuda = self.device.type == "cuda"
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+            kw = {"mp_policy": policy} if policy is not None else {}
+            for model in (self.student.backbone, self.teacher):
+                for block in [*model.encoder.blocks, *model.decoder.blocks]:
+                    fully_shard(block, **kw)
+            fully_shard(self.student, **kw)
+            fully_shard(self.teacher, **kw)
+            register_fsdp_forward_method(self.teacher, "encode")
+        else:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._student_ddp = DistributedDataParallel(self.student, device_ids=device_ids, broadcast_buffers=False)
+        # the clustering layer stays replicated: same init everywhere, gradients averaged by hand
+        for tensor in self.clustering.parameters():
+            dist.broadcast(tensor.data, src=0)
+
+    def _data_loader(self, start_step: int, end_step: int):
+        dc = self.config.data
+        stream = ImageStream(
+            find_images(dc.root),
+            TrainTransform(dc.image_size, dc.crop_scale, dc.hflip),
+            seed=self.config.train.seed,
+        )
+        sampler = StepBatchSampler(
+            self.config.optim.batch_size,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            start_step=start_step,
+            total_steps=end_step,
+        )
+        collate = PositionMaskingCollate(self.masking, seed=self.config.train.seed)
+        loader = build_loader(
+            stream, sampler, collate, num_workers=dc.num_workers, pin_memory=self.device.type == "cuda"
+        )
+        # a private generator: creating the iterator must not draw from the global RNG (bit-exact resume)
+        loader.generator = torch.Generator().manual_seed(self.config.train.seed)
+        return loader
+
+    # ---- schedules ------------------------------------------------------------------------------------------
+    def schedules(self, step: int) -> dict[str, float]:
+        oc, cc = self.config.optim, self.config.clustering
+        common = dict(total_steps=oc.total_steps, warmup_steps=oc.warmup_steps, truncate_cos=oc.truncate_cos)
+        return {
+            "lr": warmup_truncated_cosine(step, base_value=oc.lr, final_value=oc.final_lr, **common),
+            "weight_decay": oc.weight_decay,
+            "momentum": warmup_truncated_cosine(
+                step,
+                base_value=oc.momentum,
+                final_value=oc.momentum_final,
+                start_warmup_value=oc.momentum_start,
+                **common,
+            ),
+            "clustering_lr": warmup_truncated_cosine(step, base_value=cc.lr, final_value=cc.final_lr, **common),
+        }
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def train_step(self, batch: MaskedBatch) -> StepMetrics:
+        """Run step ``self.step`` on this rank's share of the global batch and advance the step counter."""
+        start = time.perf_counter()
+        step = self.step
+        values = self.schedules(step)
+        apply_schedules(self.optimizer, lr=values["lr"], weight_decay=values["weight_decay"])
+        for group in self.clustering_optimizer.param_groups:
+            group["lr"] = values["clustering_lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clustering_optimizer.zero_grad(set_to_none=True)
+        batch = batch.to(self.device, non_blocking=True)
+
+        # teacher: EMA encoder on the full images, online clustering (its loss trains the clustering layer only)
+        with self._autocast():
+            teacher = teacher_targets(
+                self._teacher_encode,
+                self.clustering,
+                batch.images,
+                batch.predict_indices,
+                all_reduce_sum=self._sum,
+                all_reduce_max=self._max,
+                n_registers=self.config.model.n_registers,
+            )
+        teacher.clustering_loss.backward()
+        # student: visible patches + registers, predictor queries at the predicted positions
+        with self._autocast():
+            logits = self._student_forward(batch.images, batch.visible_indices, batch.predict_indices)
+        loss = capi_loss(logits.float(), teacher.targets, temperature=self.config.clustering.student_temp)
+        loss.backward()
+
+        # one reduction for the logged values, the finiteness verdict and the stop request
+        entropy, usage = assignment_entropies(teacher.targets)
+        n_tokens = teacher.targets.shape[0] * teacher.targets.shape[1]
+        stop = 1.0 if self._stop_requested else 0.0
+        scalars = torch.stack([loss.detach(), teacher.clustering_loss.detach().float(), entropy]).to(usage)
+        extra = torch.tensor([stop, float(n_tokens)], device=usage.device)
+        packed = torch.cat([scalars, extra, usage])
+        if self.context.is_distributed:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        reduced = packed.cpu()
+        world = self.context.world_size
+        loss_value, closs_value, entropy_value = (reduced[:3] / world).tolist()
+        stop_any, total_tokens = reduced[3].item(), reduced[4].item()
+        mean_usage = reduced[5:] / total_tokens
+        prototype_entropy = float(-torch.xlogy(mean_usage, mean_usage).sum())
+        self._stop_requested = stop_any > 0
+        finite = math.isfinite(loss_value) and math.isfinite(closs_value)
+
+        if finite:
+            self.nan_streak = 0
+            self.optimizer.step()
+            ema_update_(*self._ema_pairs, values["momentum"])
+            all_reduce_grads_mean(self.clustering.parameters(), world)
+            self.clustering_optimizer.step()
+        else:
+            self.nan_streak += 1
+            logger.warning(
+                "Step %d: non-finite loss (loss=%s, clustering loss=%s); skipped the update (%d in a row).",
+                step, loss_value, closs_value, self.nan_streak,
+            )  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clustering_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.nan_streak >= self.config.train.nan_limit:
+            raise NonFiniteLossError(
+                f"{self.nan_streak} non-finite steps in a row (last at step {step}: loss={loss_value}, "
+                f"clustering loss={closs_value}). Lower optim.lr, check the data, or raise train.nan_limit; "
+                f"restart from the last checkpoint in {self.run_dir / checkpointing.CHECKPOINT_DIR}."
+            )
+        return StepMetrics(
+            step=step,
+            loss=loss_value,
+            clustering_loss=closs_value,
+            target_entropy=entropy_value,
+            prototype_entropy=prototype_entropy,
+            finite=finite,
+            seconds=time.perf_counter() - start,
+            **values,
+        )
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _model_states(self) -> dict[str, Any]:
+        if self.config.train.parallel == "fsdp" and self.context.is_distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return {
+                "student": get_model_state_dict(self.student, options=options),
+                "teacher": get_model_state_dict(self.teacher, options=options),
+                "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=options),
+            }
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def _load_model_states(self, state: dict[str, Any]) -> None:
+        if self.config.train.parallel == "fsdp" and self.context.is_distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.student, state["student"], options=options)
+            set_model_state_dict(self.teacher, state["teacher"], options=options)
+            set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=options)
+            return
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state (collective under torch.distributed: call it on every rank)."""
+        rng = checkpointing.capture_rng_state()
+        if self.context.is_distributed:
+            gathered: list[Any] = [None] * self.context.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_states = gathered
+        else:
+            rng_states = [rng]
+        return {
+            "format": checkpointing.CHECKPOINT_FORMAT,
+            "step": self.step,
+            "world_size": self.context.world_size,
+            "config": config_to_dict(self.config),
+            **self._model_states(),
+            "clustering": self.clustering.state_dict(),
+            "clustering_optimizer": self.clustering_optimizer.state_dict(),
+            "nan_streak": self.nan_streak,
+            "rng": rng_states,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_compatible(state)
+        self._load_model_states(state)
+        self.clustering.load_state_dict(state["clustering"])
+        self.clustering_optimizer.load_state_dict(state["clustering_optimizer"])
+        self.step = int(state["step"])
+        self.nan_streak = int(state["nan_streak"])
+        if state["world_size"] == self.context.world_size:
+            checkpointing.restore_rng_state(state["rng"][self.context.rank])
+        else:
+            logger.warning(
+                "Checkpoint was written by %d ranks, this run has %d: data order and schedules continue exactly, "
+                "but the stochastic-depth RNG is reseeded.", state["world_size"], self.context.world_size,
+            )  # fmt: skip
+            torch.manual_seed(derive_seed(self.config.train.seed, RANK_SEED_TAG, self.step * 4096 + self.context.rank))
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        saved = config_from_dict(state["config"])
+        for section in ("model", "clustering"):
+            old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(self.config, section))
+            diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+            if diff:
+                details = ", ".join(f"{section}.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(
+                    f"Cannot resume: the checkpoint's {section} settings differ ({details}). "
+                    "Use the run's own config.yaml, or a new train.output_dir."
+                )
+        for section in ("optim", "data"):
+            if getattr(saved, section) != getattr(self.config, section):
+                logger.warning("Resuming with %s settings that differ from the checkpoint's.", section)
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/checkpoint-{step}.pt`` (rank 0; collective under torch.distributed)."""
+        state = self.state_dict()
+        path = checkpointing.checkpoint_path(self.run_dir, self.step)
+        if self.context.is_main:
+            checkpointing.save_checkpoint(state, path, keep_last=self.config.train.keep_checkpoints)
+            if self.config.train.plot_every_checkpoint:
+                self.draw_curves()
+        if self.context.is_distributed:
+            dist.barrier()
+        return path
+
+    def _maybe_resume(self) -> Path | None:
+        found = checkpointing.list_checkpoints(self.run_dir)
+        if not found:
+            return None
+        if not self.config.train.resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints (newest: {found[-1][1].name}) and train.resume=false. "
+                "Set train.resume=true to continue that run, or choose another train.output_dir."
+            )
+        path = found[-1][1]
+        self.load_state_dict(checkpointing.load_checkpoint(path))
+        logger.info("Resumed from %s at step %d", path, self.step)
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def request_stop(self, signum: int | None = None, frame=None) -> None:
+        """Checkpoint at the end of the current step and return (the SIGTERM / SIGUSR1 handler)."""
+        if signum is not None:
+            logger.warning("Received signal %d: checkpointing at the end of this step, then exiting.", signum)
+        self._stop_requested = True
+
+    def draw_curves(self) -> Path:
+        return draw_curves(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / CURVES_FILE)
+
+    def _prepare_run_dir(self) -> MetricsWriter:
+        writer = MetricsWriter(self.run_dir / METRICS_FILE)
+        if self.context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / CONFIG_FILE)
+            writer.truncate_after(self.step)  # records past the checkpoint are re-done
+        return writer
+
+    def run(
+        self, max_steps: int | None = None, callbacks: Sequence[Callable[[StepMetrics], None]] = ()
+    ) -> TrainResult:
+        """Train until ``optim.total_steps`` (or ``max_steps`` more steps, then checkpoint), a stop signal, or
+        an error. ``callbacks`` are called with each step's metrics."""
+        tc = self.config.train
+        start_step = self.step
+        end_step = self.config.optim.total_steps
+        if max_steps is not None:
+            end_step = min(end_step, start_step + max_steps)
+        result = TrainResult(run_dir=self.run_dir, start_step=start_step, end_step=start_step)
+        writer = self._prepare_run_dir()
+        if start_step >= end_step:
+            logger.info("Nothing to do: %d of %d steps already done.", start_step, self.config.optim.total_steps)
+            return result
+        logger.info(
+            "Training steps %d..%d: global batch %d (%d per rank x %d ranks) on %s, run dir %s",
+            start_step, end_step - 1, self.config.optim.batch_size, self.local_batch, self.context.world_size,
+            self.device, self.run_dir,
+        )  # fmt: skip
+        window: list[StepMetrics] = []
+        last_saved = -1
+        with _stop_signals(self.request_stop):
+            for batch in self._data_loader(start_step, end_step):
+                metrics = self.train_step(batch)
+                result.history.append(metrics)
+                window.append(metrics)
+                for callback in callbacks:
+                    callback(metrics)
+                done = self.step
+                if done % tc.log_every == 0 or done == end_step or self._stop_requested:
+                    self._log(window, writer)
+                    window = []
+                if done % tc.checkpoint_every == 0 or self._stop_requested:
+                    result.last_checkpoint = self.save_checkpoint()
+                    last_saved = done
+                if self._stop_requested:
+                    result.stopped_by_signal = True
+                    logger.warning("Stopped at step %d on request; resume with the same command.", done)
+                    break
+        if last_saved != self.step:
+            result.last_checkpoint = self.save_checkpoint()
+        if self.context.is_main:
+            self.draw_curves()
+        result.end_step = self.step
+        return result
+
+    def _log(self, window: list[StepMetrics], writer: MetricsWriter) -> None:
+        if not window or not self.context.is_main:
+            return
+        last = window[-1]
+        finite = [m for m in window if m.finite] or window
+        seconds = sum(m.seconds for m in window)
+        images_per_s = len(window) * self.config.optim.batch_size / seconds if seconds > 0 else float("nan")
+
+        def mean(key: str) -> float:
+            return sum(getattr(m, key) for m in finite) / len(finite)
+
+        record = {
+            "step": last.step + 1,  # steps done
+            "loss": mean("loss"),
+            "clustering_loss": mean("clustering_loss"),
+            "target_entropy": mean("target_entropy"),
+            "prototype_entropy": mean("prototype_entropy"),
+            "lr": last.lr,
+            "weight_decay": last.weight_decay,
+            "momentum": last.momentum,
+            "clustering_lr": last.clustering_lr,
+            "images_per_s": images_per_s,
+            "steps_per_s": len(window) / seconds if seconds > 0 else float("nan"),
+            "skipped_steps": sum(not m.finite for m in window),
+            "time": time.time(),
+        }
+        writer.write(record)
+        logger.info(
+            "step %d/%d | %.1f img/s | loss %.4f | clustering %.4f | H(target) %.3f | H(usage) %.3f | "
+            "lr %.3g | mom %.5f",
+            last.step + 1, self.config.optim.total_steps, images_per_s, record["loss"], record["clustering_loss"],
+            record["target_entropy"], record["prototype_entropy"], last.lr, last.momentum,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _stop_signals(handler: Callable):
+    """Route SIGTERM and SIGUSR1 to ``handler`` for the duration (main thread only), then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult:
+    """Join torchrun's process group if any, train, and leave the group."""
+    context = init_distributed(config.train.device)
+    try:
+        return Trainer(config, context=context).run(max_steps=max_steps)
+    finally:
+        shutdown_distributed(context)
+
