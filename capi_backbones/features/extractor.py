@@ -63,15 +63,16 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
                 f"name such as 'capi_vitl14_lvd', or a model you built yourself, e.g. "
                 f"FeatureExtractor(create_model('{model}', pretrained=False)) for random weights."
             )
-        return from_pretrained(os.fspath(weights), arch=model), f"{model} from {os.fspath(weights)}"
+        return from_pretrained(Path(weights), arch=model), f"{model} from {os.fspath(weights)}"
     if model is not None and weights is not None:
         raise ValueError(
             f"weights can only go with an architecture name ({', '.join(ARCHITECTURES)}), got model='{model}'."
         )
     if model is None and weights is None:
         raise ValueError("Give a model: a CapiModel, a pretrained name such as 'capi_vitl14_lvd', or weights=PATH.")
-    source = model if model is not None else os.fspath(weights)
-    return from_pretrained(source), source
+    if model is None:
+        return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
+    return from_pretrained(model), model
 
 
 def weights_fingerprint(model: CapiModel) -> str:

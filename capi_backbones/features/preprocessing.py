@@ -13,6 +13,7 @@ Resizing is bicubic with antialiasing (``torch.nn.functional.interpolate``) on f
 to [0, 1], followed by normalisation with the ImageNet mean and std.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ class Preprocessor:
         return self._round_to_patch(height * scale), self._round_to_patch(width * scale)
 
     def _round_to_patch(self, size: float) -> int:
-        return max(self.patch_size, round(size / self.patch_size) * self.patch_size)
+        return max(self.patch_size, math.floor(size / self.patch_size + 0.5) * self.patch_size)  # ties round up
 
     def __call__(self, image: Tensor) -> Tensor:
         return resize_and_normalize(image, self.output_size(*image.shape[-2:]), mean=self.mean, std=self.std)

@@ -1,0 +1,236 @@
+"""FeatureExtractor: the size policy, equality with the model run on hand-preprocessed tensors, batching by size,
+input-type and batch-size independence, precision rules and model resolution."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage import data
+
+from capi_backbones import create_model
+from capi_backbones.constants import IMAGENET_MEAN, IMAGENET_STD
+from capi_backbones.features import FeatureExtractor, FeatureOutput, Preprocessor
+from capi_backbones.models import CapiConfig, CapiModel
+
+TINY = CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=48, pred_depth=2, pred_num_heads=2)
+ATOL = 1e-5
+
+
+def tiny_model(seed: int = 0) -> CapiModel:
+    torch.manual_seed(seed)
+    return CapiModel(TINY).eval()
+
+
+def small(image: np.ndarray, factor: int = 4) -> np.ndarray:
+    return np.ascontiguousarray(image[::factor, ::factor])
+
+
+def count_forwards(extractor: FeatureExtractor) -> list[tuple]:
+    """Record the input shape of every model call (the instance attribute shadows the method)."""
+    calls = []
+    original = extractor.model.forward_features
+
+    def counting(x, **kwargs):
+        calls.append(tuple(x.shape))
+        return original(x, **kwargs)
+
+    extractor.model.forward_features = counting
+    return calls
+
+
+def manual_input(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """The documented preprocessing written out: [0, 1] floats, bicubic antialias resize, ImageNet normalisation."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].double() / 255  # (1, 3, h, w)
+    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).float()
+
+
+# ---- size policy --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "hw, expected",
+    [
+        ((400, 600), (224, 336)),
+        ((600, 400), (336, 224)),
+        ((512, 512), (224, 224)),
+        ((300, 451), (224, 336)),
+        ((8, 8), (224, 224)),
+        ((100, 1000), (224, 2240)),
+        ((100, 150), (224, 336)),
+        ((28, 35), (224, 280)),
+    ],
+)
+def test_shorter_side_is_image_size_and_sides_are_patch_multiples(hw, expected):
+    assert Preprocessor(image_size=224).output_size(*hw) == expected
+
+
+def test_size_policy_keeps_aspect_within_half_a_patch():
+    policy = Preprocessor(image_size=126)
+    rng = np.random.default_rng(0)
+    for height, width in rng.integers(5, 3000, size=(200, 2)):
+        out_h, out_w = policy.output_size(int(height), int(width))
+        assert out_h % 14 == 0 and out_w % 14 == 0 and min(out_h, out_w) == 126
+        long_in, short_in = max(height, width), min(height, width)
+        assert abs(max(out_h, out_w) - long_in * 126 / short_in) <= 7  # rounded to the nearest multiple
+        assert (out_h >= out_w) == (height >= width) or out_h == out_w
+
+
+def test_square_option_and_invalid_image_size():
+    assert Preprocessor(image_size=224, keep_aspect=False).output_size(400, 600) == (224, 224)
+    with pytest.raises(ValueError, match="multiple of the patch size 14.*Nearest valid: 224 or 238"):
+        Preprocessor(image_size=230)
+
+
+def test_torch_bicubic_resize_is_close_to_pillow():
+    rgb = data.astronaut()
+    x = Preprocessor(image_size=112)(torch.from_numpy(rgb).permute(2, 0, 1))
+    pixels = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    pillow = np.asarray(Image.fromarray(rgb).resize((112, 112), Image.BICUBIC)).astype(np.float32) / 255
+    diff = np.abs(pixels.permute(1, 2, 0).numpy() - pillow)
+    assert diff.mean() < 1 / 255 and diff.max() < 8 / 255  # same filter family as PIL (antialiased bicubic)
+
+
+# ---- numerics -----------------------------------------------------------------------------------------------------
+def test_extractor_equals_model_on_hand_preprocessed_tensor():
+    model = tiny_model()
+    rgb = small(data.chelsea())  # (75, 113, 3)
+    extractor = FeatureExtractor(model, image_size=42)
+    out = extractor(Image.fromarray(rgb))
+    assert isinstance(out, FeatureOutput)
+    size = (42, 70)  # shorter side 42; longer side 113 * 42 / 75 = 63.3 -> nearest multiple of 14 is 70
+    assert out.image_size == size and out.grid_size == (3, 5)
+    with torch.inference_mode():
+        expected = model.forward_features(manual_input(rgb, size))
+    torch.testing.assert_close(out.patch_features, expected.patch_features, rtol=1e-4, atol=ATOL)
+    torch.testing.assert_close(out.pooled, expected.pooled, rtol=1e-4, atol=ATOL)
+    torch.testing.assert_close(out.registers, expected.registers, rtol=1e-4, atol=ATOL)
+    assert (
+        out.patch_features.shape == (1, 3, 5, 64) and out.pooled.shape == (1, 48) and out.registers.shape == (1, 16, 64)
+    )
+    torch.testing.assert_close(extractor.preprocess(rgb), manual_input(rgb, size)[0], rtol=0, atol=1e-5)
+
+
+def test_all_input_types_give_the_same_features(tmp_path):
+    rgb = small(data.chelsea())  # (75, 113, 3)
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(rgb).save(path)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1)
+    inputs = [rgb, Image.fromarray(rgb), path, str(path), tensor, tensor.float() / 255, tensor[None]]
+    extractor = FeatureExtractor(tiny_model(), image_size=28)
+    reference = extractor(rgb)
+    for image in inputs:
+        torch.testing.assert_close(extractor(image).patch_features, reference.patch_features, rtol=0, atol=ATOL)
+    batched = extractor([rgb, Image.fromarray(rgb), path, tensor])  # mixed types in one call
+    assert len(batched) == 4
+    torch.testing.assert_close(batched.pooled, reference.pooled.expand(4, -1), rtol=1e-4, atol=ATOL)
+
+
+def test_mixed_sizes_are_batched_by_size_in_input_order_and_match_single_runs():
+    images = [
+        small(data.astronaut()),
+        small(data.coffee()),
+        small(data.camera()),
+        small(data.chelsea()),
+        small(data.rocket()),
+        small(data.page(), 2),
+    ]  # square, landscape, square, landscape, ..., wide
+    extractor = FeatureExtractor(tiny_model(), image_size=28, batch_size=2)
+    calls = count_forwards(extractor)
+    outputs = extractor.extract(images)
+    sizes = [o.image_size for o in outputs]
+    assert sizes == [(28, 28), (28, 42), (28, 28), (28, 42), (28, 42), (28, 56)]
+    assert sorted(c[0] for c in calls) == [1, 1, 2, 2]  # two full batches by size, then the leftovers
+    assert len(calls) == 4 and all(len({c[2:]}) == 1 for c in calls)
+    for image, output in zip(images, outputs, strict=True):
+        alone = extractor(image)
+        for name in ("patch_features", "pooled", "registers"):
+            torch.testing.assert_close(getattr(output, name), getattr(alone, name), rtol=1e-4, atol=ATOL)
+
+
+def test_one_batch_of_mixed_sizes_is_refused_with_advice():
+    extractor = FeatureExtractor(tiny_model(), image_size=28)
+    with pytest.raises(
+        ValueError, match=r"different processed sizes \(28x28 and 28x42.*extract\(images\).*keep_aspect"
+    ):
+        extractor([small(data.astronaut()), small(data.coffee())])
+    square = FeatureExtractor(tiny_model(), image_size=28, keep_aspect=False)
+    assert square([small(data.astronaut()), small(data.coffee())]).patch_features.shape == (2, 2, 2, 64)
+
+
+def test_batch_size_does_not_change_results():
+    images = [small(data.astronaut(), s) for s in (4, 5, 6, 7, 8)]
+    one = FeatureExtractor(tiny_model(), image_size=28, batch_size=1)(images)
+    three = FeatureExtractor(tiny_model(), image_size=28, batch_size=3)(images)
+    for name in ("patch_features", "pooled", "registers"):
+        torch.testing.assert_close(getattr(one, name), getattr(three, name), rtol=1e-4, atol=ATOL)
+
+
+def test_patch_features_only_runs_no_predictor():
+    extractor = FeatureExtractor(tiny_model(), image_size=28)
+    ran = []
+    extractor.model.decoder.blocks[0].register_forward_hook(lambda *args: ran.append(1))
+    patches = extractor.patch_features([small(data.astronaut())] * 2)
+    assert patches.shape == (2, 2, 2, 64) and not ran
+    assert extractor([small(data.astronaut())], pooled=False).pooled is None and not ran
+    full = extractor([small(data.astronaut())] * 2)
+    assert ran and torch.allclose(full.patch_features, patches, atol=ATOL)
+
+
+def test_worker_processes_give_the_same_results():
+    images = [small(data.astronaut()), small(data.coffee()), small(data.camera())]
+    serial = FeatureExtractor(tiny_model(), image_size=28).extract(images)
+    parallel = FeatureExtractor(tiny_model(), image_size=28, num_workers=1).extract(images)
+    for a, b in zip(serial, parallel, strict=True):
+        torch.testing.assert_close(a.patch_features, b.patch_features, rtol=0, atol=ATOL)
+
+
+def test_unreadable_image_raises_in_memory_naming_it(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    extractor = FeatureExtractor(tiny_model(), image_size=28)
+    with pytest.raises(OSError, match="broken.png"):
+        extractor([small(data.astronaut()), tmp_path / "broken.png"])
+
+
+# ---- settings -----------------------------------------------------------------------------------------------------
+def test_cpu_runs_fp32_and_refuses_half_precision():
+    extractor = FeatureExtractor(tiny_model(), device="cpu")
+    assert extractor.autocast_dtype is None and extractor.device.type == "cpu"
+    assert extractor(small(data.astronaut())).patch_features.dtype == torch.float32
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match="only allowed on CUDA"):
+            FeatureExtractor(tiny_model(), device="cpu", precision=precision)
+    with pytest.raises(ValueError, match="precision must be"):
+        FeatureExtractor(tiny_model(), precision="fp8")
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="batch_size"):
+        FeatureExtractor(tiny_model(), batch_size=0)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        FeatureExtractor(tiny_model(), image_size=100)
+    with pytest.raises(TypeError, match="model must be"):
+        FeatureExtractor(42)
+
+
+def test_bare_architecture_name_needs_weights():
+    with pytest.raises(ValueError, match="architecture, not a set of weights.*weights=PATH.*create_model"):
+        FeatureExtractor("capi_vits14")
+    with pytest.raises(ValueError, match="either a CapiModel or weights"):
+        FeatureExtractor(tiny_model(), weights="x.pth")
+
+
+def test_architecture_name_with_local_weights(tmp_path):
+    model = tiny_model(seed=3)
+    path = tmp_path / "tiny.pth"
+    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, path)  # the official layout
+    extractor = FeatureExtractor(weights=path)
+    image = small(data.astronaut())
+    reference = FeatureExtractor(model, image_size=28)(image)
+    torch.testing.assert_close(FeatureExtractor(weights=path, image_size=28)(image).pooled, reference.pooled)
+    assert extractor.model_description == str(path)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        FeatureExtractor(weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError):  # CheckpointError: a tiny checkpoint is not capi_vits14
+        FeatureExtractor("capi_vits14", weights=path)
+    assert FeatureExtractor(create_model("capi_vits14")).model.embed_dim == 384  # random init, on purpose
