@@ -1,0 +1,145 @@
+"""``capi-backbones extract`` end to end in a subprocess (a tiny model saved in the official checkpoint layout,
+architecture inferred by the loader), resuming, and one-line user errors without tracebacks."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from capi_backbones.cli.main import main
+from capi_backbones.features import FeatureExtractor, load_index, load_saved_features
+from capi_backbones.models import CapiConfig, CapiModel
+
+TINY = CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=48, pred_depth=2, pred_num_heads=2)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.manual_seed(0)
+    model = CapiModel(TINY).eval()
+    weights = tmp_path / "tiny.pth"
+    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, weights)  # the official layout
+    images = tmp_path / "images"
+    (images / "cats").mkdir(parents=True)
+    Image.fromarray(data.astronaut()[::8, ::8]).save(images / "astronaut.jpg")
+    Image.fromarray(data.chelsea()[::6, ::6]).save(images / "cats" / "chelsea.png")
+    Image.fromarray(data.camera()[::8, ::8]).save(images / "camera.png")
+    return model, weights, images
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "capi_backbones.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.slow
+def test_extract_end_to_end_and_resume(setup, tmp_path):
+    model, weights, images = setup
+    out = tmp_path / "features"
+    args = [
+        "extract",
+        images,
+        "--out",
+        out,
+        "--weights",
+        weights,
+        "--image-size",
+        "28",
+        "--shard-size",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "3 images written" in result.stderr
+    index = load_index(out)
+    assert sorted(f for s in index["shards"] for f in s["files"]) == ["astronaut.jpg", "camera.png", "cats/chelsea.png"]
+    expected = FeatureExtractor(model, image_size=28)
+    for shard in load_saved_features(out):
+        for row, name in enumerate(shard.files):
+            torch.testing.assert_close(shard.pooled[row], expected(images / name).pooled[0], rtol=1e-4, atol=1e-5)
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "0 images written in 0 shard(s), 3 already done" in again.stderr
+
+
+@pytest.mark.slow
+def test_user_error_is_one_line_without_traceback_in_a_subprocess(setup, tmp_path):
+    _, _, images = setup
+    result = run_cli("extract", images, "--out", tmp_path / "out", "--weights", tmp_path / "nope.pth")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "capi-backbones extract: error:" in result.stderr and "nope.pth" in result.stderr
+    help_text = run_cli("extract", "--help")
+    assert help_text.returncode == 0 and "--shard-size" in help_text.stdout and "--no-pooled" in help_text.stdout
+
+
+def error_line(capsys, *args) -> str:
+    assert main(["extract", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
+    _, weights, images = setup
+    (tmp_path / "empty").mkdir()
+    assert "No image files found" in error_line(
+        capsys, tmp_path / "empty", "--out", tmp_path / "o", "--weights", weights
+    )
+    assert "does not exist" in error_line(
+        capsys, tmp_path / "missing.jpg", "--out", tmp_path / "o", "--weights", weights
+    )
+    (tmp_path / "notes.txt").write_text("hi")
+    assert "not an image file" in error_line(
+        capsys, tmp_path / "notes.txt", "--out", tmp_path / "o", "--weights", weights
+    )
+    assert "missing.pth" in error_line(capsys, images, "--out", tmp_path / "o", "--weights", tmp_path / "missing.pth")
+    assert "architecture, not a set of weights" in error_line(
+        capsys, images, "--out", tmp_path / "o", "--model", "capi_vits14"
+    )
+    assert "multiple of the patch size" in error_line(
+        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
+    )
+    assert "only allowed on CUDA" in error_line(
+        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "bf16"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_images_give_exit_code_1_and_are_listed(setup, tmp_path, capsys):
+    _, weights, images = setup
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    code = main(
+        [
+            "extract",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            str(weights),
+            "--image-size",
+            "28",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--format",
+            "npy",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "3 images written" in err and "1 failed" in err and "failed: broken.jpg: Cannot read image" in err
+    assert [f["file"] for f in load_index(tmp_path / "o")["failed"]] == ["broken.jpg"]
