@@ -1,5 +1,179 @@
-"""Subcommands (to be filled in)."""
+"""``capi-backbones list | info | convert``: the model zoo, checkpoint inspection and format conversion."""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from capi_backbones.cli.errors import USER_ERRORS, CliError
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
     """Add this module's subcommands to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "list",
+        help="list architectures and released weights",
+        description="List the CAPI architectures (with parameter counts) and the released weights "
+        "(pretraining data, paper metrics, URL).",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(handler=run_list)
+
+    parser = subparsers.add_parser(
+        "info",
+        help="describe a checkpoint: architecture, parameters, keys, dtypes",
+        description="Read a checkpoint without building the model and report its architecture (inferred from the "
+        "tensor shapes unless stored or given), encoder/predictor parameter counts, number of keys, dtypes, "
+        "the non-backbone keys a load drops, and whether a strict load would succeed. Exit code 1 if it would not.",
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a .pth/.safetensors file, a save_pretrained folder, a registered "
+        "weights name, a URL or hf-hub:owner/repo",
+    )
+    parser.add_argument("--model", default=None, metavar="NAME", help="check against this architecture instead")
+    parser.set_defaults(handler=run_info)
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint (e.g. an official .pth) to safetensors, a folder or the official layout",
+        description="Load a checkpoint strictly and write it again: OUTPUT ending in .safetensors gives a "
+        "safetensors file with the config in its metadata; .pth/.pt gives the official layout (backbone.-prefixed "
+        "torch.save); anything else a save_pretrained folder (model.safetensors + config.json). The written file is "
+        "read back and compared tensor by tensor.",
+    )
+    parser.add_argument("source", metavar="CHECKPOINT", help="input: file, folder, registered name, URL or hf-hub:")
+    parser.add_argument("output", metavar="OUTPUT", help="output .safetensors / .pth file or folder")
+    parser.add_argument("--model", default=None, metavar="NAME", help="architecture (default: stored or inferred)")
+    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="stored dtype (default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--no-verify", action="store_true", help="skip reading OUTPUT back")
+    parser.set_defaults(handler=run_convert)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from capi_backbones.models import ARCHITECTURES, CapiModel
+    from capi_backbones.pretrained import WEIGHTS, count_parameters
+
+    archs = []
+    for name, config in ARCHITECTURES.items():
+        counts = count_parameters(CapiModel(config, device="meta").state_dict())
+        archs.append(
+            {
+                "name": name,
+                **config.to_dict(),
+                "encoder_params": counts.encoder,
+                "predictor_params": counts.predictor,
+                "weights": [w.name for w in WEIGHTS.values() if w.arch == name],
+            }
+        )
+    weights = [
+        {
+            "name": w.name,
+            "arch": w.arch,
+            "data": w.pretraining_data,
+            "knn_ade20k_miou": w.knn_ade20k_miou,
+            "attentive_in1k_top1": w.attentive_in1k_top1,
+            "url": w.url,
+            "license": w.license,
+        }
+        for w in WEIGHTS.values()
+    ]
+    if args.json:
+        print(json.dumps({"architectures": archs, "weights": weights}, indent=2))
+        return 0
+    print("Architectures (patch 14, 16 registers):")
+    print(
+        f"  {'name':<13} {'dim':>5} {'depth':>5} {'heads':>5} {'pred dim':>8} {'pred depth':>10} "
+        f"{'encoder':>8} {'predictor':>9}  weights"
+    )
+    for a in archs:
+        print(
+            f"  {a['name']:<13} {a['embed_dim']:>5} {a['depth']:>5} {a['num_heads']:>5} {a['pred_embed_dim']:>8} "
+            f"{a['pred_depth']:>10} {_millions(a['encoder_params']):>8} {_millions(a['predictor_params']):>9}  "
+            f"{', '.join(a['weights']) or '-'}"
+        )
+    print("\nWeights (ViT-L/14, Apache-2.0; capi_vitl14 = capi_vitl14_lvd):")
+    print(f"  {'name':<18} {'data':<13} {'k-NN ADE20K':>11} {'attn. IN1k':>10}  url")
+    for w in weights:
+        print(
+            f"  {w['name']:<18} {w['data']:<13} {w['knn_ade20k_miou']:>11.1f} {w['attentive_in1k_top1']:>10.1f}  "
+            f"{w['url']}"
+        )
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from capi_backbones.pretrained import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.checkpoint, arch=args.model)
+    except USER_ERRORS as error:
+        raise CliError(str(error)) from error
+    c = info.config
+    arch = info.architecture or "custom (no registered architecture has these shapes)"
+    print(f"checkpoint:   {info.path} ({info.format}, {info.file_bytes / 1e6:.1f} MB)")
+    print(f"architecture: {arch} [{info.config_source}]")
+    print(
+        f"  encoder:    dim {c.embed_dim}, depth {c.depth}, heads {c.num_heads}, patch {c.patch_size}, "
+        f"registers {c.n_registers}, mlp ratio {c.mlp_ratio:g}"
+    )
+    print(f"  predictor:  dim {c.pred_embed_dim}, depth {c.pred_depth}, heads {c.pred_num_heads}")
+    p = info.parameters
+    print(
+        f"parameters:   encoder {_millions(p.encoder)}, predictor {_millions(p.predictor)}, "
+        f"total {_millions(p.total)} ({p.total:,})"
+    )
+    prefix = " (backbone. prefix)" if info.has_backbone_prefix else ""
+    print(f"keys:         {info.n_keys} in file, {info.n_backbone_keys} backbone{prefix}")
+    dropped = ", ".join(f"{root}.* ({n})" for root, n in sorted(info.dropped.items())) or "none"
+    print(f"dropped:      {dropped}")
+    print(f"dtypes:       {', '.join(f'{d} ({n})' for d, n in sorted(info.dtypes.items()))}")
+    if info.diff.ok:
+        print("strict load:  OK")
+        return 0
+    print("strict load:  FAILS\n" + info.diff.describe())
+    return 1
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from capi_backbones.pretrained import from_pretrained, save_official_checkpoint, save_safetensors
+
+    output = Path(args.output)
+    try:
+        if output.exists() and not args.overwrite:
+            raise CliError(f"{output} already exists; pass --overwrite to replace it.")
+        if Path(args.source).exists() and Path(args.source).resolve() == output.resolve():
+            raise CliError("CHECKPOINT and OUTPUT are the same path; write to a new file.")
+        model = from_pretrained(args.source, arch=args.model, dtype=args.dtype)
+        if output.suffix == ".safetensors":
+            save_safetensors(model, output)
+        elif output.suffix in (".pth", ".pt"):
+            save_official_checkpoint(model, output)
+        else:
+            model.save_pretrained(output)
+        print(f"wrote {output} ({len(model.state_dict())} tensors, {args.dtype})")
+        if args.no_verify:
+            return 0
+        reloaded = from_pretrained(output, arch=model.config, dtype=args.dtype)
+    except USER_ERRORS as error:
+        raise CliError(str(error)) from error
+    original, written = model.state_dict(), reloaded.state_dict()
+    different = [k for k in original if not torch.equal(original[k], written[k])]
+    if different or original.keys() != written.keys():
+        raise CliError(f"Verification failed: {len(different)} tensors differ after reading {output} back.")
+    print(f"verified: all {len(original)} tensors read back identical")
+    return 0

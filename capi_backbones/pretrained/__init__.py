@@ -20,6 +20,7 @@ from capi_backbones.pretrained.checkpoint_io import (
 )
 from capi_backbones.pretrained.errors import CheckpointError, DownloadError
 from capi_backbones.pretrained.hf_hub_model import CapiHubModel
+from capi_backbones.pretrained.inspection import CheckpointInfo, inspect_checkpoint
 from capi_backbones.pretrained.loader import (
     create_model,
     from_pretrained,
@@ -34,6 +35,7 @@ __all__ = [
     "WEIGHTS",
     "CapiHubModel",
     "CheckpointError",
+    "CheckpointInfo",
     "DownloadError",
     "LoadedCheckpoint",
     "ParameterCounts",
@@ -49,6 +51,7 @@ __all__ = [
     "from_pretrained",
     "get_weights",
     "infer_config",
+    "inspect_checkpoint",
     "list_models",
     "load_state_into_new_model",
     "model_config",
