@@ -57,8 +57,10 @@ def seeded_generator(seed: int, tag: int, value: int) -> torch.Generator:
 
 def find_images(root: str | Path) -> list[Path]:
     """All image files under ``root`` (recursive, extensions from ``IMAGE_EXTENSIONS``), sorted."""
+    if not str(root):
+        raise FileNotFoundError("No image folder given: set data.root=/path/to/images (searched recursively).")
     root = Path(root).expanduser()
-    if not str(root) or not root.is_dir():
+    if not root.is_dir():
         raise FileNotFoundError(
             f"Image folder {str(root)!r} does not exist or is not a directory. "
             "Set data.root=/path/to/images (searched recursively)."

@@ -117,6 +117,7 @@ class Trainer:
                 f"{self.context.world_size} ranks; use a multiple of {self.context.world_size}."
             )
         self.local_batch = oc.batch_size // self.context.world_size
+        self.image_paths = find_images(config.data.root)  # fails early on a missing or empty folder
         self.grid = (config.data.image_size // mc.patch_size,) * 2
         self.masking = MaskingCollator(
             self.grid,
@@ -204,7 +205,7 @@ class Trainer:
     def _data_loader(self, start_step: int, end_step: int):
         dc = self.config.data
         stream = ImageStream(
-            find_images(dc.root),
+            self.image_paths,
             TrainTransform(dc.image_size, dc.crop_scale, dc.hflip),
             seed=self.config.train.seed,
         )
