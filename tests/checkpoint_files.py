@@ -1,7 +1,7 @@
 """Test helper: write checkpoints in the layouts found in the wild, for tiny models.
 
-Other test modules may import it (``from tests.checkpoint_files import ...`` or, with ``tests`` on
-``sys.path``, ``from checkpoint_files import ...``). Files are written with plain ``torch.save`` /
+Other test modules import it as ``from checkpoint_files import ...`` (``tests/conftest.py`` puts this folder on
+``sys.path``). Files are written with plain ``torch.save`` /
 ``safetensors``, independently of ``capi_backbones.pretrained``, so loader tests do not check the loader
 against itself.
 """

@@ -71,6 +71,11 @@ def load_local(
     else:
         weights_file = path
     checkpoint = read_checkpoint(weights_file)
+    if checkpoint.config is not None and stored is not None and checkpoint.config != stored:
+        raise CheckpointError(
+            f"{path / HUB_CONFIG_FILE} ({stored}) disagrees with the config stored in {weights_file} "
+            f"({checkpoint.config}). Fix or delete config.json, or pass arch= explicitly."
+        )
     stored = checkpoint.config or stored
     config = choose_config(arch, stored, checkpoint.tensors, str(weights_file))
     return load_state_into_new_model(
