@@ -1,0 +1,378 @@
+"""CAPI backbones in timm: ``timm.create_model("capi_vitl14.lvd", pretrained=True)`` after ``import capi_backbones``.
+
+Paper: "Cluster and Predict Latent Patches for Improved Masked Image Modeling", Darcet et al., 2025
+(https://arxiv.org/abs/2502.08769). ``CapiTimmModel`` subclasses ``CapiModel``: the same parameters, the same
+state-dict keys (plus ``head.*`` when ``num_classes > 0``) and the same operations, so its numbers equal the
+native model's. It adds timm's interface:
+
+- ``forward_features(x)`` -> (B, R + h*w, D) ``enc_norm``-ed tokens, the 16 registers first (timm's "prefix
+  tokens", ``num_prefix_tokens = 16``). The native ``BackboneOutput`` is ``forward_backbone(x, pooled=...)``.
+- ``forward_head(x, pre_logits=False, grid_size=None)`` pools the tokens with ``global_pool``: ``"pred"``
+  (default, the official predictor pooling = ``model(x)[0]`` of the native model), ``"avg"`` (mean of the patch
+  tokens) or ``""`` (no pooling), then applies ``head`` (``Identity`` when ``num_classes=0``, the default).
+  Predictor pooling needs the patch grid: it is inferred for square grids, else pass ``grid_size=(h, w)``.
+- ``forward_intermediates`` / ``prune_intermediate_layers`` / ``feature_info`` as in timm's ViT, so
+  ``features_only=True`` works; ``num_features``, ``head_hidden_size``, ``reset_classifier``, ``get_classifier``.
+
+Pretrained weights load only through the strict CAPI loader: released URLs are fetched by
+``capi_backbones.pretrained`` (fails fast offline) and loaded by ``load_pretrained``; a local file given as
+``pretrained_cfg_overlay=dict(file=...)`` goes through ``checkpoint_filter_fn`` and a strict ``load_state_dict``.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    is_model,
+    register_model,
+    resolve_pretrained_cfg,
+)
+from torch import Tensor, nn
+
+from capi_backbones.models import (
+    ARCHITECTURES,
+    BackboneOutput,
+    CapiConfig,
+    CapiModel,
+    edge_register_coordinates,
+    patch_coordinates,
+    scale_to_extent,
+)
+from capi_backbones.pretrained import (
+    WEIGHTS,
+    CheckpointError,
+    PretrainedWeights,
+    compare_state_dict,
+    download_url,
+    read_checkpoint,
+)
+from capi_backbones.pretrained import checkpoint_filter_fn as capi_checkpoint_filter
+
+__all__ = ["CapiTimmModel", "GLOBAL_POOL_TYPES", "checkpoint_filter_fn", "default_cfgs", "register_timm_models"]
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_POOL_TYPES = ("pred", "avg", "")
+CROP_PCT = 0.875  # timm's standard evaluation crop: resize the shorter side to 224 / 0.875 = 256, centre crop 224
+
+
+class CapiTimmModel(CapiModel):
+    """``CapiModel`` with timm's model interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: CapiConfig | None = None,
+        *,
+        num_classes: int = 0,
+        global_pool: str = "pred",
+        drop_rate: float = 0.0,
+        device=None,
+        dtype=None,
+        **config_overrides,
+    ) -> None:
+        config = config or CapiConfig()
+        if config_overrides:
+            config = dataclasses.replace(config, **config_overrides)  # e.g. in_chans, drop_path_rate from timm
+        super().__init__(config, device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.global_pool = _check_pool(global_pool)
+        self.num_features = config.embed_dim
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head: nn.Module = self._make_head(num_classes, device=device, dtype=dtype)
+        self.feature_info = [
+            dict(module=f"encoder.blocks.{i}", num_chs=config.embed_dim, reduction=config.patch_size)
+            for i in range(config.depth)
+        ]
+
+    # ---- head -------------------------------------------------------------------------------------------------
+    @property
+    def head_hidden_size(self) -> int:
+        return self.config.pred_embed_dim if self.global_pool == "pred" else self.config.embed_dim
+
+    def _make_head(self, num_classes: int, *, device=None, dtype=None) -> nn.Module:
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = no classifier), got {num_classes}.")
+        if num_classes == 0:
+            return nn.Identity()
+        head = nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype)
+        if head.weight.device.type != "meta":
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        return head
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        reference = self.mask_token
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes, device=reference.device, dtype=reference.dtype)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward_backbone(self, x: Tensor, *, pooled: bool = True) -> BackboneOutput:
+        """The native ``CapiModel.forward_features``: patch map (B, h, w, D), registers, predictor pooling."""
+        return super().forward_features(x, pooled=pooled)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, R + h*w, D) ``enc_norm``-ed tokens: registers, then patches in row-major order."""
+        tokens, _, _ = self.encode(x)
+        return tokens
+
+    def _token_coordinates(self, h: int, w: int, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """Coordinates of all tokens (1, R + h*w, 2) and of the patches (1, h*w, 2), as ``prepare_tokens``
+        builds them for a full image."""
+        patches = patch_coordinates(h, w, device=reference.device, dtype=reference.dtype)[None]  # (1, h*w, 2)
+        registers = edge_register_coordinates(self.n_registers, device=reference.device, dtype=reference.dtype)
+        registers = scale_to_extent(registers, patches)  # (1, R, 2)
+        return torch.cat([registers, patches], dim=1), patches
+
+    def _grid_of(self, tokens: Tensor, grid_size: tuple[int, int] | None) -> tuple[int, int]:
+        n_patches = tokens.shape[1] - self.n_registers
+        if grid_size is not None:
+            h, w = grid_size
+            if h * w != n_patches:
+                raise ValueError(f"grid_size {tuple(grid_size)} has {h * w} patches but the tokens hold {n_patches}.")
+            return h, w
+        side = math.isqrt(n_patches)
+        if side * side != n_patches:
+            raise ValueError(
+                f"Cannot infer the patch grid of {n_patches} patch tokens (not a square). "
+                "Pass grid_size=(h, w) to forward_head, or call the model on the image."
+            )
+        return side, side
+
+    def pool(self, tokens: Tensor, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """Pool (B, R + h*w, D) tokens with ``global_pool``."""
+        if self.global_pool == "avg":
+            return tokens[:, self.n_registers :].mean(dim=1)  # (B, D)
+        if self.global_pool == "pred":
+            coords, query_coords = self._token_coordinates(*self._grid_of(tokens, grid_size), tokens)
+            return self.predict(tokens, coords, query_coords, n_blocks=1).mean(dim=1)  # (B, D_pred)
+        return tokens
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False, grid_size: tuple[int, int] | None = None) -> Tensor:
+        x = self.head_drop(self.pool(x, grid_size))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        grid = self.grid_size(x.shape[-2], x.shape[-1])
+        return self.forward_head(self.forward_features(x), grid_size=grid)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's intermediate outputs of encoder blocks.
+
+        indices: the last n blocks (int), 0-based block indices (negative from the end), or None for all.
+        norm: apply ``enc_norm`` to the intermediates. output_fmt: "NCHW" (B, D, h, w) or "NLC" (B, h*w, D).
+        Returns the intermediates, or ``(final enc_norm-ed tokens (B, R + h*w, D), intermediates)``. With
+        ``return_prefix_tokens`` each intermediate is a ``(patches, registers (B, R, D))`` pair.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        depth = len(self.encoder)
+        take = take_indices(depth, indices)
+        max_index = max(take)
+        b = x.shape[0]
+        h, w = self.grid_size(x.shape[-2], x.shape[-1])
+        tokens, coords, _ = self.prepare_tokens(x)
+        n_blocks = max_index + 1 if (stop_early or intermediates_only) else None
+        tokens, outputs = self.run_encoder(tokens, coords, n_blocks=n_blocks, collect=take)
+        intermediates = []
+        for i in take:
+            out = self.enc_norm(outputs[i]) if norm else outputs[i]
+            patches, registers = out[:, self.n_registers :], out[:, : self.n_registers]  # (B, h*w, D), (B, R, D)
+            if output_fmt == "NCHW":
+                patches = patches.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+            intermediates.append((patches, registers) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return self.enc_norm(tokens), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the encoder blocks after the last wanted one (and ``enc_norm`` / the pooling head if asked)."""
+        take = take_indices(len(self.encoder), indices)
+        self.encoder.blocks = self.encoder.blocks[: max(take) + 1]
+        if prune_norm:
+            self.enc_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # ---- pretrained -------------------------------------------------------------------------------------------
+    def load_pretrained(self, checkpoint_path: str | os.PathLike) -> None:
+        """Strictly load a CAPI checkpoint (official ``backbone.``-prefixed .pth, or our .pth / .safetensors).
+
+        Called by timm for pretrained configs with ``custom_load``. A classifier head, if any, keeps its init.
+        Raises ``CheckpointError`` listing missing, unexpected and mismatched keys."""
+        try:
+            state = checkpoint_filter_fn(read_checkpoint(checkpoint_path).tensors, self)
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{checkpoint_path}: {error}",
+                missing=error.missing,
+                unexpected=error.unexpected,
+                mismatched=error.mismatched,
+            ) from None
+        self.load_state_dict(state, strict=True)
+
+
+def take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's block selection: None = all blocks, an int n = the last n, a sequence = those (negative from the end)."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"Cannot take the last {indices} blocks of an encoder of depth {depth}; use 1..{depth}.")
+        return list(range(depth - indices, depth))
+    bad = [i for i in indices if not -depth <= i < depth]
+    if bad or not indices:
+        raise ValueError(
+            f"Block indices {bad or list(indices)} are out of range for depth {depth} (-{depth}..{depth - 1})."
+        )
+    return [i % depth for i in indices]
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOL_TYPES:
+        raise ValueError(f"Unknown global_pool {global_pool!r}. Allowed: {GLOBAL_POOL_TYPES} ('' = no pooling).")
+    return global_pool
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: CapiTimmModel) -> dict[str, Tensor]:
+    """CAPI checkpoint -> this model's keys, checked for a strict load. The backbone goes through the CAPI filter;
+    the model's own classifier tensors are added when the checkpoint has none (a new head keeps its init).
+    Raises ``CheckpointError`` listing missing, unexpected and mismatched keys."""
+    state = capi_checkpoint_filter(state_dict, model)
+    for key, value in model.head.state_dict(prefix="head.").items():
+        state.setdefault(key, value)
+    diff = compare_state_dict(state, model)
+    if not diff.ok:
+        c = model.config
+        raise diff.error("loaded by timm", hint=f"The model has embed_dim {c.embed_dim} and depth {c.depth}.")
+    return state
+
+
+# ---- pretrained configs ---------------------------------------------------------------------------------------
+def _cfg(weights: PretrainedWeights | None = None) -> dict:
+    cfg = dict(
+        input_size=(3, 224, 224),
+        interpolation="bicubic",
+        crop_pct=CROP_PCT,
+        crop_mode="center",
+        num_classes=0,
+        first_conv="patch_embed",
+        classifier=None,  # no released classifier: a new head never turns the load non-strict
+        license="apache-2.0",
+        paper_name="Cluster and Predict Latent Patches for Improved Masked Image Modeling",
+        paper_ids="arXiv:2502.08769",
+        origin_url="https://github.com/facebookresearch/capi",
+    )
+    if weights is not None:
+        cfg.update(
+            url=weights.url,
+            custom_load=True,  # timm calls CapiTimmModel.load_pretrained (strict) instead of its generic loader
+            input_size=weights.input_size,
+            interpolation=weights.interpolation,
+            mean=weights.mean,
+            std=weights.std,
+            license=weights.license.lower(),
+            description=f"CAPI {weights.arch} pretrained on {weights.pretraining_data} "
+            f"(paper: k-NN ADE20K {weights.knn_ade20k_miou} mIoU, attentive IN1k {weights.attentive_in1k_top1}%).",
+        )
+    return cfg
+
+
+def _all_cfgs() -> dict[str, dict]:
+    cfgs = {}
+    for arch in ARCHITECTURES:
+        tagged = sorted((w for w in WEIGHTS.values() if w.arch == arch), key=lambda w: w.tag != "lvd")  # lvd first
+        for weights in tagged:
+            cfgs[weights.full_name] = _cfg(weights)
+        if not tagged:
+            cfgs[arch] = _cfg()
+    return cfgs
+
+
+default_cfgs = generate_default_cfgs(_all_cfgs())
+
+
+# ---- builder and entry points ---------------------------------------------------------------------------------
+def _fetch_released_weights(variant: str, pretrained_cfg, pretrained_cfg_overlay) -> dict | None:
+    """For a URL-sourced config, download the file with the fast-failing CAPI downloader and point the config at
+    the local copy, so timm never opens the network itself. Returns the resolved config dict, or None to let
+    timm resolve (a file, a state dict or a hub id was given)."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    if cfg.file or cfg.state_dict or cfg.hf_hub_id or not cfg.url:
+        return None
+    path = download_url(cfg.url)
+    return dataclasses.asdict(dataclasses.replace(cfg, file=str(path), custom_load=True))
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> CapiTimmModel:
+    config = ARCHITECTURES[variant]
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    if pretrained:
+        resolved = _fetch_released_weights(variant, pretrained_cfg, overlay)
+        if resolved is not None:
+            pretrained_cfg, overlay = resolved, None
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        CapiTimmModel,
+        variant,
+        pretrained,
+        pretrained_cfg=pretrained_cfg,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        config=config,
+        **kwargs,
+    )
+
+
+def capi_vits14(pretrained: bool = False, **kwargs) -> CapiTimmModel:
+    """CAPI ViT-S/14 (no released weights)."""
+    return _create("capi_vits14", pretrained=pretrained, **kwargs)
+
+
+def capi_vitb14(pretrained: bool = False, **kwargs) -> CapiTimmModel:
+    """CAPI ViT-B/14 (no released weights)."""
+    return _create("capi_vitb14", pretrained=pretrained, **kwargs)
+
+
+def capi_vitl14(pretrained: bool = False, **kwargs) -> CapiTimmModel:
+    """CAPI ViT-L/14; tags: lvd (default), p205, in22k, in1k."""
+    return _create("capi_vitl14", pretrained=pretrained, **kwargs)
+
+
+ENTRY_POINTS = (capi_vits14, capi_vitb14, capi_vitl14)
+
+
+def register_timm_models() -> None:
+    """Register the entry points with timm once (a name timm already knows is left alone, without a warning)."""
+    for entry_point in ENTRY_POINTS:
+        if is_model(entry_point.__name__):
+            logger.debug("timm already has a model named %s; not registering it again", entry_point.__name__)
+            continue
+        register_model(entry_point)
+
+
+register_timm_models()

@@ -1,0 +1,208 @@
+"""timm integration: registry and pretrained configs (spec section 6), bit-identical numbers to the native model,
+timm's forward_intermediates / features_only conventions, and pretrained loading through the strict loader."""
+
+import importlib
+import warnings
+
+import pytest
+import timm
+import timm.data
+import torch
+from checkpoint_files import TINY_CONFIG, tiny_model, write_official_checkpoint
+
+import capi_backbones  # noqa: F401  (registers the models)
+from capi_backbones import timm_models
+from capi_backbones.models import ARCHITECTURES, CapiModel
+from capi_backbones.pretrained import CheckpointError, DownloadError
+from capi_backbones.timm_models import CapiTimmModel
+
+TINY_KWARGS = dict(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=64, pred_depth=2, pred_num_heads=2)
+RELEASED = {  # tag -> file name, from the spec's table (note i22k behind in22k)
+    "lvd": "capi_vitl14_lvd.pth",
+    "p205": "capi_vitl14_p205.pth",
+    "in22k": "capi_vitl14_i22k.pth",
+    "in1k": "capi_vitl14_in1k.pth",
+}
+
+
+def tiny_timm(native: CapiModel, **kwargs) -> CapiTimmModel:
+    model = CapiTimmModel(native.config, **kwargs).eval()
+    missing, unexpected = model.load_state_dict(native.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("head.") for k in missing)
+    return model
+
+
+# ---- registry and configs --------------------------------------------------------------------------------------
+def test_models_and_tags_are_registered():
+    assert set(timm.list_models("capi*")) == {"capi_vits14", "capi_vitb14", "capi_vitl14"}
+    assert set(timm.list_pretrained("capi*")) == {f"capi_vitl14.{tag}" for tag in RELEASED}
+
+
+@pytest.mark.parametrize("tag", sorted(RELEASED))
+def test_pretrained_cfg_of_each_tag(tag):
+    model = timm.create_model(f"capi_vitl14.{tag}", pretrained=False, device="meta")
+    cfg = model.pretrained_cfg
+    assert cfg["url"] == "https://dl.fbaipublicfiles.com/capi/" + RELEASED[tag]
+    assert cfg["tag"] == tag and cfg["architecture"] == "capi_vitl14"
+    assert cfg["custom_load"] is True and cfg["license"] == "apache-2.0"
+    assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 0
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert model.default_cfg is model.pretrained_cfg
+
+
+def test_vitl14_on_meta_device_has_the_spec_shape():
+    model = timm.create_model("capi_vitl14", device="meta")
+    assert model.pretrained_cfg["tag"] == "lvd"  # the default weights
+    assert next(model.parameters()).device.type == "meta"
+    assert model.config == ARCHITECTURES["capi_vitl14"] and model.num_features == 1024 and model.num_classes == 0
+    total = sum(p.numel() for p in model.parameters())
+    encoder = total - sum(p.numel() for p in model.decoder.parameters()) - model.mask_token.numel()
+    assert round(total / 1e6, 1) == 453.7 and encoder // 10**6 == 302  # spec section 1: 453.7M, encoder 302M
+
+
+def test_resolve_data_config_gives_capi_preprocessing():
+    model = timm.create_model("capi_vits14")
+    config = timm.data.resolve_data_config({}, model=model)
+    assert config == {
+        "input_size": (3, 224, 224),
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
+    transform = timm.data.create_transform(**config)
+    assert "Resize(size=256, interpolation=bicubic" in repr(transform) and "CenterCrop(size=(224, 224))" in repr(
+        transform
+    )
+
+
+def test_reimport_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(timm_models)
+        assert timm.is_model("capi_vits14")
+
+
+# ---- numbers equal the native model ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_vits14_from_timm_equals_native_model():
+    torch.manual_seed(0)
+    native = CapiModel(ARCHITECTURES["capi_vits14"]).eval()
+    model = timm.create_model("capi_vits14").eval()
+    model.load_state_dict(native.state_dict(), strict=True)  # same keys, no head
+    x = torch.randn(2, 3, 42, 56)
+    with torch.no_grad():
+        pooled, registers, feature_map = native(x)
+        tokens = model.forward_features(x)
+        assert tokens.shape == (2, 16 + 12, 384)
+        assert torch.equal(tokens[:, :16], registers)
+        assert torch.equal(tokens[:, 16:].reshape(2, 3, 4, 384), feature_map)
+        assert torch.equal(model(x), pooled)  # num_classes=0, global_pool="pred": the official global_repr
+
+
+def test_pooling_modes_and_head():
+    native = tiny_model()
+    x = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        pooled, _, feature_map = native(x)
+        model = tiny_timm(native)
+        tokens = model.forward_features(x)
+        assert torch.equal(model.forward_head(tokens, grid_size=(2, 3)), pooled)
+        with pytest.raises(ValueError, match="grid_size"):
+            model.forward_head(tokens)  # 6 patches: not a square grid
+        square = torch.randn(1, 3, 28, 28)
+        assert torch.equal(model.forward_head(model.forward_features(square)), native(square)[0])
+        model.reset_classifier(0, "avg")
+        assert torch.equal(model(x), feature_map.mean(dim=(1, 2)))
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5) and model.get_classifier().in_features == TINY_CONFIG.embed_dim
+        assert model.forward_head(tokens, pre_logits=True).shape == (2, 64)
+        model.reset_classifier(0, "")
+        assert torch.equal(model(x), tokens)
+    with pytest.raises(ValueError, match="Unknown global_pool"):
+        model.reset_classifier(0, "token")
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_forward_intermediates_follow_timm_and_equal_get_intermediate_layers(norm):
+    native = tiny_model()
+    model = tiny_timm(native)
+    x = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=[0, -1], norm=norm)
+        expected = native.get_intermediate_layers(x, n=[0, 1], reshape=True, norm=norm, return_registers=True)
+        assert torch.equal(final, model.forward_features(x))
+        for got, (patches, _) in zip(inter, expected, strict=True):
+            assert got.shape == (2, 64, 2, 3) and torch.equal(got, patches)
+        nlc = model.forward_intermediates(x, indices=1, norm=norm, output_fmt="NLC", intermediates_only=True)
+        assert len(nlc) == 1 and torch.equal(nlc[0], expected[1][0].flatten(2).transpose(1, 2))
+        pairs = model.forward_intermediates(x, indices=None, return_prefix_tokens=True, intermediates_only=True)
+        assert len(pairs) == 2 and pairs[0][1].shape == (2, 16, 64)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[2])
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_features_only_and_pruning():
+    model = timm.create_model("capi_vits14", features_only=True, out_indices=(-4, -1))
+    assert model.feature_info.channels() == [384, 384] and model.feature_info.reduction() == [14, 14]
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 42, 28))
+    assert [tuple(f.shape) for f in features] == [(1, 384, 3, 2), (1, 384, 3, 2)]
+    pruned = tiny_timm(tiny_model())
+    assert pruned.prune_intermediate_layers(indices=[-1], prune_norm=True) == [1] and len(pruned.encoder) == 2
+    assert pruned.prune_intermediate_layers(indices=[0]) == [0] and len(pruned.encoder) == 1
+
+
+# ---- pretrained loading through the strict loader --------------------------------------------------------------
+@pytest.mark.parametrize("custom_load", [False, True])
+def test_official_file_loads_strictly(tmp_path, custom_load):
+    native = tiny_model(seed=1)
+    path = tmp_path / "capi.pth"
+    write_official_checkpoint(native, path)  # backbone.* keys plus a training head.* that must be dropped
+    overlay = dict(file=str(path), custom_load=custom_load)
+    model = timm.create_model(
+        "capi_vits14", pretrained=True, pretrained_cfg_overlay=overlay, num_classes=3, **TINY_KWARGS
+    ).eval()
+    x = torch.randn(1, 3, 28, 42)
+    with torch.no_grad():
+        assert torch.equal(
+            model.forward_head(model.forward_features(x), pre_logits=True, grid_size=(2, 3)), native(x)[0]
+        )
+        assert model(x).shape == (1, 3)  # the new classifier keeps its init
+
+    state = torch.load(path)
+    del state["backbone.registers"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="1 missing") as error:
+        timm.create_model("capi_vits14", pretrained=True, pretrained_cfg_overlay=overlay, **TINY_KWARGS)
+    assert error.value.missing == ("registers",)
+
+
+def test_released_url_goes_through_the_capi_downloader_and_strict_loader(tmp_path, monkeypatch):
+    small = tmp_path / "small.pth"
+    write_official_checkpoint(tiny_model(), small)
+    fetched = []
+
+    def fake_download(url):
+        fetched.append(url)
+        return small
+
+    monkeypatch.setattr(timm_models, "download_url", fake_download)
+    with pytest.raises(CheckpointError, match="mismatched"):  # a tiny file is not a ViT-L: refused, not half-loaded
+        timm.create_model("capi_vitl14.in22k", pretrained=True, device="meta")
+    assert fetched == ["https://dl.fbaipublicfiles.com/capi/capi_vitl14_i22k.pth"]
+
+    def offline(url):
+        raise DownloadError(f"Cannot download {url}: no network")
+
+    monkeypatch.setattr(timm_models, "download_url", offline)
+    with pytest.raises(DownloadError, match="capi_vitl14_lvd.pth"):
+        timm.create_model("capi_vitl14", pretrained=True)
+
+
+def test_archs_without_weights_refuse_pretrained():
+    with pytest.raises(RuntimeError, match="No pretrained weights"):
+        timm.create_model("capi_vits14", pretrained=True)
