@@ -1,0 +1,98 @@
+"""``capi-backbones pca`` end to end in a subprocess, with a tiny model saved in the official layout."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from checkpoint_files import tiny_model, write_official_checkpoint
+from PIL import Image
+from skimage import data
+
+from capi_backbones.cli.main import main
+from capi_backbones.viz import pca_map
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny model: threads only add contention
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pca")
+    write_official_checkpoint(tiny_model(), root / "tiny.pth")  # backbone.* keys plus head.*
+    photos = root / "photos"
+    photos.mkdir()
+    Image.fromarray(data.astronaut()).resize((128, 128)).save(photos / "astronaut.png")
+    Image.fromarray(data.coffee()).resize((150, 100)).save(photos / "coffee.jpg")
+    return root
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "capi_backbones.cli.main", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+
+
+@pytest.mark.slow
+def test_pca_writes_a_grid_png(workdir):
+    out = workdir / "out" / "grid.png"
+    args = ["pca", str(workdir / "photos"), "--out", str(out), "--weights", str(workdir / "tiny.pth")]
+    result = run_cli(*args, "--joint", "--components", "2", "--image-size", "56", "--tile-height", "64")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stderr and "2 images, joint PCA" in result.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        pixels = np.asarray(image.convert("RGB"))
+    # rows: astronaut (grid 4 x 4: 64 px wide) and coffee (grid 4 x 6: 96 px wide); 4 columns of width 96
+    assert width == 4 * 96 + 5 * 8 and height > 2 * 64 + 3 * 8
+    assert pixels.std() > 20  # a picture, not a blank canvas
+    assert [p.name for p in out.parent.iterdir()] == ["grid.png"]
+
+
+def test_pca_in_process_matches_the_library(workdir, monkeypatch):
+    """The RGB tile equals pca_map of the features the extractor gives (nearest upsampling, no labels)."""
+    from capi_backbones.features import FeatureExtractor
+
+    out = workdir / "single.png"
+    photo = workdir / "photos" / "astronaut.png"
+    args = ["pca", str(photo), "--out", str(out), "--weights", str(workdir / "tiny.pth"), "--image-size", "56"]
+    assert main([*args, "--no-labels", "--tile-height", "56", "--device", "cpu"]) == 0
+    features = FeatureExtractor(weights=workdir / "tiny.pth", device="cpu", image_size=56).patch_features(photo)
+    expected = pca_map(features[0].numpy()).rgb  # (4, 4, 3)
+    pixels = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
+    tile = pixels[8 : 8 + 56, 8 + 56 + 8 : 8 + 56 + 8 + 56]  # second column of the only row
+    np.testing.assert_allclose(tile[::14, ::14], np.rint(expected * 255), atol=1)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--out", "x.jpg"], "--out must be a .png file"),
+        (["--out", "x.png", "--components", "0"], "--components must be between 1"),
+        (["--out", "x.png", "--model", "capi_vits14"], "architecture without weights"),
+        (["--out", "x.png", "--weights", "missing.pth"], "missing.pth"),
+        (["--out", "x.png", "--image-size", "50"], "multiple of the patch size"),
+        (["--out", "x.png", "--foreground-threshold", "99"], "use a lower threshold"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(workdir, capsys, extra, message):
+    weights = [] if "--weights" in extra or "--model" in extra else ["--weights", str(workdir / "tiny.pth")]
+    extra = [str(workdir / a) if a.endswith((".png", ".jpg", ".pth")) else a for a in extra]
+    assert main(["pca", str(workdir / "photos"), "--device", "cpu", *weights, *extra]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("capi-backbones pca: error:")]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert not (workdir / "x.png").exists()
+
+
+def test_missing_image_and_help(workdir, capsys):
+    assert main(["pca", str(workdir / "nope.jpg"), "--out", str(workdir / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["pca", "--help"])
+    assert exited.value.code == 0
+    helped = capsys.readouterr().out
+    for option in ("--joint", "--components", "--foreground-threshold", "--model", "--weights", "--device"):
+        assert option in helped
+    assert "--batch-size" in helped and "--image-size" in helped
