@@ -23,6 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from capi_backbones.models import CapiModel
@@ -197,7 +204,7 @@ class Trainer:
             register_fsdp_forward_method(self.teacher, "encode")
         else:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self._student_ddp = DistributedDataParallel(self.student, device_ids=device_ids, broadcast_buffers=False)
+            self._student_ddp = DistributedDataParallel(self.student, device_ids=device_ids)
         # the clustering layer stays replicated: same init everywhere, gradients averaged by hand
         for tensor in self.clustering.parameters():
             dist.broadcast(tensor.data, src=0)
@@ -324,41 +331,20 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _model_states(self) -> dict[str, Any]:
-        if self.config.train.parallel == "fsdp" and self.context.is_distributed:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return {
-                "student": get_model_state_dict(self.student, options=options),
-                "teacher": get_model_state_dict(self.teacher, options=options),
-                "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=options),
-            }
+        """Full (unsharded) states keyed by parameter name, for DDP, FSDP and single-process runs alike, so a
+        checkpoint resumes under any of them. Collective under torch.distributed; only rank 0 gets the values."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.context.is_distributed)
         return {
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": get_model_state_dict(self.student, options=options),
+            "teacher": get_model_state_dict(self.teacher, options=options),
+            "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=options),
         }
 
     def _load_model_states(self, state: dict[str, Any]) -> None:
-        if self.config.train.parallel == "fsdp" and self.context.is_distributed:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.student, state["student"], options=options)
-            set_model_state_dict(self.teacher, state["teacher"], options=options)
-            set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=options)
-            return
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True, strict=True)
+        set_model_state_dict(self.student, state["student"], options=options)
+        set_model_state_dict(self.teacher, state["teacher"], options=options)
+        set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=options)
 
     def state_dict(self) -> dict[str, Any]:
         """The full training state (collective under torch.distributed: call it on every rank)."""
