@@ -2,8 +2,10 @@
 ``head.*`` keys, as the released files), without prefix, in bf16, as safetensors and as save_pretrained folders.
 Outputs are compared with the model that wrote the file (``torch.equal``)."""
 
+import ast
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +215,41 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_official_checkpoint(model, tmp_path / "o.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_push_to_hub_uploads_safetensors_and_config(monkeypatch):
+    """push_to_hub comes from the mixin; the Hub API is replaced so nothing leaves the machine."""
+    import huggingface_hub.hub_mixin as hub_mixin
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            uploaded["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    model = capi_backbones.create_model("capi_vits14", **TINY_CONFIG.to_dict())
+    assert model.push_to_hub("someone/capi-tiny").endswith("/commit/0")
+    assert {"config.json", "model.safetensors"} <= set(uploaded["files"])
+    assert uploaded["config"] == TINY_CONFIG.to_dict()
+
+
+def test_models_and_layers_do_not_import_pretrained():
+    """Imports point one way: constants -> layers -> models -> pretrained."""
+    root = Path(capi_backbones.__file__).parent
+    for package in ("models", "layers"):
+        for source in (root / package).glob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                if isinstance(node, ast.ImportFrom | ast.Import):
+                    names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                    assert not any(n.startswith(("capi_backbones.pretrained", "capi_backbones.hub")) for n in names), (
+                        f"{source} imports {names}"
+                    )
