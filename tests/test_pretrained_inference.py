@@ -2,6 +2,7 @@
 architectures built on the meta device (a meta state dict has shapes but no data)."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ TINY_CONFIGS = [
         n_registers=8,
     ),  # fmt: skip
     CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=64, pred_depth=2, pred_num_heads=2, n_registers=0),
+    # fc1 width 61 for width 56: 61 / 56 * 56 rounds down to 60.999..., the ratio must be nudged up
+    CapiConfig(
+        embed_dim=56,
+        depth=1,
+        num_heads=14,
+        pred_embed_dim=56,
+        pred_depth=1,
+        pred_num_heads=14,
+        mlp_ratio=math.nextafter(61 / 56, math.inf),
+    ),  # fmt: skip
 ]
 
 

@@ -132,7 +132,8 @@ def test_save_pretrained_folder_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "repo")
     assert {p.name for p in (tmp_path / "repo").iterdir()} >= {"model.safetensors", "config.json"}
     assert json.loads((tmp_path / "repo" / "config.json").read_text()) == TINY_CONFIG.to_dict()
-    for loaded in (CapiHubModel.from_pretrained(tmp_path / "repo"), from_pretrained(tmp_path / "repo")):
+    hub_loaded = CapiHubModel.from_pretrained(tmp_path / "repo", map_location="cpu")  # the mixin's keyword works
+    for loaded in (hub_loaded, from_pretrained(tmp_path / "repo")):
         assert_loaded_properly(loaded)
         assert_same_outputs(model, loaded)
 

@@ -5,6 +5,7 @@ D comes from ``registers``, depth from the block indices, head_dim from ``rope.f
 """
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -95,6 +96,13 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> CapiConfig:
             f"The encoder MLP ratio ({hidden}/{dim}) differs from the predictor's ({pred_hidden}/{pred_dim}); "
             "CapiConfig has one mlp_ratio for both."
         )
+    mlp_ratio = hidden / dim
+    for _ in range(4):  # the model uses int(dim * mlp_ratio): nudge the ratio up past float rounding
+        if int(dim * mlp_ratio) == hidden and int(pred_dim * mlp_ratio) == pred_hidden:
+            break
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
+    else:
+        raise CheckpointError(f"The MLP width {hidden} of width {dim} cannot be written as int({dim} * mlp_ratio).")
     try:
         return CapiConfig(
             embed_dim=dim,
@@ -106,7 +114,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> CapiConfig:
             patch_size=patch_h,
             in_chans=in_chans,
             n_registers=n_registers,
-            mlp_ratio=hidden / dim,
+            mlp_ratio=mlp_ratio,
         )
     except ValueError as error:
         raise CheckpointError(f"The checkpoint's shapes give an invalid architecture: {error}") from error

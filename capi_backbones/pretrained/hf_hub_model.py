@@ -92,7 +92,12 @@ class CapiHubModel(
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         strict: bool = True,
+        map_location: torch.device | str | None = None,
     ) -> "CapiHubModel":
-        """Strict, meta-device load of a local folder (``from_pretrained`` has already fetched Hub repos)."""
+        """Strict, meta-device load of a local folder (``from_pretrained`` has already fetched Hub repos).
+
+        ``map_location`` (the mixin's name) is accepted as an alias of ``device``."""
         del revision, cache_dir, force_download, local_files_only, token, config  # config.json is re-read strictly
+        if map_location is not None:
+            device = map_location
         return load_local(model_id, model_cls=cls, arch=arch, device=device, dtype=dtype, strict=strict)
