@@ -133,6 +133,7 @@ def test_unknown_name_lists_available():
     ) as info:
         from_pretrained("capi_vitl14_lvdd")
     assert "capi_vitl14_in22k" in str(info.value) and "hf-hub:owner/repo" in str(info.value)
+    assert "Architectures without weights: capi_vitb14, capi_vits14 (use create_model)" in str(info.value)
 
 
 def test_unknown_arch_lists_available(official):

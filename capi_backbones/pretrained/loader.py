@@ -16,7 +16,7 @@ from capi_backbones.models import ARCHITECTURES, CapiConfig
 from capi_backbones.pretrained.hf_hub_model import CapiHubModel
 from capi_backbones.pretrained.local_loading import load_local
 from capi_backbones.pretrained.network import HF_HUB_PREFIX, download_url
-from capi_backbones.pretrained.weights import WEIGHT_ALIASES, WEIGHTS, PretrainedWeights, get_weights
+from capi_backbones.pretrained.weights import WEIGHT_ALIASES, WEIGHTS, PretrainedWeights, get_weights, weights_names
 
 __all__ = ["create_model", "from_pretrained", "list_models", "model_config", "resolve_checkpoint"]
 
@@ -57,9 +57,10 @@ def resolve_checkpoint(source: str | os.PathLike) -> tuple[Path, PretrainedWeigh
             f"Checkpoint {path} does not exist. Check the path, or pass a registered name "
             f"({', '.join(sorted(WEIGHTS))}), a URL or 'hf-hub:owner/repo'."
         )
+    without_weights = sorted(set(ARCHITECTURES) - {w.arch for w in WEIGHTS.values()})
     raise ValueError(
-        f"Unknown model or weights {text!r}. Available weights: {', '.join(sorted(set(WEIGHTS) | set(WEIGHT_ALIASES)))}"
-        f". Architectures without weights: {', '.join(sorted(ARCHITECTURES))} (use create_model). "
+        f"Unknown model or weights {text!r}. Available weights: {', '.join(weights_names())}. "
+        f"Architectures without weights: {', '.join(without_weights)} (use create_model). "
         "Or pass a local .pth/.safetensors file or folder, an http(s) URL, or 'hf-hub:owner/repo'."
     )
 
