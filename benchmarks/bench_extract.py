@@ -1,0 +1,165 @@
+"""Extraction throughput of FeatureExtractor.extract_to_disk on a folder of real JPEGs (CPU by default).
+
+Builds a folder of varied JPEGs from skimage.data and scikit-learn's sample images (random crops, flips and
+resizes), runs a randomly initialised capi_vits14 over it with a few loader settings, and reports images/s and
+the share of wall time spent outside the model forward (decoding, resizing, batching, writing). The forward time
+is measured by timing every ``model.forward_features`` call.
+
+    .venv/bin/python benchmarks/bench_extract.py --n-images 240 --workers 0 1 2
+"""
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from capi_backbones import create_model
+from capi_backbones.features import FeatureExtractor
+
+
+def source_images() -> list[np.ndarray]:
+    """Real RGB images (H, W, 3) uint8 from skimage and scikit-learn."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    names = [
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "cat",
+        "immunohistochemistry",
+        "hubble_deep_field",
+        "colorwheel",
+        "camera",
+        "coins",
+        "moon",
+        "page",
+        "text",
+        "clock",
+        "brick",
+        "grass",
+        "gravel",
+    ]
+    images = []
+    for name in names:
+        image = getattr(data, name)()
+        images.append(np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3])
+    images.extend(load_sample_images().images)  # china, flower (427, 640, 3)
+    return images
+
+
+ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9)  # width / height of common photo formats
+
+
+def make_folder(folder: Path, n_images: int, seed: int = 0) -> None:
+    """``n_images`` JPEGs: random crops in common aspect ratios, random flips, resized to 0.5x-1.5x of 400 px."""
+    rng = np.random.default_rng(seed)
+    sources = source_images()
+    for i in range(n_images):
+        image = sources[i % len(sources)]
+        h, w = image.shape[:2]
+        aspect = ASPECTS[rng.integers(len(ASPECTS))]
+        ch = int(min(h, w / aspect) * rng.uniform(0.6, 1.0))  # the largest crop of that aspect, or smaller
+        cw = int(ch * aspect)
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = image[top : top + ch, left : left + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        height = round(400 * rng.uniform(0.5, 1.5))
+        pil = Image.fromarray(np.ascontiguousarray(crop)).resize((round(height * aspect), height), Image.BICUBIC)
+        pil.save(folder / f"img_{i:04d}.jpg", quality=90)
+
+
+def timed_forward(extractor: FeatureExtractor) -> list[float]:
+    """Wrap the model's forward_features to record the seconds of every call (CPU runs synchronously)."""
+    durations = []
+    original = extractor.model.forward_features
+
+    def timed(x, **kwargs):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = original(x, **kwargs)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+        return out
+
+    extractor.model.forward_features = timed
+    return durations
+
+
+def run(model, folder: Path, *, workers: int, args) -> dict:
+    extractor = FeatureExtractor(
+        model,
+        device=args.device,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        keep_aspect=not args.square,
+        num_workers=workers,
+    )
+    extractor(torch.rand(args.batch_size, 3, args.image_size, args.image_size))  # warm-up, not timed
+    durations = timed_forward(extractor)
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_extract_out_"))
+    try:
+        start = time.perf_counter()
+        summary = extractor.extract_to_disk(folder, out_dir, shard_size=args.shard_size, progress=False)
+        wall = time.perf_counter() - start
+    finally:
+        shutil.rmtree(out_dir)
+    forward = sum(durations)
+    return {
+        "workers": workers,
+        "images": summary.n_written,
+        "batches": len(durations),
+        "wall_s": wall,
+        "forward_s": forward,
+        "img_per_s": summary.n_written / wall,
+        "outside": 1 - forward / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-images", type=int, default=240)
+    parser.add_argument("--arch", default="capi_vits14")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--square", action="store_true", help="fixed square size (one batch shape)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_extract_images_"))
+    try:
+        make_folder(folder, args.n_images)
+        torch.manual_seed(0)
+        model = create_model(args.arch).eval()  # random init: throughput does not depend on the weights
+        mode = "square" if args.square else "keep aspect"
+        print(
+            f"{args.arch}, {args.n_images} JPEGs, image_size {args.image_size} ({mode}), batch {args.batch_size}, "
+            f"device {args.device}, torch threads {torch.get_num_threads()}"
+        )
+        print(f"{'workers':>7} {'images':>6} {'batches':>7} {'wall s':>7} {'forward s':>9} {'img/s':>6} {'outside':>7}")
+        for workers in args.workers:
+            r = run(model, folder, workers=workers, args=args)
+            print(
+                f"{r['workers']:>7} {r['images']:>6} {r['batches']:>7} {r['wall_s']:>7.2f} {r['forward_s']:>9.2f} "
+                f"{r['img_per_s']:>6.1f} {r['outside']:>7.1%}"
+            )
+    finally:
+        shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()
