@@ -1,6 +1,7 @@
 """PCA maps and pictures (capi_backbones.viz) on synthetic features whose structure is known, checked against an
 independent numpy eigendecomposition and against the definitions (unit variance, positive skewness)."""
 
+import os
 import subprocess
 import sys
 
@@ -172,7 +173,11 @@ def test_grid_layout_png_roundtrip(tmp_path):
     grid = pca_grid(images, results, n_heatmaps=2, tile_height=56, labels=False)
     # 4 columns (input, rgb, 2 heatmaps), widths max over rows: row 1 is 56 * 7/6 = 65 wide, row 2 112 wide
     assert grid.size == (4 * 112 + 5 * 8, 2 * 56 + 3 * 8)
-    path = save_png(grid, tmp_path / "sub" / "grid.png")
+    old_umask = os.umask(0o022)
+    try:
+        path = save_png(grid, tmp_path / "sub" / "grid.png")
+    finally:
+        os.umask(old_umask)
     with Image.open(path) as loaded:
         assert loaded.format == "PNG" and loaded.size == grid.size
         pixels = np.asarray(loaded.convert("RGB"))
@@ -181,6 +186,7 @@ def test_grid_layout_png_roundtrip(tmp_path):
     expected = np.rint(results[1].rgb[0, 0] * 255)
     np.testing.assert_allclose(pixels[y0 : y0 + 14, x0 : x0 + 14], np.broadcast_to(expected, (14, 14, 3)), atol=1)
     assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask's permissions, not mkstemp's 0600
     labelled = pca_grid(images, results, tile_height=56)
     assert labelled.height > grid.height and labelled.width == 6 * 112 + 7 * 8
 

@@ -139,6 +139,12 @@ def pca_grid(
     return canvas
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` as PNG atomically (temporary file in the same folder, then rename). Creates the folder."""
     path = Path(path)
@@ -149,6 +155,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", optimize=True)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
