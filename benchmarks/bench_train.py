@@ -1,0 +1,180 @@
+"""Pretraining speed and a learning check on this machine (CPU, fp32).
+
+1. Throughput: steps/s and images/s of full CAPI training steps (teacher + clustering + student + updates, data
+   loading in the main process included) for the ``tiny`` preset and for ``vits14`` with a small batch.
+2. Learning check: pretrain ``tiny`` for a fixed time budget on sklearn's digits (8x8 grey images upsampled to
+   the tiny image size, grey -> RGB), then k-NN accuracy (sklearn, cosine, k=10, stratified 50/50 split) of the
+   frozen teacher's (and student's) predictor-pooled features and mean-pooled patch features, against the same
+   architecture at its random init (the step-0 teacher). Raw pixels give the reference of the task. Also prints
+   the target entropy over training (log K = uniform assignments; a collapse shows as entropy falling to 0).
+
+Run: python benchmarks/bench_train.py [--budget-seconds 300] [--vits-batch 8] [--steps 5] [--skip-throughput]
+"""
+
+import argparse
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+
+from capi_backbones.constants import IMAGENET_MEAN, IMAGENET_STD
+from capi_backbones.models import CapiModel
+from capi_backbones.train.config import load_config
+from capi_backbones.train.trainer import Trainer
+
+
+def digit_images(size: int) -> tuple[list[Image.Image], np.ndarray]:
+    digits = load_digits()
+    images = [
+        Image.fromarray((d * (255 / 16)).astype(np.uint8), mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+        for d in digits.images
+    ]
+    return images, digits.target
+
+
+def write_folder(images: list[Image.Image], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:05d}.png")
+    return folder
+
+
+def throughput(preset: str, batch: int, steps: int, images: Path, workdir: Path) -> dict:
+    config = load_config(
+        preset,
+        [f"data.root={images}", f"train.output_dir={workdir / preset}", f"optim.batch_size={batch}",
+         "optim.total_steps=1000", "train.log_every=1000", "train.checkpoint_every=100000", "train.device=cpu",
+         "data.num_workers=0", "train.plot_every_checkpoint=false"],
+    )  # fmt: skip
+    trainer = Trainer(config)
+    result = trainer.run(max_steps=steps + 1)  # the first step warms up
+    seconds = [m.seconds for m in result.history[1:]]
+    per_step = sum(seconds) / len(seconds)
+    return {
+        "preset": preset,
+        "batch": batch,
+        "image_size": config.data.image_size,
+        "prototypes": config.clustering.n_prototypes,
+        "steps_per_s": 1 / per_step,
+        "images_per_s": batch / per_step,
+    }
+
+
+@torch.no_grad()
+def features(model: CapiModel, images: list[Image.Image], batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    pooled, patches = [], []
+    model.eval()
+    for start in range(0, len(images), batch):
+        arrays = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images[start : start + batch]])
+        x = (torch.from_numpy(arrays).permute(0, 3, 1, 2) - mean) / std  # (B, 3, S, S)
+        out = model.forward_features(x, pooled=True)
+        pooled.append(out.pooled)
+        patches.append(out.patch_features.mean(dim=(1, 2)))  # (B, D)
+    return torch.cat(pooled).numpy(), torch.cat(patches).numpy()
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
+    def normalise(x):
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+    classifier = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(normalise(train_x), train_y)
+    return float((classifier.predict(normalise(test_x)) == test_y).mean())
+
+
+def learning_check(budget: float, workdir: Path) -> None:
+    config_args = [f"train.output_dir={workdir / 'digits_run'}", "train.log_every=50", "train.device=cpu",
+                   "train.checkpoint_every=100000", "train.plot_every_checkpoint=false"]  # fmt: skip
+    size = load_config("tiny").data.image_size
+    images, labels = digit_images(size)
+    root = write_folder(images, workdir / "digits")
+    index = np.arange(len(images))
+    train_idx, test_idx = train_test_split(index, test_size=0.5, stratify=labels, random_state=0)
+
+    # calibrate the schedule length to the budget with a throw-away run of 3 steps
+    probe = Trainer(load_config("tiny", [*config_args, f"data.root={root}", f"train.output_dir={workdir / 'probe'}"]))
+    probe_history = probe.run(max_steps=6).history
+    per_step = 1.2 * float(np.median([m.seconds for m in probe_history[1:]]))  # a margin: the machine is shared
+    total_steps = max(int(budget / per_step), 10)
+    config = load_config("tiny", [*config_args, f"data.root={root}", f"optim.total_steps={total_steps}"])
+    trainer = Trainer(config)
+    random_teacher = CapiModel(config.model.to_capi_config(drop_path_rate=0.0))
+    random_teacher.load_state_dict(trainer.teacher.state_dict())
+
+    start = time.perf_counter()
+    rows = []
+
+    def watch(metrics):
+        rows.append((metrics.step + 1, time.perf_counter() - start, metrics))
+        if time.perf_counter() - start > budget * 1.2:
+            trainer.request_stop()
+
+    print(f"\n# Learning check: tiny preset on sklearn digits ({len(images)} images at {size}px), "
+          f"budget {budget:.0f} s, schedule of {total_steps} steps (calibrated at {per_step:.2f} s/step)")  # fmt: skip
+    result = trainer.run(callbacks=[watch])
+    elapsed = time.perf_counter() - start
+    rate = result.end_step * config.optim.batch_size / elapsed
+    print(f"trained {result.end_step} steps in {elapsed:.0f} s ({rate:.1f} img/s), stopped by the time limit: "
+          f"{result.stopped_by_signal}")  # fmt: skip
+
+    log_k = math.log(config.clustering.n_prototypes)
+    print(f"\nstep | seconds | loss | clustering loss | H(target) | H(usage)   (log K = {log_k:.3f})")
+    print("---|---|---|---|---|---")
+    marks = sorted({0, *np.linspace(0, len(rows) - 1, 10).astype(int).tolist()})
+    for i in marks:
+        step, seconds, m = rows[i]
+        print(f"{step} | {seconds:.0f} | {m.loss:.3f} | {m.clustering_loss:.3f} | {m.target_entropy:.3f} | "
+              f"{m.prototype_entropy:.3f}")  # fmt: skip
+
+    labels_train, labels_test = labels[train_idx], labels[test_idx]
+    pixels = np.stack([np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).ravel() for im in images])
+    print("\nfeatures | k-NN accuracy (k=10, cosine, 50/50 split)")
+    print("---|---")
+    print(f"raw pixels (8x8) | {knn_accuracy(pixels[train_idx], labels_train, pixels[test_idx], labels_test):.4f}")
+    models = (("random init", random_teacher), ("EMA teacher", trainer.teacher), ("student", trainer.student.backbone))
+    for name, model in models:
+        pooled, patches = features(model, images)
+        acc_pooled = knn_accuracy(pooled[train_idx], labels_train, pooled[test_idx], labels_test)
+        acc_patches = knn_accuracy(patches[train_idx], labels_train, patches[test_idx], labels_test)
+        print(f"{name}: predictor pooling | {acc_pooled:.4f}")
+        print(f"{name}: mean of patch features | {acc_patches:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-seconds", type=float, default=300.0, help="pretraining time of the learning check")
+    parser.add_argument("--vits-batch", type=int, default=8, help="global batch of the vits14 throughput run")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per throughput run (after 1 warm-up)")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-learning", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if not args.skip_throughput:
+            images, _ = digit_images(224)
+            root = write_folder(images[:256], workdir / "throughput_images")
+            print("\n# Training throughput (full CAPI steps, data loading included)")
+            print("preset | global batch | image size | prototypes | steps/s | images/s")
+            print("---|---|---|---|---|---")
+            for preset, batch in (("tiny", 64), ("vits14", args.vits_batch)):
+                r = throughput(preset, batch, args.steps, root, workdir)
+                print(f"{preset} | {r['batch']} | {r['image_size']} | {r['prototypes']} | {r['steps_per_s']:.3f} | "
+                      f"{r['images_per_s']:.2f}")  # fmt: skip
+        if not args.skip_learning:
+            learning_check(args.budget_seconds, workdir)
+
+
+if __name__ == "__main__":
+    main()
