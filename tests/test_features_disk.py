@@ -201,3 +201,21 @@ def test_disk_inputs_must_be_files(tmp_path):
     (tmp_path / "out2" / "index.json").write_text(json.dumps({"version": 99}))
     with pytest.raises(ValueError, match="index version 99"):
         extractor.extract_to_disk(tmp_path / "astronaut.png", tmp_path / "out2", progress=False)
+
+
+def test_writer_bounds_memory_with_many_sizes(tmp_path):
+    from pathlib import Path
+
+    from capi_backbones.features import FeatureOutput, ShardWriter
+
+    def fake(size: int) -> FeatureOutput:
+        grid = (1, size)
+        return FeatureOutput(torch.zeros(1, *grid, 4), torch.zeros(1, 4), torch.zeros(1, 16, 4), grid, (14, 14 * size))
+
+    writer = ShardWriter(tmp_path / "out", format="npy", shard_size=3, dtype="float32", settings={}, root=tmp_path)
+    for i, size in enumerate([1, 2, 1, 2, 3, 4]):  # 6 = 2 shards' worth waiting: the fullest bucket is written
+        writer.add(Path(tmp_path / f"{i}.png"), fake(size))
+    assert len(writer.shards_written) == 1
+    assert load_index(tmp_path / "out")["shards"][0]["files"] == ["0.png", "2.png"]
+    writer.finish()
+    assert sum(s["count"] for s in load_index(tmp_path / "out")["shards"]) == 6

@@ -234,3 +234,17 @@ def test_architecture_name_with_local_weights(tmp_path):
     with pytest.raises(ValueError):  # CheckpointError: a tiny checkpoint is not capi_vits14
         FeatureExtractor("capi_vits14", weights=path)
     assert FeatureExtractor(create_model("capi_vits14")).model.embed_dim == 384  # random init, on purpose
+
+
+def test_many_sizes_run_early_to_bound_memory(monkeypatch):
+    from capi_backbones.features import extractor as extractor_module
+
+    monkeypatch.setattr(extractor_module, "MAX_PENDING_BATCHES", 1)  # at most batch_size images wait
+    square, wide, tall = small(data.astronaut()), small(data.coffee()), small(data.coffee()).transpose(1, 0, 2)
+    images = [square, wide, square, tall, square]
+    extractor = FeatureExtractor(tiny_model(), image_size=28, batch_size=3)
+    calls = count_forwards(extractor)
+    outputs = extractor.extract(images)
+    assert [c[0] for c in calls] == [2, 1, 1, 1]  # without the bound: [3, 1, 1]
+    for image, output in zip(images, outputs, strict=True):
+        torch.testing.assert_close(output.pooled, extractor(image).pooled, rtol=1e-4, atol=ATOL)

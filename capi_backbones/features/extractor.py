@@ -25,6 +25,7 @@ __all__ = ["ExtractionSummary", "FeatureExtractor", "resolve_model"]
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_PENDING_BATCHES = 4  # decoded images waiting for a full batch of their size, in batches; then the largest runs
 
 
 @dataclass
@@ -261,12 +262,12 @@ class FeatureExtractor:
                 bar.update(len(indices))
                 bar.set_postfix(failed=len(failed), refresh=False)
         except KeyboardInterrupt:
+            self._record_failures(writer, failed)
             writer.finish()  # keep the finished images
             raise
         finally:
             bar.close()
-        for name, message in failed.items():
-            writer.add_failure(Path(name), message)
+        self._record_failures(writer, failed)
         writer.finish()
         return ExtractionSummary(
             out_dir=Path(out_dir),
@@ -276,6 +277,11 @@ class FeatureExtractor:
             failed={writer.name_of(Path(name)): message for name, message in failed.items()},
             shards=writer.shards_written,
         )
+
+    @staticmethod
+    def _record_failures(writer: ShardWriter, failed: dict[str, str]) -> None:
+        for name, message in failed.items():
+            writer.add_failure(Path(name), message)
 
     def _settings(self, pooled: bool) -> dict:
         return {
@@ -325,6 +331,8 @@ class FeatureExtractor:
             group.append((index, pixels))
             if len(group) == self.batch_size:
                 yield self._run_group(pending.pop(size), pooled)
+            elif sum(map(len, pending.values())) >= MAX_PENDING_BATCHES * self.batch_size:  # many sizes: bound memory
+                yield self._run_group(pending.pop(max(pending, key=lambda s: len(pending[s]))), pooled)
         for group in sorted(pending.values(), key=lambda g: g[0][0]):
             yield self._run_group(group, pooled)
 

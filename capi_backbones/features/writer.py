@@ -40,11 +40,15 @@ INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE = 256
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MAX_PENDING_SHARDS = 2  # images held in memory, in shards; then the fullest bucket is written as a smaller shard
 _SHARD_NAME = re.compile(r"^shard_(\d+)(\.safetensors)?$")
 
 
 class ShardWriter:
     """Buckets single-image features by processed size and writes a shard whenever a bucket is full.
+
+    Memory is bounded: when ``MAX_PENDING_SHARDS * shard_size`` images wait in buckets (many different sizes),
+    the fullest bucket is written early, as a shard of fewer than ``shard_size`` images.
 
     ``settings`` describes how features are made (model, image size, ...); resuming into a folder whose index has
     other settings, format or dtype raises a ValueError. ``root`` is used only when the index is new.
@@ -112,6 +116,8 @@ class ShardWriter:
         bucket.append((name, output))
         if len(bucket) >= self.shard_size:
             self._write(self._pending.pop(output.image_size))
+        elif sum(map(len, self._pending.values())) >= MAX_PENDING_SHARDS * self.shard_size:
+            self._write(self._pending.pop(max(self._pending, key=lambda s: len(self._pending[s]))))
 
     def add_failure(self, path: Path, error: str) -> None:
         self.failed[self.name_of(path)] = error
