@@ -237,7 +237,10 @@ def build_loader(
     *,
     num_workers: int,
     pin_memory: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
+    """A DataLoader over ``sampler``'s steps. Its private generator (for worker base seeds) keeps the creation of
+    an iterator from drawing from the global torch RNG, which a bit-exact resume relies on."""
     return DataLoader(
         stream,
         batch_sampler=sampler,
@@ -246,6 +249,7 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -116,7 +116,8 @@ class Trainer:
         self.run_dir = Path(config.train.output_dir)
         self.step = 0
         self.nan_streak = 0
-        self._stop_requested = False
+        self._signal_received = False  # set by the signal handler, on this rank only
+        self._stop_agreed = False  # every rank knows some rank got a signal (from the step's all-reduce)
         mc, cc, oc = config.model, config.clustering, config.optim
         if oc.batch_size % self.context.world_size:
             raise ValueError(
@@ -224,12 +225,14 @@ class Trainer:
             total_steps=end_step,
         )
         collate = PositionMaskingCollate(self.masking, seed=self.config.train.seed)
-        loader = build_loader(
-            stream, sampler, collate, num_workers=dc.num_workers, pin_memory=self.device.type == "cuda"
+        return build_loader(
+            stream,
+            sampler,
+            collate,
+            num_workers=dc.num_workers,
+            pin_memory=self.device.type == "cuda",
+            seed=self.config.train.seed,
         )
-        # a private generator: creating the iterator must not draw from the global RNG (bit-exact resume)
-        loader.generator = torch.Generator().manual_seed(self.config.train.seed)
-        return loader
 
     # ---- schedules ------------------------------------------------------------------------------------------
     def schedules(self, step: int) -> dict[str, float]:
@@ -282,7 +285,7 @@ class Trainer:
         # one reduction for the logged values, the finiteness verdict and the stop request
         entropy, usage = assignment_entropies(teacher.targets)
         n_tokens = teacher.targets.shape[0] * teacher.targets.shape[1]
-        stop = 1.0 if self._stop_requested else 0.0
+        stop = 1.0 if self._signal_received else 0.0
         scalars = torch.stack([loss.detach(), teacher.clustering_loss.detach().float(), entropy]).to(usage)
         extra = torch.tensor([stop, float(n_tokens)], device=usage.device)
         packed = torch.cat([scalars, extra, usage])
@@ -294,7 +297,7 @@ class Trainer:
         stop_any, total_tokens = reduced[3].item(), reduced[4].item()
         mean_usage = reduced[5:] / total_tokens
         prototype_entropy = float(-torch.xlogy(mean_usage, mean_usage).sum())
-        self._stop_requested = stop_any > 0
+        self._stop_agreed = stop_any > 0
         finite = math.isfinite(loss_value) and math.isfinite(closs_value)
 
         if finite:
@@ -429,7 +432,7 @@ class Trainer:
         """Checkpoint at the end of the current step and return (the SIGTERM / SIGUSR1 handler)."""
         if signum is not None:
             logger.warning("Received signal %d: checkpointing at the end of this step, then exiting.", signum)
-        self._stop_requested = True
+        self._signal_received = True
 
     def draw_curves(self) -> Path:
         return draw_curves(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / CURVES_FILE)
@@ -472,13 +475,15 @@ class Trainer:
                 for callback in callbacks:
                     callback(metrics)
                 done = self.step
-                if done % tc.log_every == 0 or done == end_step or self._stop_requested:
+                # ranks stop together: a signal seen after this step's all-reduce counts at the next step
+                stop = self._stop_agreed or (self._signal_received and not self.context.is_distributed)
+                if done % tc.log_every == 0 or done == end_step or stop:
                     self._log(window, writer)
                     window = []
-                if done % tc.checkpoint_every == 0 or self._stop_requested:
+                if done % tc.checkpoint_every == 0 or stop:
                     result.last_checkpoint = self.save_checkpoint()
                     last_saved = done
-                if self._stop_requested:
+                if stop:
                     result.stopped_by_signal = True
                     logger.warning("Stopped at step %d on request; resume with the same command.", done)
                     break
