@@ -1,6 +1,7 @@
-"""PCA visualisations of dense features (numpy + scikit-learn + Pillow; no torch, no matplotlib).
+"""PCA visualisations of dense features: pure functions on (h, w, D) numpy arrays, pictures with Pillow.
 
-Not imported by ``import capi_backbones``: ``from capi_backbones.viz import pca_map, pca_grid``.
+Uses numpy, scikit-learn and Pillow only (no torch, no matplotlib). Not imported by ``import capi_backbones``:
+``from capi_backbones.viz import pca_map, joint_pca_maps, pca_grid, save_png``.
 """
 
 from capi_backbones.viz.colormap import coolwarm
