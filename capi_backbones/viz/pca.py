@@ -100,13 +100,16 @@ def fit_pca_projection(features: np.ndarray, n_components: int = N_RGB) -> PcaPr
         )
     if not np.isfinite(features).all():
         raise ValueError("Features contain NaN or infinite values; check the model's dtype and input.")
-    pca = None if np.ptp(features, axis=0).max() == 0 else PCA(n_components, svd_solver="auto", random_state=0)
-    scale = np.zeros(n_components) if pca is None else np.sqrt(pca.fit(features).explained_variance_)  # ddof=1
-    if (scale <= 1e-12 * max(1.0, np.abs(features).max())).any():
-        raise ValueError(
-            f"The features have fewer than {n_components} directions of non-zero variance "
-            "(constant or duplicated patches); use fewer components or other images."
-        )
+    message = (
+        f"The features have fewer than {n_components} directions of non-zero variance "
+        "(constant or duplicated patches); use fewer components or other images."
+    )
+    if np.ptp(features, axis=0).max() == 0:  # all patches equal: sklearn would divide by a zero total variance
+        raise ValueError(message)
+    pca = PCA(n_components, svd_solver="auto", random_state=0).fit(features)
+    scale = np.sqrt(pca.explained_variance_)  # sklearn's variance has ddof=1: whitened components have var 1
+    if (scale <= 1e-12 * np.abs(features).max()).any():
+        raise ValueError(message)
     basis = pca.components_
     signs = np.where(_skewness(((features - pca.mean_) @ basis.T) / scale) < 0, -1.0, 1.0)
     return PcaProjection(
