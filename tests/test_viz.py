@@ -124,6 +124,7 @@ def test_foreground_mask_thresholds_component_one_and_refits_on_foreground():
         (lambda f: joint_pca_maps([f, f[..., :8]]), "different feature dimensions"),
         (lambda f: joint_pca_maps([]), "at least one"),
         (lambda f: pca_map(np.ones_like(f)), "non-zero variance"),
+        (lambda f: pca_map(np.repeat(f[..., :1], 16, axis=-1)), "non-zero variance"),  # rank 1
         (lambda f: pca_map(f, value_range=0), "positive"),
     ],
 )
