@@ -315,14 +315,14 @@ default_cfgs = generate_default_cfgs(_all_cfgs())
 
 
 # ---- builder and entry points ---------------------------------------------------------------------------------
-def _fetch_released_weights(variant: str, pretrained_cfg, pretrained_cfg_overlay) -> dict | None:
+def _fetch_released_weights(variant: str, pretrained_cfg, pretrained_cfg_overlay, cache_dir=None) -> dict | None:
     """For a URL-sourced config, download the file with the fast-failing CAPI downloader and point the config at
     the local copy, so timm never opens the network itself. Returns the resolved config dict, or None to let
     timm resolve (a file, a state dict or a hub id was given)."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if cfg.file or cfg.state_dict or cfg.hf_hub_id or not cfg.url:
         return None
-    path = download_url(cfg.url)
+    path = download_url(cfg.url, cache_dir=cache_dir)  # default: the torch hub checkpoints folder
     return dataclasses.asdict(dataclasses.replace(cfg, file=str(path), custom_load=True))
 
 
@@ -331,7 +331,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> CapiTimmModel:
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if pretrained:
-        resolved = _fetch_released_weights(variant, pretrained_cfg, overlay)
+        resolved = _fetch_released_weights(variant, pretrained_cfg, overlay, kwargs.get("cache_dir"))
         if resolved is not None:
             pretrained_cfg, overlay = resolved, None
     out_indices = kwargs.pop("out_indices", 3)

@@ -186,16 +186,16 @@ def test_released_url_goes_through_the_capi_downloader_and_strict_loader(tmp_pat
     write_official_checkpoint(tiny_model(), small)
     fetched = []
 
-    def fake_download(url):
-        fetched.append(url)
+    def fake_download(url, cache_dir=None):
+        fetched.append((url, cache_dir))
         return small
 
     monkeypatch.setattr(timm_models, "download_url", fake_download)
     with pytest.raises(CheckpointError, match="mismatched"):  # a tiny file is not a ViT-L: refused, not half-loaded
-        timm.create_model("capi_vitl14.in22k", pretrained=True, device="meta")
-    assert fetched == ["https://dl.fbaipublicfiles.com/capi/capi_vitl14_i22k.pth"]
+        timm.create_model("capi_vitl14.in22k", pretrained=True, device="meta", cache_dir=tmp_path)
+    assert fetched == [("https://dl.fbaipublicfiles.com/capi/capi_vitl14_i22k.pth", tmp_path)]
 
-    def offline(url):
+    def offline(url, cache_dir=None):
         raise DownloadError(f"Cannot download {url}: no network")
 
     monkeypatch.setattr(timm_models, "download_url", offline)
