@@ -11,6 +11,7 @@ native model's. It adds timm's interface:
   (default, the official predictor pooling = ``model(x)[0]`` of the native model), ``"avg"`` (mean of the patch
   tokens) or ``""`` (no pooling), then applies ``head`` (``Identity`` when ``num_classes=0``, the default).
   Predictor pooling needs the patch grid: it is inferred for square grids, else pass ``grid_size=(h, w)``.
+- ``model(x)`` is ``forward_head(forward_features(x))`` (a tensor, as in timm), not the official 3-tuple.
 - ``forward_intermediates`` / ``prune_intermediate_layers`` / ``feature_info`` as in timm's ViT, so
   ``features_only=True`` works; ``num_features``, ``head_hidden_size``, ``reset_classifier``, ``get_classifier``.
 
