@@ -12,6 +12,7 @@ the global batch G, and rank r of W takes the r-th slice of G / W of them. Every
 
 import logging
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,15 @@ def build_loader(
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: when a scheduler signals the whole process group, the main
+    process checkpoints and then shuts its workers down itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class PositionMaskingCollate:

@@ -2,6 +2,8 @@
 
 import logging
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -170,3 +172,15 @@ def test_loader_output_does_not_depend_on_workers(image_dir):
         assert torch.equal(a.images, b.images) and torch.equal(a.visible_indices, b.visible_indices)
         assert torch.equal(a.predict_indices, b.predict_indices)
     assert not np.allclose(serial[0].images.numpy(), serial[1].images.numpy())
+
+
+def test_workers_survive_a_stop_signal_sent_to_the_process_group(image_dir):
+    masking = MaskingCollator((4, 4), mask_ratio=0.65, prediction_ratio=0.3)
+    stream = ImageStream(find_images(image_dir), TrainTransform(56))
+    sampler = StepBatchSampler(2, rank=0, world_size=1, start_step=0, total_steps=4)
+    iterator = iter(build_loader(stream, sampler, PositionMaskingCollate(masking, seed=0), num_workers=1))
+    first = next(iterator)
+    for worker in iterator._workers:  # what a scheduler's SIGTERM to every process of the job does
+        os.kill(worker.pid, signal.SIGTERM)
+    rest = list(iterator)
+    assert len(rest) == 3 and first.images.shape == rest[-1].images.shape
