@@ -20,6 +20,7 @@ from PIL import Image
 
 from capi_backbones import create_model
 from capi_backbones.features import FeatureExtractor
+from capi_backbones.features import writer as writer_module
 
 
 def source_images() -> list[np.ndarray]:
@@ -95,6 +96,20 @@ def timed_forward(extractor: FeatureExtractor) -> list[float]:
     return durations
 
 
+def timed_shard_writes() -> list[float]:
+    """Record the seconds of every shard write (the writer looks ``write_shard`` up in its module)."""
+    durations = []
+    original = writer_module.write_shard
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        original(*args, **kwargs)
+        durations.append(time.perf_counter() - start)
+
+    writer_module.write_shard = timed
+    return durations
+
+
 def run(model, folder: Path, *, workers: int, args) -> dict:
     extractor = FeatureExtractor(
         model,
@@ -106,6 +121,8 @@ def run(model, folder: Path, *, workers: int, args) -> dict:
     )
     extractor(torch.rand(args.batch_size, 3, args.image_size, args.image_size))  # warm-up, not timed
     durations = timed_forward(extractor)
+    original_write = writer_module.write_shard
+    writes = timed_shard_writes()
     out_dir = Path(tempfile.mkdtemp(prefix="bench_extract_out_"))
     try:
         start = time.perf_counter()
@@ -113,6 +130,7 @@ def run(model, folder: Path, *, workers: int, args) -> dict:
         wall = time.perf_counter() - start
     finally:
         shutil.rmtree(out_dir)
+        writer_module.write_shard = original_write
     forward = sum(durations)
     return {
         "workers": workers,
@@ -120,6 +138,7 @@ def run(model, folder: Path, *, workers: int, args) -> dict:
         "batches": len(durations),
         "wall_s": wall,
         "forward_s": forward,
+        "write_s": sum(writes),
         "img_per_s": summary.n_written / wall,
         "outside": 1 - forward / wall,
     }
@@ -150,13 +169,20 @@ def main() -> None:
             f"{args.arch}, {args.n_images} JPEGs, image_size {args.image_size} ({mode}), batch {args.batch_size}, "
             f"device {args.device}, torch threads {torch.get_num_threads()}"
         )
-        print(f"{'workers':>7} {'images':>6} {'batches':>7} {'wall s':>7} {'forward s':>9} {'img/s':>6} {'outside':>7}")
+        columns = [
+            ("workers", 7, ""),
+            ("images", 6, ""),
+            ("batches", 7, ""),
+            ("wall_s", 7, ".2f"),
+            ("forward_s", 9, ".2f"),
+            ("write_s", 7, ".2f"),
+            ("img_per_s", 9, ".1f"),
+            ("outside", 7, ".1%"),
+        ]
+        print(" ".join(f"{name:>{width}}" for name, width, _ in columns))
         for workers in args.workers:
             r = run(model, folder, workers=workers, args=args)
-            print(
-                f"{r['workers']:>7} {r['images']:>6} {r['batches']:>7} {r['wall_s']:>7.2f} {r['forward_s']:>9.2f} "
-                f"{r['img_per_s']:>6.1f} {r['outside']:>7.1%}"
-            )
+            print(" ".join(f"{r[name]:>{width}{fmt}}" for name, width, fmt in columns))
     finally:
         shutil.rmtree(folder)
 

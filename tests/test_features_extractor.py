@@ -39,10 +39,16 @@ def count_forwards(extractor: FeatureExtractor) -> list[tuple]:
     return calls
 
 
-def manual_input(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """The documented preprocessing written out: [0, 1] floats, bicubic antialias resize, ImageNet normalisation."""
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].double() / 255  # (1, 3, h, w)
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+def manual_input(rgb: np.ndarray, size: tuple[int, int], *, pillow: bool = False) -> torch.Tensor:
+    """The documented preprocessing written out: bicubic antialias resize of the uint8 image (torch's kernel, or
+    PIL's), scaling to [0, 1], ImageNet normalisation. Returns (1, 3, H, W)."""
+    if pillow:
+        resized = torch.from_numpy(np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.BICUBIC)).copy())
+        x = resized.permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    else:
+        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    x = x.double() / 255
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).float()
 
@@ -82,13 +88,14 @@ def test_square_option_and_invalid_image_size():
         Preprocessor(image_size=230)
 
 
-def test_torch_bicubic_resize_is_close_to_pillow():
-    rgb = data.astronaut()
-    x = Preprocessor(image_size=112)(torch.from_numpy(rgb).permute(2, 0, 1))
-    pixels = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    pillow = np.asarray(Image.fromarray(rgb).resize((112, 112), Image.BICUBIC)).astype(np.float32) / 255
-    diff = np.abs(pixels.permute(1, 2, 0).numpy() - pillow)
-    assert diff.mean() < 1 / 255 and diff.max() < 8 / 255  # same filter family as PIL (antialiased bicubic)
+def test_resize_matches_pillow_bicubic():
+    for rgb in (data.astronaut(), data.coffee()):
+        for image_size in (112, 448):
+            x = Preprocessor(image_size=image_size)(torch.from_numpy(rgb).permute(2, 0, 1))
+            size = tuple(x.shape[-2:])
+            pillow = manual_input(rgb, size, pillow=True)[0]
+            levels = ((x - pillow) * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255).abs()
+            assert levels.max() < 2.01 and levels.mean() < 0.02  # PIL's antialiased bicubic, to rounding
 
 
 # ---- numerics -----------------------------------------------------------------------------------------------------
@@ -109,6 +116,9 @@ def test_extractor_equals_model_on_hand_preprocessed_tensor():
         out.patch_features.shape == (1, 3, 5, 64) and out.pooled.shape == (1, 48) and out.registers.shape == (1, 16, 64)
     )
     torch.testing.assert_close(extractor.preprocess(rgb), manual_input(rgb, size)[0], rtol=0, atol=1e-5)
+    with torch.inference_mode():  # PIL's resize instead of torch's: the same features up to rounding
+        via_pillow = model.forward_features(manual_input(rgb, size, pillow=True))
+    torch.testing.assert_close(out.pooled, via_pillow.pooled, rtol=0, atol=0.01)
 
 
 def test_all_input_types_give_the_same_features(tmp_path):
@@ -116,11 +126,13 @@ def test_all_input_types_give_the_same_features(tmp_path):
     path = tmp_path / "chelsea.png"
     Image.fromarray(rgb).save(path)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)
-    inputs = [rgb, Image.fromarray(rgb), path, str(path), tensor, tensor.float() / 255, tensor[None]]
+    inputs = [rgb, Image.fromarray(rgb), path, str(path), tensor, tensor[None]]
     extractor = FeatureExtractor(tiny_model(), image_size=28)
     reference = extractor(rgb)
     for image in inputs:
         torch.testing.assert_close(extractor(image).patch_features, reference.patch_features, rtol=0, atol=ATOL)
+    floats = extractor(tensor.float() / 255)  # resized as floats, not uint8: equal up to rounding
+    torch.testing.assert_close(floats.patch_features, reference.patch_features, rtol=0, atol=0.04)
     batched = extractor([rgb, Image.fromarray(rgb), path, tensor])  # mixed types in one call
     assert len(batched) == 4
     torch.testing.assert_close(batched.pooled, reference.pooled.expand(4, -1), rtol=1e-4, atol=ATOL)
@@ -211,6 +223,11 @@ def test_bad_arguments_are_refused():
         FeatureExtractor(tiny_model(), image_size=100)
     with pytest.raises(TypeError, match="model must be"):
         FeatureExtractor(42)
+    with pytest.raises(ValueError, match="Unknown device 'gpu'"):
+        FeatureExtractor(tiny_model(), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            FeatureExtractor(tiny_model(), device="cuda")
 
 
 def test_bare_architecture_name_needs_weights():

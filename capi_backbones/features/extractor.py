@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE, PATCH_SIZE
 from capi_backbones.features.images import ImageSource, expand_inputs, iter_file_paths, to_rgb_tensor
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
@@ -74,6 +74,16 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
     if model is None:
         return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
     return from_pretrained(model), model
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"Unknown device {device!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device '{device}' was asked for, but CUDA is not available here. Use device='cpu'.")
+    return device
 
 
 def weights_fingerprint(model: CapiModel) -> str:
@@ -145,13 +155,15 @@ class FeatureExtractor:
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
         given_model = isinstance(model, CapiModel)
-        model, self.model_description = resolve_model(model, weights)
         if device is None:
-            cuda = "cuda" if torch.cuda.is_available() else "cpu"
-            device = next(model.parameters()).device if given_model else cuda
-        self.device = torch.device(device)
+            default = "cuda" if torch.cuda.is_available() else "cpu"
+            device = next(model.parameters()).device if given_model else default
+        self.device = _check_device(device)
         self.autocast_dtype = self._autocast_dtype(precision, self.device)
         self.precision = precision
+        patch_size = model.patch_size if given_model else PATCH_SIZE
+        Preprocessor(image_size=image_size, patch_size=patch_size)  # check the arguments before loading weights
+        model, self.model_description = resolve_model(model, weights)
         self.model = model.to(self.device).eval()
         self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
         self.batch_size = batch_size

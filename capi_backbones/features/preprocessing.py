@@ -9,8 +9,9 @@ Size policy (one rule, used everywhere):
 - ``keep_aspect=False``: resize to a fixed ``image_size x image_size`` square (the aspect ratio is not kept; every
   image gets the same patch grid, so any set of images can be batched together).
 
-Resizing is bicubic with antialiasing (``torch.nn.functional.interpolate``) on float pixels in [0, 1], clamped back
-to [0, 1], followed by normalisation with the ImageNet mean and std.
+Resizing is bicubic with antialiasing (``torch.nn.functional.interpolate``): on uint8 pixels for decoded images,
+arrays and uint8 tensors (rounded to uint8, as PIL does), on float pixels for float tensors (clamped to [0, 1]);
+then pixels are scaled to [0, 1] and normalised with the ImageNet mean and std.
 """
 
 import math
@@ -66,12 +67,19 @@ def resize_and_normalize(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> Tensor:
-    """Bicubic antialiased resize of an RGB image (3, h, w) (uint8 or float in [0, 1]) to ``size`` = (H, W),
-    then ``(x - mean) / std``. Returns float32 (3, H, W)."""
-    pixels = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    if tuple(pixels.shape[-2:]) != tuple(size):
-        pixels = F.interpolate(pixels[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-        pixels = pixels.clamp_(0.0, 1.0)  # bicubic overshoots at edges
+    """Bicubic antialiased resize of an RGB image (3, h, w) to ``size`` = (H, W), then ``(x / 255 - mean) / std``
+    for uint8 images (resized as uint8, rounded like PIL: the fast path) or ``(x - mean) / std`` for float images
+    in [0, 1] (resized as float, clamped to [0, 1]). Returns float32 (3, H, W)."""
+    resize = tuple(image.shape[-2:]) != tuple(size)
+    if image.dtype == torch.uint8:
+        if resize:  # uint8 in, uint8 out: the vectorised channels-last kernel, ~10x faster than float
+            image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        pixels = image.float() / 255.0
+    else:
+        pixels = image.float()
+        if resize:
+            pixels = F.interpolate(pixels[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+            pixels = pixels.clamp_(0.0, 1.0)  # bicubic overshoots at edges
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean_t) / std_t
+    return ((pixels - mean_t) / std_t).contiguous()
