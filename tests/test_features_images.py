@@ -102,6 +102,7 @@ def test_exif_orientation_is_applied(tmp_path):
     assert np.array_equal(decoded, np.rot90(raw, k=-1))  # clockwise
     assert decoded[5, -5, 0] > 200 and decoded[5, 5, 0] < 50  # red moved to the top-right corner
     assert np.array_equal(rgb_of(path), decoded)
+    assert np.array_equal(rgb_of(Image.open(path)), decoded)  # an opened PIL image still carries the tag
 
 
 def test_pil_to_rgb_refuses_out_of_range_32_bit_values():

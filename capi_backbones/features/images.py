@@ -12,7 +12,8 @@ Accepted inputs (see :func:`expand_inputs` and :func:`to_rgb_tensor`):
 Colour conversions: palette (P, PA), grayscale (L, LA, 1), CMYK and YCbCr become RGB; the alpha channel of RGBA/LA/PA
 is dropped (colours are kept as stored, not composited on a background); 16-bit (I;16*) and 32-bit integer (I) images
 holding values in [0, 65535] are scaled to [0, 255] by ``round(v / 257)`` (65535 -> 255), never clipped; float (F)
-images must hold values in [0, 1]. EXIF orientation is applied to files (``PIL.ImageOps.exif_transpose``).
+images must hold values in [0, 1]. EXIF orientation is applied to files and to PIL images that still carry the tag
+(``PIL.ImageOps.exif_transpose``).
 """
 
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "expand_inputs",
     "find_image_files",
     "is_image_path",
+    "iter_file_paths",
     "load_image",
     "pil_to_rgb",
     "to_rgb_tensor",
@@ -38,6 +40,7 @@ __all__ = [
 
 ImageSource = Image.Image | str | os.PathLike | np.ndarray | Tensor
 
+EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MAX = 65535
 _MODES_VIA_RGBA = ("P", "PA")  # palette images may carry transparency: expand it first, then drop it
 _ACCEPTED = "PIL images, image paths, directories, numpy uint8 arrays (H, W[, C]) and torch tensors ([B,] C, H, W)"
@@ -107,8 +110,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)  # returns a new, loaded image (or a copy)
             return pil_to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise OSError(f"Cannot read image '{path}': {error}") from error
+    except Exception as error:  # decoders of broken files raise many types (OSError, SyntaxError, struct.error, ...)
+        raise OSError(f"Cannot read image '{path}': {type(error).__name__}: {error}") from error
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip a PIL image as its EXIF orientation tag says (a no-op without the tag)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -145,7 +155,7 @@ def to_rgb_tensor(source: ImageSource) -> Tensor:
     if isinstance(source, str | os.PathLike):
         source = load_image(source)
     if isinstance(source, Image.Image):
-        source = np.asarray(pil_to_rgb(source))
+        source = np.asarray(pil_to_rgb(_apply_orientation(source)))
     if isinstance(source, np.ndarray):
         return _array_to_tensor(source)
     if isinstance(source, Tensor):
