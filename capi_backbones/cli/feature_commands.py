@@ -24,6 +24,7 @@ def register(subparsers) -> None:
             "folders (searched recursively) into safetensors or .npy shards with an index.json. Re-running into "
             "the same --out folder skips the images already done; unreadable images are reported and skipped."
         ),
+        epilog="Exit status: 0 all images done, 1 some images could not be read (listed), 2 usage error.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)")
