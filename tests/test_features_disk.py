@@ -219,3 +219,14 @@ def test_writer_bounds_memory_with_many_sizes(tmp_path):
     assert load_index(tmp_path / "out")["shards"][0]["files"] == ["0.png", "2.png"]
     writer.finish()
     assert sum(s["count"] for s in load_index(tmp_path / "out")["shards"]) == 6
+
+
+def test_resume_accepts_the_same_weights_given_another_way(tmp_path):
+    images = tmp_path / "images"
+    write_images(images, ["astronaut.png"])
+    extractor = tiny_extractor()
+    extractor.extract_to_disk(images, tmp_path / "out", progress=False)
+    path = tmp_path / "same.pth"
+    torch.save({f"backbone.{k}": v for k, v in extractor.model.state_dict().items()}, path)
+    summary = FeatureExtractor(weights=path, image_size=28).extract_to_disk(images, tmp_path / "out", progress=False)
+    assert summary.n_skipped == 1 and summary.n_written == 0

@@ -40,6 +40,7 @@ INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE = 256
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+INFORMATIONAL_SETTINGS = ("model",)  # recorded, not compared on resume (the same file may be named differently)
 MAX_PENDING_SHARDS = 2  # images held in memory, in shards; then the fullest bucket is written as a smaller shard
 _SHARD_NAME = re.compile(r"^shard_(\d+)(\.safetensors)?$")
 
@@ -83,19 +84,20 @@ class ShardWriter:
 
     def _check_compatible(self, new_index: dict) -> None:
         old = {key: self.index.get(key) for key in new_index}
-        if old == new_index:
-            return
         diffs = [
             f"{key}: {old[key]!r} vs {new_index[key]!r}"
             for key in ("version", "format", "dtype")
             if old[key] != new_index[key]
         ]
-        old_settings, new_settings = old["settings"] or {}, new_index["settings"]
+        old_settings = {k: v for k, v in (old["settings"] or {}).items() if k not in INFORMATIONAL_SETTINGS}
+        new_settings = {k: v for k, v in new_index["settings"].items() if k not in INFORMATIONAL_SETTINGS}
         diffs += [
             f"{key}: {old_settings.get(key)!r} vs {new_settings.get(key)!r}"
             for key in sorted(set(old_settings) | set(new_settings))
             if old_settings.get(key) != new_settings.get(key)
         ]
+        if not diffs:
+            return
         raise ValueError(
             f"'{self.out_dir}' already holds features made differently ({'; '.join(diffs)}; saved vs now). "
             "Use another output folder, or delete this one to start over."
