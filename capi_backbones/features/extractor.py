@@ -268,11 +268,14 @@ class FeatureExtractor:
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
         try:
             batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed)
+            n_written = 0
             for indices, output in batches:
                 for k, i in enumerate(indices):
                     writer.add(todo[i], output.select(k))
-                bar.update(len(indices))
+                n_written += len(indices)
+                bar.update(n_written + len(failed) - bar.n)  # written and failed images so far
                 bar.set_postfix(failed=len(failed), refresh=False)
+            bar.update(n_written + len(failed) - bar.n)
         except KeyboardInterrupt:
             self._record_failures(writer, failed)
             writer.finish()  # keep the finished images
