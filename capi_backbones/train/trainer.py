@@ -88,7 +88,7 @@ class StepMetrics:
     momentum: float
     clustering_lr: float
     finite: bool  # False: the updates of this step were skipped
-    seconds: float  # wall time of the step, data loading included
+    seconds: float  # wall time of the step (in Trainer.run: since the previous step, so data loading included)
 
 
 @dataclass
@@ -468,8 +468,11 @@ class Trainer:
         window: list[StepMetrics] = []
         last_saved = -1
         with _stop_signals(self.request_stop):
+            tick = time.perf_counter()
             for batch in self._data_loader(start_step, end_step):
                 metrics = self.train_step(batch)
+                now = time.perf_counter()
+                metrics.seconds, tick = now - tick, now
                 result.history.append(metrics)
                 window.append(metrics)
                 for callback in callbacks:
