@@ -48,6 +48,7 @@ from capi_backbones.train.data import (
 from capi_backbones.train.distributed import (
     DistributedContext,
     all_reduce_grads_mean,
+    broadcast_parameters,
     init_distributed,
     reducers,
     shutdown_distributed,
@@ -207,8 +208,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._student_ddp = DistributedDataParallel(self.student, device_ids=device_ids)
         # the clustering layer stays replicated: same init everywhere, gradients averaged by hand
-        for tensor in self.clustering.parameters():
-            dist.broadcast(tensor.data, src=0)
+        broadcast_parameters(self.clustering)
 
     def _data_loader(self, start_step: int, end_step: int):
         dc = self.config.data
