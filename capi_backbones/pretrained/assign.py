@@ -16,6 +16,7 @@ from capi_backbones.models import CapiConfig, CapiModel
 from capi_backbones.pretrained.architecture import architecture_name, infer_config
 from capi_backbones.pretrained.checkpoint_filter import checkpoint_filter_fn, compare_state_dict
 from capi_backbones.pretrained.errors import CheckpointError
+from capi_backbones.pretrained.page_release import release_pages
 
 __all__ = ["load_state_into_new_model", "resolve_dtype"]
 
@@ -55,8 +56,11 @@ def _shape_hint(state_dict: Mapping[str, Tensor], config: CapiConfig) -> str:
     return f"Its shapes match {what}; pass arch=None to infer it, or the right arch."
 
 
-def _convert(state_dict: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Tensor by tensor, so at most one converted tensor exists besides the (memory-mapped) source."""
+def _convert(
+    state_dict: dict[str, Tensor], dtype: torch.dtype, device: torch.device, release_source: bool
+) -> dict[str, Tensor]:
+    """Tensor by tensor; with ``release_source`` (memory-mapped sources) each source tensor's pages are given
+    back once copied, so the peak stays near the converted model's size."""
     out, conversions = {}, Counter()
     for key in list(state_dict):
         tensor = state_dict[key]
@@ -64,6 +68,8 @@ def _convert(state_dict: dict[str, Tensor], dtype: torch.dtype, device: torch.de
         if tensor.dtype != target:
             conversions[(tensor.dtype, target)] += 1
         out[key] = tensor.to(device=device, dtype=target)
+        if release_source and out[key] is not tensor:
+            release_pages(tensor)
     for (src, dst), n in sorted(conversions.items(), key=str):
         logger.info("Converted %d tensors from %s to %s", n, src, dst)
     return out
@@ -78,11 +84,13 @@ def load_state_into_new_model(
     dtype: torch.dtype | str | None = None,
     strict: bool = True,
     source: str = "",
+    memory_mapped: bool = False,
 ) -> CapiModel:
     """Build ``model_cls(config)`` on meta and assign the (filtered, checked) tensors; returns it in eval mode.
 
     ``strict=False`` only tolerates unexpected keys (logged as a warning and dropped). Missing keys and shape
     mismatches always raise: a model is never returned with random or uninitialised (meta) weights.
+    ``memory_mapped``: the tensors are mapped from a file, so their pages may be released after conversion.
     """
     device = torch.device(device)
     if device.type == "meta":
@@ -97,7 +105,7 @@ def load_state_into_new_model(
     if diff.unexpected:
         logger.warning("strict=False: ignoring %d unexpected keys: %s", len(diff.unexpected), list(diff.unexpected))
         filtered = {k: v for k, v in filtered.items() if k not in set(diff.unexpected)}
-    model.load_state_dict(_convert(filtered, dtype, device), strict=True, assign=True)
+    model.load_state_dict(_convert(filtered, dtype, device, memory_mapped), strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise CheckpointError(f"After loading {source}, {len(left_on_meta)} tensors are still on meta: {left_on_meta}.")

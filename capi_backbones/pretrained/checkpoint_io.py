@@ -54,6 +54,7 @@ class LoadedCheckpoint:
     tensors: dict[str, Tensor]  # flat key -> tensor, as stored (nested dicts joined with ".")
     config: CapiConfig | None = None  # from safetensors metadata, when present
     skipped: tuple[str, ...] = field(default=())  # non-tensor entries (epoch counters, ...)
+    memory_mapped: bool = False  # tensors are views of a file mapping, not private memory
 
 
 def _fix_hint(path: Path) -> str:
@@ -149,7 +150,14 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     if skipped:
         logger.info("Ignored %d non-tensor entries of %s: %s", len(skipped), path.name, ", ".join(skipped[:10]))
     fmt = "safetensors" if kind == "safetensors" else "pytorch"
-    return LoadedCheckpoint(path=path, format=fmt, tensors=tensors, config=config, skipped=tuple(skipped))
+    return LoadedCheckpoint(
+        path=path,
+        format=fmt,
+        tensors=tensors,
+        config=config,
+        skipped=tuple(skipped),
+        memory_mapped=kind in ("safetensors", "pytorch-zip"),  # safe_open and torch.load(mmap=True) map the file
+    )
 
 
 @contextmanager

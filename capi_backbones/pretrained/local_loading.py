@@ -86,4 +86,5 @@ def load_local(
         dtype=dtype,
         strict=strict,
         source=str(weights_file),
+        memory_mapped=checkpoint.memory_mapped,
     )
