@@ -143,7 +143,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for row in loading_rss(Path(tmp)):
                 delta = row["peak"] - row["before"]
-                print(f"  {row['file']:<22} file {row['file_bytes'] / 2**30:.2f} GiB, weights {row['weights'] / 2**30:.2f}"
+                gib = 2**30
+                print(f"  {row['file']:<22} file {row['file_bytes'] / gib:.2f} GiB, weights {row['weights'] / gib:.2f}"
                       f" GiB, peak RSS {row['peak'] / 2**30:.2f} GiB (+{delta / 2**30:.2f} GiB over the "
                       f"{row['before'] / 2**30:.2f} GiB after imports) = {delta / row['weights']:.2f}x the weights")
 
