@@ -265,3 +265,20 @@ def test_many_sizes_run_early_to_bound_memory(monkeypatch):
     assert [c[0] for c in calls] == [2, 1, 1, 1]  # without the bound: [3, 1, 1]
     for image, output in zip(images, outputs, strict=True):
         torch.testing.assert_close(output.pooled, extractor(image).pooled, rtol=1e-4, atol=ATOL)
+
+
+def test_timm_created_model_gives_the_native_features():
+    import timm
+    from skimage import data
+
+    from capi_backbones import FeatureExtractor, create_model
+
+    torch.manual_seed(0)
+    native = create_model("capi_vits14", depth=2, pred_depth=1).eval()
+    timm_model = timm.create_model("capi_vits14", pretrained=False, depth=2, pred_depth=1).eval()
+    timm_model.load_state_dict(native.state_dict())
+    image = data.astronaut()[::4, ::4]
+    expected = FeatureExtractor(native, image_size=56)(image)
+    got = FeatureExtractor(timm_model, image_size=56)(image)
+    assert torch.equal(got.patch_features, expected.patch_features)
+    assert torch.equal(got.pooled, expected.pooled)
