@@ -37,13 +37,7 @@ def write_images(folder, names=IMAGES) -> None:
 def count_images(extractor: FeatureExtractor) -> list[int]:
     """Batch sizes of the model calls."""
     calls = []
-    original = extractor.model.forward_features
-
-    def counting(x, **kwargs):
-        calls.append(x.shape[0])
-        return original(x, **kwargs)
-
-    extractor.model.forward_features = counting
+    extractor.model.patch_embed.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     return calls
 
 

@@ -14,8 +14,6 @@ exists whole or not at all.
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from capi_backbones.atomic_files import atomic_folder, atomic_path
 
 __all__ = ["FORMATS", "SavedShard", "read_shard", "write_shard"]
 
@@ -48,9 +48,11 @@ def write_shard(path: Path, shard: SavedShard, *, format: str) -> None:
     description = {"files": shard.files, "grid_size": list(shard.grid_size), "image_size": list(shard.image_size)}
     if format == "safetensors":
         metadata = {key: json.dumps(value) for key, value in description.items()}
-        _atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     elif format == "npy":
-        _atomic_folder(path, lambda tmp: _write_npy_folder(tmp, tensors, description))
+        with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
+            _write_npy_folder(tmp, tensors, description)
     else:
         raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
 
@@ -85,28 +87,3 @@ def read_shard(path: str | os.PathLike) -> SavedShard:
         grid_size=tuple(description["grid_size"]),
         image_size=tuple(description["image_size"]),
     )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_file(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _atomic_file(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_folder(path: Path, write) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, path)  # fails if the folder exists: ShardWriter never reuses a shard name
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

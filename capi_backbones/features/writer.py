@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.features.output import FeatureOutput
-from capi_backbones.features.shards import FORMATS, SavedShard, atomic_write_text, read_shard, write_shard
+from capi_backbones.features.shards import FORMATS, SavedShard, read_shard, write_shard
 
 __all__ = ["DEFAULT_SHARD_SIZE", "INDEX_NAME", "STORAGE_DTYPES", "ShardWriter", "load_index", "load_saved_features"]
 

@@ -8,9 +8,7 @@ Reading sniffs the file's first bytes, so a mis-named, truncated or non-checkpoi
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from capi_backbones.atomic_files import atomic_path
 from capi_backbones.models import CapiConfig
 from capi_backbones.pretrained.architecture import BACKBONE_PREFIX
 from capi_backbones.pretrained.errors import CheckpointError
@@ -26,7 +25,6 @@ from capi_backbones.pretrained.errors import CheckpointError
 __all__ = [
     "CONFIG_METADATA_KEY",
     "LoadedCheckpoint",
-    "atomic_path",
     "read_checkpoint",
     "save_official_checkpoint",
     "save_safetensors",
@@ -158,21 +156,6 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         skipped=tuple(skipped),
         memory_mapped=kind in ("safetensors", "pytorch-zip"),  # safe_open and torch.load(mmap=True) map the file
     )
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` on success, delete it on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:

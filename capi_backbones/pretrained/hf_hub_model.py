@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 
+from capi_backbones.atomic_files import atomic_path
 from capi_backbones.models import CapiConfig, CapiModel
-from capi_backbones.pretrained.checkpoint_io import atomic_path, save_safetensors
+from capi_backbones.pretrained.checkpoint_io import save_safetensors
 from capi_backbones.pretrained.local_loading import load_local
 from capi_backbones.pretrained.network import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE, download_hub_files, parse_hub_source
 from capi_backbones.pretrained.weights import PretrainedWeights

@@ -17,7 +17,7 @@ from urllib.request import Request, getproxies, proxy_bypass, urlopen
 import torch
 from tqdm import tqdm
 
-from capi_backbones.pretrained.checkpoint_io import atomic_path
+from capi_backbones.atomic_files import atomic_path
 from capi_backbones.pretrained.errors import DownloadError
 
 __all__ = [

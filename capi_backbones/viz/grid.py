@@ -6,13 +6,13 @@ interpolation by default, which keeps the patch edges crisp ("bilinear"/"bicubic
 small parts)."""
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from capi_backbones.atomic_files import atomic_path
 from capi_backbones.viz.colormap import coolwarm
 from capi_backbones.viz.pca import PcaResult
 
@@ -139,25 +139,11 @@ def pca_grid(
     return canvas
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return mask
-
-
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` as PNG atomically (temporary file in the same folder, then rename). Creates the folder."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"Output file {str(path)!r} must end in .png.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", optimize=True)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", optimize=True)
     return path
