@@ -5,13 +5,11 @@ import logging
 import sys
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.cli.model_options import add_model_options, model_source
 
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "capi_vitl14_lvd"
 
 
 def register(subparsers) -> None:
@@ -28,24 +26,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"pretrained weights name (default {DEFAULT_MODEL} unless --weights is given), or an architecture "
-        "name such as capi_vits14 to go with --weights",
-    )
-    parser.add_argument(
-        "--weights", default=None, metavar="PATH", help="local checkpoint (.pth/.safetensors); architecture inferred"
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=DEFAULT_IMAGE_SIZE,
-        help=f"shorter side in pixels, a multiple of 14 (default {DEFAULT_IMAGE_SIZE}); the longer side keeps the "
-        "aspect ratio, rounded to a multiple of 14",
-    )
+    add_model_options(parser)
     parser.add_argument("--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead")
     parser.add_argument("--format", choices=("safetensors", "npy"), default="safetensors", help="shard format")
     parser.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
@@ -67,9 +48,8 @@ def run_extract(args: argparse.Namespace) -> int:
 
     try:
         expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
-        model = args.model if args.model is not None or args.weights is not None else DEFAULT_MODEL
         extractor = FeatureExtractor(
-            model,
+            model_source(args),
             weights=args.weights,
             device=args.device,
             image_size=args.image_size,
@@ -89,7 +69,7 @@ def run_extract(args: argparse.Namespace) -> int:
         )
     except USER_ERRORS as error:
         logger.debug("extract failed", exc_info=True)  # the traceback, with --verbose
-        raise CliError(str(error).strip().splitlines()[0] if str(error).strip() else repr(error)) from error
+        raise CliError.from_exception(error) from error
     print(
         f"{summary.n_written} images written in {len(summary.shards)} shard(s), {summary.n_skipped} already done, "
         f"{len(summary.failed)} failed; index: {summary.index_path}",

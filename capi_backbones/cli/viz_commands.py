@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.cli.feature_commands import DEFAULT_MODEL
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.cli.model_options import add_model_options, model_source
 from capi_backbones.models import ARCHITECTURES
 
 __all__ = ["register"]
@@ -44,24 +43,7 @@ def register(subparsers) -> None:
         "refit the PCA on them and show the rest black. Look at the component 1 column of a run without it "
         "to choose T",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"pretrained weights name (default {DEFAULT_MODEL} unless --weights is given), or an architecture "
-        "name such as capi_vits14 to go with --weights",
-    )
-    parser.add_argument(
-        "--weights", default=None, metavar="PATH", help="local checkpoint (.pth/.safetensors); architecture inferred"
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=DEFAULT_IMAGE_SIZE,
-        help=f"shorter side in pixels, a multiple of 14 (default {DEFAULT_IMAGE_SIZE}); the longer side keeps the "
-        "aspect ratio. Larger sizes give finer maps (448: 32 patches on the shorter side)",
-    )
+    add_model_options(parser, image_size_note=". Larger sizes give finer maps (448: 32 patches on the shorter side)")
     parser.add_argument("--tile-height", type=int, default=224, help="height of each picture in pixels (default 224)")
     parser.add_argument(
         "--resample",
@@ -99,9 +81,12 @@ def run_pca(args: argparse.Namespace) -> int:
     try:
         sources = expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
         images = [load_image(source) for source in sources]
-        model = args.model if args.model is not None or args.weights is not None else DEFAULT_MODEL
         extractor = FeatureExtractor(
-            model, weights=args.weights, device=args.device, image_size=args.image_size, batch_size=args.batch_size
+            model_source(args),
+            weights=args.weights,
+            device=args.device,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
         )
         outputs = extractor.extract(images, pooled=False)
         maps = [output.patch_features[0].numpy() for output in outputs]  # (h, w, D) each
@@ -113,7 +98,7 @@ def run_pca(args: argparse.Namespace) -> int:
         save_png(grid, out)
     except USER_ERRORS as error:
         logger.debug("pca failed", exc_info=True)  # the traceback, with --verbose
-        raise CliError(str(error).strip().splitlines()[0] if str(error).strip() else repr(error)) from error
+        raise CliError.from_exception(error) from error
     kind = "joint PCA" if args.joint else "per-image PCA"
     print(f"wrote {out} ({len(images)} images, {kind}, {grid.width}x{grid.height} px)", file=sys.stderr)
     return 0
