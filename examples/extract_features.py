@@ -8,35 +8,19 @@ python examples/extract_features.py my_photo.jpg my_folder/  # your own images
 
 import argparse
 
-import torch
+from example_models import add_model_arguments, build_extractor
 from PIL import Image
 from skimage import data
 
-import capi_backbones
-from capi_backbones.features import FeatureExtractor, expand_inputs
+from capi_backbones.features import expand_inputs
 
 PHOTOS = ("astronaut", "coffee", "chelsea")  # from skimage.data
-
-
-def build_extractor(args: argparse.Namespace) -> FeatureExtractor:
-    options = dict(device=args.device, image_size=args.image_size)
-    if args.random_init:  # offline demo: the official random init, no download
-        torch.manual_seed(0)
-        return FeatureExtractor(capi_backbones.create_model(args.model, pretrained=False), **options)
-    if args.weights:  # a local checkpoint; the architecture is read off its tensor shapes
-        arch = args.model if args.model in capi_backbones.ARCHITECTURES else None
-        return FeatureExtractor(arch, weights=args.weights, **options)
-    return FeatureExtractor(args.model, **options)  # registered weights, downloaded once
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="image files or folders (default: skimage sample photos)")
-    parser.add_argument("--model", default="capi_vitl14_lvd", help="weights name, or architecture with --weights")
-    parser.add_argument("--weights", default=None, help="local checkpoint (.pth / .safetensors)")
-    parser.add_argument("--random-init", action="store_true", help="random weights of --model's architecture")
-    parser.add_argument("--image-size", type=int, default=224, help="shorter side, a multiple of 14")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_model_arguments(parser, image_size=224, image_size_help="shorter side, a multiple of 14")
     args = parser.parse_args()
 
     if args.images:

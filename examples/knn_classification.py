@@ -12,25 +12,11 @@ Digits are 8x8 grey images: they are upsampled to --image-size pixels and repeat
 import argparse
 
 import numpy as np
-import torch
+from example_models import add_model_arguments, build_extractor
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
-
-import capi_backbones
-from capi_backbones.features import FeatureExtractor
-
-
-def build_extractor(args: argparse.Namespace) -> FeatureExtractor:
-    options = dict(device=args.device, image_size=args.image_size, batch_size=args.batch_size)
-    if args.random_init:  # offline demo: the official random init, no download
-        torch.manual_seed(0)
-        return FeatureExtractor(capi_backbones.create_model(args.model, pretrained=False), **options)
-    if args.weights:  # a local checkpoint; the architecture is read off its tensor shapes
-        arch = args.model if args.model in capi_backbones.ARCHITECTURES else None
-        return FeatureExtractor(arch, weights=args.weights, **options)
-    return FeatureExtractor(args.model, **options)  # registered weights, downloaded once
 
 
 def digit_images(limit: int | None, size: int) -> tuple[list[Image.Image], np.ndarray]:
@@ -50,18 +36,14 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="capi_vitl14_lvd", help="weights name, or architecture with --weights")
-    parser.add_argument("--weights", default=None, help="local checkpoint (.pth / .safetensors)")
-    parser.add_argument("--random-init", action="store_true", help="random weights of --model's architecture")
-    parser.add_argument("--image-size", type=int, default=112, help="digit size in pixels, a multiple of 14")
+    add_model_arguments(parser, image_size=112, image_size_help="digit size in pixels, a multiple of 14")
     parser.add_argument("--limit", type=int, default=None, help="use the first N of the 1797 digits")
     parser.add_argument("--k", type=int, default=10, help="neighbours")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args()
 
     images, labels = digit_images(args.limit, args.image_size)
-    out = build_extractor(args)(images)  # one batch output: every digit has the same size
+    out = build_extractor(args, batch_size=args.batch_size)(images)  # one batch output: every digit has the same size
     embeddings = {
         "predictor pooling": out.pooled.numpy(),  # (N, D_pred)
         "mean of patch features": out.patch_features.mean(dim=(1, 2)).numpy(),  # (N, D)

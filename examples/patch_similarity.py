@@ -14,26 +14,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
+from example_models import add_model_arguments, build_extractor
 from PIL import Image, ImageDraw
 from skimage import data
 
-import capi_backbones
-from capi_backbones.features import FeatureExtractor, load_image
+from capi_backbones.features import load_image
 from capi_backbones.viz import coolwarm, save_png, upsample
 
 PADDING = 8
-
-
-def build_extractor(args: argparse.Namespace) -> FeatureExtractor:
-    options = dict(device=args.device, image_size=args.image_size)
-    if args.random_init:  # offline demo: the official random init, no download
-        torch.manual_seed(0)
-        return FeatureExtractor(capi_backbones.create_model(args.model, pretrained=False), **options)
-    if args.weights:  # a local checkpoint; the architecture is read off its tensor shapes
-        arch = args.model if args.model in capi_backbones.ARCHITECTURES else None
-        return FeatureExtractor(arch, weights=args.weights, **options)
-    return FeatureExtractor(args.model, **options)  # registered weights, downloaded once
 
 
 def open_image(name_or_path: str) -> Image.Image:
@@ -112,11 +100,7 @@ def main() -> None:
     parser.add_argument("--col", type=int, default=None, help="patch column in the source grid (default: centre)")
     parser.add_argument("--out", default="similarity.png", help="output PNG")
     parser.add_argument("--interactive", action="store_true", help="click patches in a matplotlib window")
-    parser.add_argument("--model", default="capi_vitl14_lvd", help="weights name, or architecture with --weights")
-    parser.add_argument("--weights", default=None, help="local checkpoint (.pth / .safetensors)")
-    parser.add_argument("--random-init", action="store_true", help="random weights of --model's architecture")
-    parser.add_argument("--image-size", type=int, default=224, help="shorter side, a multiple of 14")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_model_arguments(parser, image_size=224, image_size_help="shorter side, a multiple of 14")
     args = parser.parse_args()
 
     extractor = build_extractor(args)

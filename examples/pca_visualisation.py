@@ -10,26 +10,13 @@ sign-fixed (positive skewness); --joint fits one PCA on all photos so that colou
 
 import argparse
 
-import torch
+from example_models import add_model_arguments, build_extractor
 from PIL import Image
 from skimage import data
 
-import capi_backbones
-from capi_backbones.features import FeatureExtractor
 from capi_backbones.viz import joint_pca_maps, pca_grid, pca_map, save_png
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # from skimage.data
-
-
-def build_extractor(args: argparse.Namespace) -> FeatureExtractor:
-    options = dict(device=args.device, image_size=args.image_size)
-    if args.random_init:  # offline demo: the official random init, no download
-        torch.manual_seed(0)
-        return FeatureExtractor(capi_backbones.create_model(args.model, pretrained=False), **options)
-    if args.weights:  # a local checkpoint; the architecture is read off its tensor shapes
-        arch = args.model if args.model in capi_backbones.ARCHITECTURES else None
-        return FeatureExtractor(arch, weights=args.weights, **options)
-    return FeatureExtractor(args.model, **options)  # registered weights, downloaded once
 
 
 def main() -> None:
@@ -39,12 +26,8 @@ def main() -> None:
     parser.add_argument("--joint", action="store_true", help="one PCA over all photos")
     parser.add_argument("--components", type=int, default=3, help="heatmap columns")
     parser.add_argument("--foreground-threshold", type=float, default=None, help="mask: component 1 above T (std)")
-    parser.add_argument("--model", default="capi_vitl14_lvd", help="weights name, or architecture with --weights")
-    parser.add_argument("--weights", default=None, help="local checkpoint (.pth / .safetensors)")
-    parser.add_argument("--random-init", action="store_true", help="random weights of --model's architecture")
-    parser.add_argument("--image-size", type=int, default=448, help="shorter side, a multiple of 14 (448: 32 patches)")
+    add_model_arguments(parser, image_size=448, image_size_help="shorter side, a multiple of 14 (448: 32 patches)")
     parser.add_argument("--tile-height", type=int, default=224, help="height of each picture in the grid")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args()
 
     photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in args.photos]
