@@ -5,7 +5,7 @@ import logging
 import sys
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.cli.model_options import add_model_options, model_source
+from capi_backbones.cli.model_options import add_model_options, build_extractor
 
 __all__ = ["register"]
 
@@ -44,16 +44,12 @@ def register(subparsers) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from capi_backbones.features import FeatureExtractor, expand_inputs
+    from capi_backbones.features import expand_inputs
 
     try:
         expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
-        extractor = FeatureExtractor(
-            model_source(args),
-            weights=args.weights,
-            device=args.device,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
+        extractor = build_extractor(
+            args,
             keep_aspect=not args.square,
             precision=args.precision,
             num_workers=args.workers,

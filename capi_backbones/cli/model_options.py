@@ -5,7 +5,7 @@ import argparse
 
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE
 
-__all__ = ["DEFAULT_MODEL", "add_model_options", "model_source"]
+__all__ = ["DEFAULT_MODEL", "add_model_options", "build_extractor", "model_source"]
 
 DEFAULT_MODEL = "capi_vitl14_lvd"
 
@@ -35,3 +35,17 @@ def model_source(args: argparse.Namespace) -> str | None:
     """What to pass to FeatureExtractor as the model: --model, or the default weights when neither --model nor
     --weights is given."""
     return args.model if args.model is not None or args.weights is not None else DEFAULT_MODEL
+
+
+def build_extractor(args: argparse.Namespace, **options):
+    """A FeatureExtractor from the shared options, plus command-specific keyword ``options``."""
+    from capi_backbones.features import FeatureExtractor
+
+    return FeatureExtractor(
+        model_source(args),
+        weights=args.weights,
+        device=args.device,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        **options,
+    )

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.cli.model_options import add_model_options, model_source
+from capi_backbones.cli.model_options import add_model_options, build_extractor
 from capi_backbones.models import ARCHITECTURES
 
 __all__ = ["register"]
@@ -75,19 +75,13 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def run_pca(args: argparse.Namespace) -> int:
     out = _check_args(args)
-    from capi_backbones.features import FeatureExtractor, expand_inputs, load_image
+    from capi_backbones.features import expand_inputs, load_image
     from capi_backbones.viz import joint_pca_maps, pca_grid, pca_map, save_png
 
     try:
         sources = expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
         images = [load_image(source) for source in sources]
-        extractor = FeatureExtractor(
-            model_source(args),
-            weights=args.weights,
-            device=args.device,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-        )
+        extractor = build_extractor(args)
         outputs = extractor.extract(images, pooled=False)
         maps = [output.patch_features[0].numpy() for output in outputs]  # (h, w, D) each
         options = dict(n_components=args.components, foreground_threshold=args.foreground_threshold)
