@@ -26,4 +26,4 @@ class Residual(nn.Module):
         # per-sample kwargs (batch dim == b) follow the subset; broadcast ones (batch dim 1) stay
         kwargs = {k: v[keep] if v is not None and v.shape[0] == b else v for k, v in kwargs.items()}
         branch = self.fn(self.norm(x[keep]), **kwargs)
-        return torch.index_add(x, 0, keep, branch, alpha=b / n_keep)
+        return torch.index_add(x, 0, keep, branch.to(x.dtype), alpha=b / n_keep)  # bf16 branch under autocast
