@@ -126,18 +126,18 @@ def test_failing_images_are_reported_and_skipped(tmp_path, caplog):
 def test_a_failed_shard_write_leaves_no_partial_shard(tmp_path, monkeypatch):
     images = tmp_path / "images"
     write_images(images)
-    real_save = shards_module.save_file
+    real_write = shards_module.write_bytes
     writes = []
 
-    def failing_save(tensors, path, metadata=None):
+    def failing_write(path, data):
         writes.append(path)
         if len(writes) == 2:  # the second shard dies half way
             with open(path, "wb") as handle:
                 handle.write(b"partial")
             raise OSError("disk full")
-        real_save(tensors, path, metadata=metadata)
+        real_write(path, data)
 
-    monkeypatch.setattr(shards_module, "save_file", failing_save)
+    monkeypatch.setattr(shards_module, "write_bytes", failing_write)
     extractor = tiny_extractor(batch_size=1)
     with pytest.raises(OSError, match="disk full"):
         extractor.extract_to_disk(images, tmp_path / "out", shard_size=1, progress=False)
@@ -146,7 +146,7 @@ def test_a_failed_shard_write_leaves_no_partial_shard(tmp_path, monkeypatch):
     index = load_index(tmp_path / "out")
     assert [s["name"] for s in index["shards"]] == ["shard_00000.safetensors"]
 
-    monkeypatch.setattr(shards_module, "save_file", real_save)  # resume after the crash
+    monkeypatch.setattr(shards_module, "write_bytes", real_write)  # resume after the crash
     summary = tiny_extractor().extract_to_disk(images, tmp_path / "out", shard_size=1, progress=False)
     assert summary.n_skipped == 1 and summary.n_written == 4
     assert sorted(saved_by_name(tmp_path / "out")) == sorted(IMAGES)

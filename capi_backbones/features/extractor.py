@@ -4,6 +4,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +16,22 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE, PATCH_SIZE
+from capi_backbones.features.folder_lock import FolderBusyError, FolderLock
 from capi_backbones.features.images import ImageSource, expand_inputs, iter_file_paths, to_rgb_tensor
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
-from capi_backbones.features.writer import DEFAULT_SHARD_SIZE, ShardWriter
+from capi_backbones.features.writer import (
+    DEFAULT_SHARD_SIZE,
+    ShardWriter,
+    check_writer_options,
+    load_index,
+    make_folder,
+    merge_rank_manifests,
+    prepare_folder,
+)
 from capi_backbones.models import ARCHITECTURES, CapiModel
 
-__all__ = ["ExtractionSummary", "FeatureExtractor", "resolve_model"]
+__all__ = ["ExtractionInterrupted", "ExtractionSummary", "FeatureExtractor", "FolderBusyError", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +49,8 @@ class ExtractionSummary:
     n_skipped: int  # images already in the index (resumed), not recomputed
     failed: dict[str, str] = field(default_factory=dict)  # recorded name -> error message, for this run
     shards: list[str] = field(default_factory=list)  # shard names written in this run
+    failed_before: dict[str, str] = field(default_factory=dict)  # unchanged images that failed in an earlier run,
+    # skipped (name -> recorded error); retry_failed=True tries them again
 
 
 def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike | None") -> tuple[CapiModel, str]:
@@ -87,9 +100,14 @@ def _check_device(device: str | torch.device) -> torch.device:
 
 
 def weights_fingerprint(model: CapiModel) -> str:
-    """A short hash of the patch embedding, to tell models apart when resuming an extraction."""
-    weight = model.patch_embed.weight.detach().float().cpu().contiguous()
-    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
+    """SHA-256 over every tensor of the state dict (names, dtypes, shapes and bytes), to refuse resuming an
+    extraction with other weights. Any changed value, even in one block of a fine-tuned model, changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 too)
+    return "sha256:" + digest.hexdigest()
 
 
 class _PreprocessedImages(Dataset):
@@ -237,33 +255,92 @@ class FeatureExtractor:
         pooled: bool = True,
         dtype: str = "float32",
         progress: bool = True,
+        retry_failed: bool = False,
     ) -> ExtractionSummary:
         """Extract features of image files and directories into shards under ``out_dir``; resumable.
 
         Writes ``out_dir/index.json`` and shards ``shard_00000.safetensors`` (or ``shard_00000/`` folders of
         ``.npy`` files with ``format="npy"``), each holding up to ``shard_size`` images of one processed size
-        (see ``capi_backbones.features.writer`` for the layout). Each shard is written to a temporary name and
-        renamed, and the index is rewritten the same way after each shard, so no partial shard ever appears.
+        (see ``capi_backbones.features.writer`` for the layout and the rules below). Each shard is written to a
+        temporary name and renamed, and the index is rewritten the same way after each shard, so no partial shard
+        ever appears. Ctrl-C and SIGTERM write the finished images into a last shard and the index, then raise
+        KeyboardInterrupt.
 
         A re-run into the same ``out_dir`` skips the images already listed in the index (and refuses to mix in
-        features made with other settings or another model). An unreadable image is logged with its name,
-        recorded under ``failed`` in the index, and skipped; the run goes on (failed images are tried again on
-        the next run). ``dtype`` is the storage dtype, ``"float32"`` or ``"float16"``.
+        features made with other settings or another model; it first checks that the listed shards are intact and
+        redoes the images of missing or truncated ones). A second run into a folder that a run is writing raises
+        :class:`FolderBusyError`. An image that cannot be read, is too elongated, or makes the model fail (out of
+        memory, ...) is logged with its name, recorded under ``failed`` in the index, and skipped; the run goes on.
+        Later runs skip it too (listed in ``failed_before``) until the file changes, or with ``retry_failed=True``.
+        ``dtype`` is the storage dtype, ``"float32"`` or ``"float16"``.
+
+        Many processes: when ``torch.distributed`` is initialised (e.g. under ``torchrun``), every rank calls this
+        with the same arguments; rank ``r`` of ``N`` extracts every N-th remaining image and writes its own shards,
+        and one index results. Each rank returns the summary of the whole run. An interrupted run resumes with
+        any number of ranks.
         """
         paths = [p.resolve() for p in iter_file_paths(expand_inputs(inputs))]
         paths = list(dict.fromkeys(paths))  # a file given twice is done once
-        writer = ShardWriter(
-            Path(out_dir),
-            format=format,
-            shard_size=shard_size,
-            dtype=dtype,
-            settings=self._settings(pooled),
-            root=_common_root(inputs),
-        )
-        todo = [p for p in paths if p not in writer.done]
-        n_skipped = len(paths) - len(todo)
-        if n_skipped:
-            logger.info("Resuming in %s: %d of %d images already done.", out_dir, n_skipped, len(paths))
+        out_dir = Path(out_dir)
+        options = {"format": format, "dtype": dtype, "settings": self._settings(pooled), "root": _common_root(inputs)}
+        rank, world_size = _process_group()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_sigterm_as_interrupt())
+            if world_size == 1:
+                check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
+                make_folder(out_dir)
+                stack.enter_context(FolderLock(out_dir))
+                writer = ShardWriter(out_dir, shard_size=shard_size, **options)
+            else:
+                setup_error = None
+                if rank == 0:
+                    try:
+                        check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
+                        make_folder(out_dir)
+                        stack.enter_context(FolderLock(out_dir))
+                        prepare_folder(out_dir, **options)
+                    except Exception as error:  # every rank raises it, not only rank 0
+                        setup_error = error
+                shared = [setup_error]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                if shared[0] is not None:
+                    raise shared[0]
+                writer = ShardWriter(out_dir, shard_size=shard_size, rank=rank, world_size=world_size, **options)
+            summary = self._extract_into(writer, paths, pooled=pooled, progress=progress, retry_failed=retry_failed)
+            summary.out_dir = out_dir
+            if world_size > 1:
+                torch.distributed.barrier()  # every rank's manifest is complete
+                if rank == 0:
+                    merge_rank_manifests(out_dir, load_index(out_dir))
+                summaries = [None] * world_size
+                torch.distributed.all_gather_object(summaries, summary)  # also waits for the merge
+                summary = _combine(summaries)
+        return summary
+
+    def _extract_into(
+        self, writer: ShardWriter, paths: list[Path], *, pooled: bool, progress: bool, retry_failed: bool
+    ) -> ExtractionSummary:
+        """Extract this rank's share of the images of ``paths`` not yet done into ``writer``."""
+        remaining = [p for p in paths if p not in writer.done]
+        n_skipped = len(paths) - len(remaining)
+        failed_before = {}
+        todo = []
+        for path in remaining:
+            error = None if retry_failed else writer.failed_before(path)
+            if error is None:
+                todo.append(path)
+            else:
+                failed_before[writer.name_of(path)] = error
+        if n_skipped or failed_before:
+            logger.info(
+                "Resuming in %s: %d of %d images already done, %d failed before (unchanged, skipped).",
+                writer.out_dir,
+                n_skipped,
+                len(paths),
+                len(failed_before),
+            )
+        rank, world_size = _process_group()
+        todo = todo[rank::world_size]
         failed: dict[str, str] = {}
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
         try:
@@ -277,20 +354,22 @@ class FeatureExtractor:
                 bar.set_postfix(failed=len(failed), refresh=False)
             bar.update(n_written + len(failed) - bar.n)
         except KeyboardInterrupt:
-            self._record_failures(writer, failed)
-            writer.finish()  # keep the finished images
+            with _signals_ignored():
+                self._record_failures(writer, failed)
+                writer.finish()  # keep the finished images
             raise
         finally:
             bar.close()
         self._record_failures(writer, failed)
         writer.finish()
         return ExtractionSummary(
-            out_dir=Path(out_dir),
+            out_dir=writer.out_dir,
             index_path=writer.index_path,
             n_written=len(todo) - len(failed),
             n_skipped=n_skipped,
             failed={writer.name_of(Path(name)): message for name, message in failed.items()},
             shards=writer.shards_written,
+            failed_before=failed_before,
         )
 
     @staticmethod
@@ -345,11 +424,36 @@ class FeatureExtractor:
             group = pending.setdefault(size, [])
             group.append((index, pixels))
             if len(group) == self.batch_size:
-                yield self._run_group(pending.pop(size), pooled)
+                yield from self._run_groups(pending.pop(size), pooled, sources, failures)
             elif sum(map(len, pending.values())) >= MAX_PENDING_BATCHES * self.batch_size:  # many sizes: bound memory
-                yield self._run_group(pending.pop(max(pending, key=lambda s: len(pending[s]))), pooled)
+                largest = pending.pop(max(pending, key=lambda s: len(pending[s])))
+                yield from self._run_groups(largest, pooled, sources, failures)
         for group in sorted(pending.values(), key=lambda g: g[0][0]):
-            yield self._run_group(group, pooled)
+            yield from self._run_groups(group, pooled, sources, failures)
+
+    def _run_groups(
+        self,
+        group: list[tuple[int, Tensor]],
+        pooled: bool,
+        sources: list[ImageSource],
+        failures: dict[str, str] | None,
+    ) -> list[tuple[list[int], FeatureOutput]]:
+        """Run one group. With ``failures``, a model error (RuntimeError such as out of memory, MemoryError) is
+        retried image by image, and an image that fails alone is recorded and skipped: one image cannot end a run."""
+        try:
+            return [self._run_group(group, pooled)]
+        except (RuntimeError, MemoryError) as error:
+            if failures is None:
+                raise
+            message = f"{type(error).__name__} in the model: {(str(error).strip().splitlines() or [''])[0]}"
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(group) > 1:
+            return [result for item in group for result in self._run_groups([item], pooled, sources, failures)]
+        source = sources[group[0][0]]
+        failures[str(source)] = message
+        logger.warning("Skipping %s: %s", source, message)
+        return []
 
     def _run_group(self, group: list[tuple[int, Tensor]], pooled: bool) -> tuple[list[int], FeatureOutput]:
         indices = [i for i, _ in group]
@@ -376,6 +480,66 @@ class FeatureExtractor:
             grid_size=(h, w),
             image_size=tuple(batch.shape[-2:]),
         )
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """SIGTERM during ``extract_to_disk``, handled like Ctrl-C (finished images saved). ``exit_code`` = 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (sent by schedulers, ``kill``, torchrun) into :class:`ExtractionInterrupted` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise ExtractionInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Let the final flush after an interrupt finish: a second Ctrl-C or SIGTERM would lose the finished images."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group, or (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _combine(summaries: list[ExtractionSummary]) -> ExtractionSummary:
+    """The summary of a whole multi-rank run from the summaries of its ranks."""
+    first = summaries[0]
+    return ExtractionSummary(
+        out_dir=first.out_dir,
+        index_path=first.index_path,
+        n_written=sum(s.n_written for s in summaries),
+        n_skipped=first.n_skipped,
+        failed={name: message for s in summaries for name, message in s.failed.items()},
+        shards=[name for s in summaries for name in s.shards],
+        failed_before=first.failed_before,
+    )
 
 
 def _common_root(inputs) -> Path:

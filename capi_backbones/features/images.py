@@ -17,6 +17,7 @@ images must hold values in [0, 1]. EXIF orientation is applied to files and to P
 """
 
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from capi_backbones.constants import IMAGE_EXTENSIONS
 
 __all__ = [
     "ImageSource",
+    "check_regular_file",
     "expand_inputs",
     "find_image_files",
     "is_image_path",
@@ -104,8 +106,20 @@ def _expand_path(path: Path) -> list[Path]:
     return [path]
 
 
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise OSError naming ``path`` unless it is a regular file (or a link to one). Never opens it, so a FIFO or a
+    device with an image extension cannot block the caller."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise OSError(f"Cannot read image '{path}': it is {kind}, not a regular file.")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file to RGB with its EXIF orientation applied. Raises OSError/ValueError naming the file."""
+    """Decode an image file to RGB with its EXIF orientation applied. Raises OSError/ValueError naming the file.
+
+    Only regular files are opened: a FIFO or device named ``*.jpg`` is refused without reading it."""
+    check_regular_file(path)
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)  # returns a new, loaded image (or a copy)
@@ -135,6 +149,8 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
 
 def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
     values = np.asarray(image)
+    if image.mode == "F" and values.size and not np.isfinite(values).all():
+        raise ValueError("F (float) image holds NaN or infinite values. Replace them before extracting features.")
     if image.mode == "F":
         low, high, scale = 0.0, 1.0, 255.0
     else:  # I;16, I;16B, I;16L, I;16N, I (16-bit PNG/TIFF data in a 32-bit container)
@@ -190,6 +206,10 @@ def _check_tensor(tensor: Tensor) -> Tensor:
     if tensor.dtype == torch.uint8:
         pass
     elif tensor.is_floating_point():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                "Float image tensor holds NaN or infinite values. Pass raw pixels in [0, 1] (or a uint8 tensor)."
+            )
         low, high = tensor.min().item(), tensor.max().item()
         if low < 0.0 or high > 1.0:
             raise ValueError(

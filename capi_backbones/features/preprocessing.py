@@ -6,6 +6,11 @@ Size policy (one rule, used everywhere):
   the longer side to the nearest multiple of the patch size (14). ``image_size`` itself must be a multiple of the
   patch size, so the shorter side is exact and the aspect ratio is kept up to at most half a patch (7 px) on the
   longer side. Small images are scaled up, large ones down.
+- Size cap (``keep_aspect=True``): an image whose longer side is more than ``MAX_ASPECT_RATIO`` (10) times its
+  shorter side is refused with a ValueError naming its size (``extract_to_disk`` records it as failed and goes on):
+  its processed longer side would exceed 10 x ``image_size`` (a 20 x 10000 image would become a 224 x 112000
+  input). Crop such images, or use ``keep_aspect=False``. Decoding itself is capped by Pillow's decompression-bomb
+  limit (about 179 megapixels).
 - ``keep_aspect=False``: resize to a fixed ``image_size x image_size`` square (the aspect ratio is not kept; every
   image gets the same patch grid, so any set of images can be batched together).
 
@@ -24,7 +29,9 @@ from torch import Tensor
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 from capi_backbones.models import nearest_valid_sizes
 
-__all__ = ["Preprocessor", "resize_and_normalize"]
+__all__ = ["MAX_ASPECT_RATIO", "Preprocessor", "resize_and_normalize"]
+
+MAX_ASPECT_RATIO = 10  # longer side / shorter side accepted with keep_aspect (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,20 @@ class Preprocessor:
     def _round_to_patch(self, size: float) -> int:
         return max(self.patch_size, math.floor(size / self.patch_size + 0.5) * self.patch_size)  # ties round up
 
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError for an image the size cap refuses (see the module docstring)."""
+        if not self.keep_aspect:
+            return
+        short, long = min(height, width), max(height, width)
+        if long > MAX_ASPECT_RATIO * short:
+            raise ValueError(
+                f"Image of {height}x{width} pixels is more than {MAX_ASPECT_RATIO} times longer than wide, the limit "
+                f"with keep_aspect (it would become a {self.image_size}x{self.image_size * long // short} px input). "
+                "Crop it, or resize to a square (keep_aspect=False, --square)."
+            )
+
     def __call__(self, image: Tensor) -> Tensor:
+        self.check_size(*image.shape[-2:])
         return resize_and_normalize(image, self.output_size(*image.shape[-2:]), mean=self.mean, std=self.std)
 
 

@@ -8,8 +8,9 @@ A shard holds the features of up to ``shard_size`` images that share one process
 - ``format="npy"``: a folder ``shard_00000/`` with ``patch_features.npy``, ``registers.npy``, optional
   ``pooled.npy`` and ``files.json`` (``{"files": [...], "grid_size": [h, w], "image_size": [H, W]}``).
 
-Both are written under a hidden temporary name in the same folder and renamed into place, so a shard either
-exists whole or not at all.
+Both are written under a hidden temporary name in the same folder (``capi_backbones.atomic_files``, which also sets
+the file modes) and renamed into place, so a shard either exists whole or not at all. Write errors (disk full, no
+permission) are OSErrors with their errno and the file name.
 """
 
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
@@ -49,12 +50,19 @@ def write_shard(path: Path, shard: SavedShard, *, format: str) -> None:
     if format == "safetensors":
         metadata = {key: json.dumps(value) for key, value in description.items()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            write_bytes(tmp, save(tensors, metadata=metadata))
     elif format == "npy":
         with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
             _write_npy_folder(tmp, tensors, description)
     else:
         raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with Python's file I/O, so that a full disk raises OSError(ENOSPC) naming the file
+    (safetensors' own writer raises its SafetensorError instead)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> None:

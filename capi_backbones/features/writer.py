@@ -3,10 +3,11 @@
 Layout of an output folder::
 
     out_dir/
-      index.json               # the manifest, rewritten atomically after every shard
-      shard_00000.safetensors  # or shard_00000/ (npy format), see capi_backbones.features.shards
+      index.json                  # the manifest, rewritten atomically after every shard
+      shard_00000.safetensors     # or shard_00000/ (npy format), see capi_backbones.features.shards
       shard_00001.safetensors
-      ...
+      shard_00002-r0001.safetensors  # written by rank 1 of a multi-rank (torchrun) run
+      index.rank00001.json        # rank 1's own manifest while a multi-rank run is going (merged, then deleted)
 
 ``index.json``::
 
@@ -14,17 +15,33 @@ Layout of an output folder::
      "root": "/abs/folder",                      # image names are POSIX paths relative to it
      "settings": {"model": ..., "config": {...}, "weights_fingerprint": ..., "image_size": 224, ...},
      "shards": [{"name": "shard_00000.safetensors", "count": 256, "grid_size": [16, 16],
-                 "image_size": [224, 224], "files": ["a/1.jpg", ...]}, ...],
-     "failed": [{"file": "b/broken.jpg", "error": "Cannot read image ..."}]}
+                 "image_size": [224, 224], "bytes": 25171224, "files": ["a/1.jpg", ...]}, ...],
+     "failed": [{"file": "b/broken.jpg", "error": "Cannot read image ...", "size": 1234, "mtime_ns": ...}]}
 
 An image is done once it is listed in a shard of the index; shards are only listed after they are renamed into
 place, so a crash loses at most the images not yet in a shard.
+
+**Many runs, many ranks.** One run writes a folder at a time (the run lock, an ``flock`` on the folder, see
+``capi_backbones.features.folder_lock``: a second concurrent run refuses at once, nothing is lost). Within a
+multi-rank run every rank writes shards with its own name suffix (``-r0001``) and its own manifest
+``index.rankNNNNN.json``; rank 0 merges the manifests into ``index.json`` at the end. Whoever opens the folder next
+(one process or any number of ranks) first merges manifests left by an interrupted run, so a resumed run needs no
+knowledge of how many ranks came before.
+
+**Resume does not trust the index.** Before a run, every listed shard must exist with the size recorded at
+writing (the cheap half of ``capi-backbones verify``). A missing or truncated shard is dropped from the index with a
+warning naming it, and its images are extracted again. Unlisted shard files and temporary files of interrupted
+writes (names matching ours only) are deleted; the run lock guarantees that no other run is writing them.
+
+**Failed images** are recorded with the file's size and modification time, and skipped by later runs (reported
+again) unless the file changed or ``retry_failed=True`` (``--retry-failed``): an image that crashed the model is
+not fed to it on every run.
 """
 
 import json
 import logging
 import os
-import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,8 +49,26 @@ import torch
 from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.shards import FORMATS, SavedShard, read_shard, write_shard
+from capi_backbones.features.verification import (
+    PART_NAME,
+    SHARD_NAME,
+    check_listed_shards,
+    find_leftovers,
+    shard_bytes,
+)
 
-__all__ = ["DEFAULT_SHARD_SIZE", "INDEX_NAME", "STORAGE_DTYPES", "ShardWriter", "load_index", "load_saved_features"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "INDEX_NAME",
+    "STORAGE_DTYPES",
+    "ShardWriter",
+    "check_writer_options",
+    "load_index",
+    "load_saved_features",
+    "make_folder",
+    "merge_rank_manifests",
+    "prepare_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +78,116 @@ DEFAULT_SHARD_SIZE = 256
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INFORMATIONAL_SETTINGS = ("model",)  # recorded, not compared on resume (the same file may be named differently)
 MAX_PENDING_SHARDS = 2  # images held in memory, in shards; then the fullest bucket is written as a smaller shard
-_SHARD_NAME = re.compile(r"^shard_(\d+)(\.safetensors)?$")
+
+
+def check_writer_options(*, format: str, shard_size: int, dtype: str) -> None:
+    """Raise a ValueError for an unknown shard format or storage dtype, or a bad shard size."""
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format '{format}'. Choose one of {list(FORMATS)}.")
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}.")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"Unknown storage dtype '{dtype}'. Choose one of {list(STORAGE_DTYPES)}.")
+
+
+def make_folder(out_dir: Path) -> None:
+    """Create the output folder (and its parents); a ValueError if the path is a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"Output path '{out_dir}' exists and is not a directory.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _new_index(*, format: str, dtype: str, settings: dict, root: Path) -> dict:
+    return {
+        "version": INDEX_VERSION,
+        "format": format,
+        "dtype": dtype,
+        "settings": settings,
+        "root": str(root),
+        "shards": [],
+        "failed": [],
+    }
+
+
+def _check_compatible(out_dir: Path, index: dict, new_index: dict) -> None:
+    diffs = [
+        f"{key}: {index.get(key)!r} vs {new_index[key]!r}"
+        for key in ("version", "format", "dtype")
+        if index.get(key) != new_index[key]
+    ]
+    old_settings = {k: v for k, v in (index.get("settings") or {}).items() if k not in INFORMATIONAL_SETTINGS}
+    new_settings = {k: v for k, v in new_index["settings"].items() if k not in INFORMATIONAL_SETTINGS}
+    diffs += [
+        f"{key}: {old_settings.get(key)!r} vs {new_settings.get(key)!r}"
+        for key in sorted(set(old_settings) | set(new_settings))
+        if old_settings.get(key) != new_settings.get(key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"'{out_dir}' already holds features made differently ({'; '.join(diffs)}; saved vs now). "
+            "Use another output folder, or delete this one to start over."
+        )
+
+
+def _save_index(out_dir: Path, index: dict) -> None:
+    atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=1))
+
+
+def _delete(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def merge_rank_manifests(out_dir: Path, index: dict) -> dict:
+    """Add the shards and failures of every ``index.rankNNNNN.json`` to ``index``, save it, then delete the
+    manifests (in that order: a crash in between only repeats the merge, which skips shards already listed)."""
+    parts = sorted(p for p in out_dir.iterdir() if PART_NAME.match(p.name))
+    if not parts:
+        return index
+    listed = {entry["name"] for entry in index["shards"]}
+    failed = {entry["file"]: entry for entry in index["failed"]}
+    for part_path in parts:
+        try:
+            part = json.loads(part_path.read_text())
+        except json.JSONDecodeError as error:  # written atomically, so this is damage from outside
+            raise ValueError(f"'{part_path}' is not valid JSON ({error}). Delete it to start that rank over.") from None
+        for entry in part["shards"]:
+            _check_shard_name(out_dir, entry["name"])
+            if entry["name"] not in listed:
+                index["shards"].append(entry)
+                listed.add(entry["name"])
+        failed.update((entry["file"], entry) for entry in part["failed"])
+    done = {name for entry in index["shards"] for name in entry["files"]}
+    index["failed"] = [entry for name, entry in sorted(failed.items()) if name not in done]
+    _save_index(out_dir, index)
+    for part_path in parts:
+        part_path.unlink()
+    logger.info("Merged %d rank manifest(s) into %s.", len(parts), out_dir / INDEX_NAME)
+    return index
+
+
+def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, root: Path) -> dict:
+    """Open (or start) the index of ``out_dir`` for a run that holds the folder's run lock, and return it.
+
+    Refuses other settings; merges rank manifests of an interrupted multi-rank run; drops listed shards that are
+    missing or truncated (their images will be extracted again); deletes unlisted shards and temporary files.
+    """
+    make_folder(out_dir)
+    new_index = _new_index(format=format, dtype=dtype, settings=settings, root=root)
+    if not (out_dir / INDEX_NAME).exists():
+        index = new_index
+    else:
+        index = load_index(out_dir)
+        _check_compatible(out_dir, index, new_index)
+    index = merge_rank_manifests(out_dir, index)
+    bad = check_listed_shards(out_dir, index, read=False)
+    for name, problem in bad.items():
+        logger.warning("Shard %s is %s: its images will be extracted again.", out_dir / name, problem)
+    index["shards"] = [entry for entry in index["shards"] if entry["name"] not in bad]
+    for path in find_leftovers(out_dir, index):
+        logger.info("Deleting %s, left over by an interrupted run.", path)
+        _delete(path)
+    _save_index(out_dir, index)
+    return index
 
 
 class ShardWriter:
@@ -54,55 +198,55 @@ class ShardWriter:
 
     ``settings`` describes how features are made (model, image size, ...); resuming into a folder whose index has
     other settings, format or dtype raises a ValueError. ``root`` is used only when the index is new.
+
+    With ``world_size`` 1 the writer owns ``index.json`` and prepares the folder (:func:`prepare_folder`; the caller
+    should hold the run lock). With ``world_size`` > 1, rank 0 must have run :func:`prepare_folder` before any
+    rank builds its writer; each rank then writes only its own shards (suffix ``-rNNNN``) and its own manifest,
+    which :func:`merge_rank_manifests` folds into the index once every rank has finished.
     """
 
-    def __init__(self, out_dir: Path, *, format: str, shard_size: int, dtype: str, settings: dict, root: Path) -> None:
-        if format not in FORMATS:
-            raise ValueError(f"Unknown format '{format}'. Choose one of {list(FORMATS)}.")
-        if not isinstance(shard_size, int) or shard_size < 1:
-            raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}.")
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"Unknown storage dtype '{dtype}'. Choose one of {list(STORAGE_DTYPES)}.")
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"Output path '{out_dir}' exists and is not a directory.")
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        format: str,
+        shard_size: int,
+        dtype: str,
+        settings: dict,
+        root: Path,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
+        out_dir = Path(out_dir)
         self.out_dir, self.format, self.shard_size, self.dtype = out_dir, format, shard_size, dtype
         self.index_path = out_dir / INDEX_NAME
-        new_index = {"version": INDEX_VERSION, "format": format, "dtype": dtype, "settings": settings}
-        if self.index_path.exists():
-            self.index = load_index(out_dir)
-            self._check_compatible(new_index)
+        self.world_size = world_size
+        if world_size == 1:
+            self.index = prepare_folder(out_dir, format=format, dtype=dtype, settings=settings, root=root)
+            self._suffix, self.manifest_path, self._own = "", self.index_path, self.index
         else:
-            self.index = {**new_index, "root": str(root), "shards": [], "failed": []}
+            self.index = load_index(out_dir)
+            _check_compatible(out_dir, self.index, _new_index(format=format, dtype=dtype, settings=settings, root=root))
+            self._suffix = f"-r{rank:04d}"
+            self.manifest_path = out_dir / f"index.rank{rank:05d}.json"
+            self._own = {"shards": [], "failed": []}  # this rank's part, merged by rank 0 at the end
         self.root = Path(self.index["root"])
         self.done = {self._path_of(name) for shard in self.index["shards"] for name in shard["files"]}
-        self.failed = {entry["file"]: entry["error"] for entry in self.index["failed"]}
+        self.failed_entries = {entry["file"]: entry for entry in self.index["failed"]}
+        self._new_failures: dict[str, dict] = {}
         self.shards_written: list[str] = []
         self._pending: dict[tuple[int, int], list[tuple[str, FeatureOutput]]] = {}
-        self._next_number = 1 + max(
-            (int(m.group(1)) for m in (_SHARD_NAME.match(p.name) for p in out_dir.iterdir()) if m), default=-1
-        )
+        numbers = (SHARD_NAME.match(p.name) for p in out_dir.iterdir())
+        self._next_number = 1 + max((int(m.group(1)) for m in numbers if m and self._is_own(m)), default=-1)
 
-    def _check_compatible(self, new_index: dict) -> None:
-        old = {key: self.index.get(key) for key in new_index}
-        diffs = [
-            f"{key}: {old[key]!r} vs {new_index[key]!r}"
-            for key in ("version", "format", "dtype")
-            if old[key] != new_index[key]
-        ]
-        old_settings = {k: v for k, v in (old["settings"] or {}).items() if k not in INFORMATIONAL_SETTINGS}
-        new_settings = {k: v for k, v in new_index["settings"].items() if k not in INFORMATIONAL_SETTINGS}
-        diffs += [
-            f"{key}: {old_settings.get(key)!r} vs {new_settings.get(key)!r}"
-            for key in sorted(set(old_settings) | set(new_settings))
-            if old_settings.get(key) != new_settings.get(key)
-        ]
-        if not diffs:
-            return
-        raise ValueError(
-            f"'{self.out_dir}' already holds features made differently ({'; '.join(diffs)}; saved vs now). "
-            "Use another output folder, or delete this one to start over."
-        )
+    def _is_own(self, match) -> bool:
+        return (match.group(2) is None) if not self._suffix else (f"-r{match.group(2)}" == self._suffix)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Recorded name -> error, for the images that failed in this or earlier runs and are not done since."""
+        return {name: entry["error"] for name, entry in {**self.failed_entries, **self._new_failures}.items()}
 
     def _path_of(self, name: str) -> Path:
         return Path(os.path.normpath(self.root / name))
@@ -111,10 +255,22 @@ class ShardWriter:
         """The recorded name of an absolute image path: POSIX, relative to the index root."""
         return Path(os.path.relpath(path, self.root)).as_posix()
 
+    def failed_before(self, path: Path) -> str | None:
+        """The recorded error if ``path`` failed in an earlier run and has not changed since, else None."""
+        entry = self.failed_entries.get(self.name_of(path))
+        if entry is None or entry.get("size") is None:
+            return None
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return entry["error"] if (info.st_size, info.st_mtime_ns) == (entry["size"], entry["mtime_ns"]) else None
+
     def add(self, path: Path, output: FeatureOutput) -> None:
         """Queue the features of one image (``output`` has batch size 1); writes a shard when a bucket fills."""
         name = self.name_of(path)
-        self.failed.pop(name, None)
+        self.failed_entries.pop(name, None)
+        self._new_failures.pop(name, None)
         bucket = self._pending.setdefault(output.image_size, [])
         bucket.append((name, output))
         if len(bucket) >= self.shard_size:
@@ -123,13 +279,22 @@ class ShardWriter:
             self._write(self._pending.pop(max(self._pending, key=lambda s: len(self._pending[s]))))
 
     def add_failure(self, path: Path, error: str) -> None:
-        self.failed[self.name_of(path)] = error
+        """Record that ``path`` failed with ``error`` (with its size and mtime, so an unchanged file is skipped
+        by later runs)."""
+        try:
+            info = os.stat(path)
+            size, mtime_ns = info.st_size, info.st_mtime_ns
+        except OSError:
+            size = mtime_ns = None
+        name = self.name_of(path)
+        self.failed_entries.pop(name, None)
+        self._new_failures[name] = {"file": name, "error": error, "size": size, "mtime_ns": mtime_ns}
 
     def finish(self) -> None:
-        """Write all partly filled buckets and the final index."""
+        """Write all partly filled buckets and the final index (or this rank's manifest)."""
         for size in list(self._pending):
             self._write(self._pending.pop(size))
-        self._save_index()
+        self._save()
 
     def _write(self, bucket: list[tuple[str, FeatureOutput]]) -> None:
         joined = FeatureOutput.concatenate([output for _, output in bucket])
@@ -142,30 +307,44 @@ class ShardWriter:
             grid_size=joined.grid_size,
             image_size=joined.image_size,
         )
-        shard_name = f"shard_{self._next_number:05d}{FORMATS[self.format]}"
+        shard_name = f"shard_{self._next_number:05d}{self._suffix}{FORMATS[self.format]}"
         self._next_number += 1
         write_shard(self.out_dir / shard_name, shard, format=self.format)
-        self.index["shards"].append(
+        self._own["shards"].append(
             {
                 "name": shard_name,
                 "count": len(shard.files),
                 "grid_size": list(shard.grid_size),
                 "image_size": list(shard.image_size),
+                "bytes": shard_bytes(self.out_dir / shard_name),
                 "files": shard.files,
             }
         )
         self.done.update(self._path_of(name) for name in shard.files)
         self.shards_written.append(shard_name)
-        self._save_index()
+        self._save()
         logger.debug("Wrote %s (%d images of %s px).", shard_name, len(shard.files), shard.image_size)
 
-    def _save_index(self) -> None:
-        self.index["failed"] = [{"file": name, "error": error} for name, error in sorted(self.failed.items())]
-        atomic_write_text(self.index_path, json.dumps(self.index, indent=1))
+    def _save(self) -> None:
+        if self.world_size == 1:
+            entries = {**self.failed_entries, **self._new_failures}
+            self.index["failed"] = [entries[name] for name in sorted(entries)]
+        else:
+            self._own["failed"] = [self._new_failures[name] for name in sorted(self._new_failures)]
+        atomic_write_text(self.manifest_path, json.dumps(self._own, indent=1))
+
+
+def _check_shard_name(out_dir: Path, name) -> None:
+    if not isinstance(name, str) or not SHARD_NAME.match(name):
+        raise ValueError(
+            f"'{out_dir / INDEX_NAME}' lists a shard named {name!r}, which is not a shard of this folder "
+            "(names look like shard_00000.safetensors); refusing to read outside the folder. The index was edited "
+            "or damaged: delete the folder to start over."
+        )
 
 
 def load_index(out_dir: str | os.PathLike) -> dict:
-    """The parsed ``index.json`` of an extraction folder."""
+    """The parsed ``index.json`` of an extraction folder (shard names checked: never a path outside it)."""
     path = Path(out_dir) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No {INDEX_NAME} in '{out_dir}': not a folder written by extract_to_disk.")
@@ -173,12 +352,24 @@ def load_index(out_dir: str | os.PathLike) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"'{path}' is not valid JSON ({error}). Delete the folder to start over.") from error
-    if index.get("version") != INDEX_VERSION:
-        raise ValueError(f"'{path}' has index version {index.get('version')!r}; this library reads {INDEX_VERSION}.")
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
+        version = index.get("version") if isinstance(index, dict) else None
+        raise ValueError(f"'{path}' has index version {version!r}; this library reads {INDEX_VERSION}.")
+    for entry in index.get("shards", []):
+        _check_shard_name(Path(out_dir), entry.get("name") if isinstance(entry, dict) else entry)
     return index
 
 
 def load_saved_features(out_dir: str | os.PathLike) -> list[SavedShard]:
-    """Every shard listed in ``out_dir/index.json``, in writing order (rows named by ``SavedShard.files``)."""
+    """Every shard listed in ``out_dir/index.json``, in writing order (rows named by ``SavedShard.files``).
+
+    Raises a ValueError naming the shards that are missing or truncated (run ``extract`` again to redo them)."""
+    out_dir = Path(out_dir)
     index = load_index(out_dir)
-    return [read_shard(Path(out_dir) / shard["name"]) for shard in index["shards"]]
+    bad = check_listed_shards(out_dir, index, read=False)
+    if bad:
+        listing = "; ".join(f"{name}: {problem}" for name, problem in bad.items())
+        raise ValueError(
+            f"'{out_dir}' has damaged shards ({listing}). Run the same extract command again to redo their images."
+        )
+    return [read_shard(out_dir / shard["name"]) for shard in index["shards"]]
