@@ -1,10 +1,33 @@
-"""User-facing CLI errors: printed as one line, exit code 2, no traceback."""
+"""CLI errors: one line on stderr, no traceback, and an exit code that says whose problem it is.
 
-__all__ = ["CliError", "USER_ERRORS"]
+Exit codes shared by the commands: 0 success; 1 finished, but some inputs could not be used (named); 2 usage or
+input error (:class:`CliError`); 3 environment failure (:class:`EnvironmentFailure`: disk full, no permission,
+read-only file system, ...), naming the path. Anything else is a bug and keeps its traceback.
+"""
+
+import errno
+
+__all__ = [
+    "ENVIRONMENT_ERRNOS",
+    "EXIT_ENVIRONMENT",
+    "EXIT_USAGE",
+    "CliError",
+    "EnvironmentFailure",
+    "USER_ERRORS",
+    "is_environment_failure",
+]
+
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
+)
 
 
 class CliError(Exception):
-    """An error caused by the user's input, reported without a traceback."""
+    """An error caused by the user's input, reported without a traceback (exit code 2)."""
+
+    exit_code = EXIT_USAGE
 
     @classmethod
     def from_exception(cls, error: BaseException) -> "CliError":
@@ -13,5 +36,23 @@ class CliError(Exception):
         return cls(message.splitlines()[0] if message else repr(error))
 
 
-# Library exceptions that mean "bad input", turned into CliError by the command handlers.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, OSError)
+class EnvironmentFailure(CliError):
+    """The machine, not the input, stopped the command: disk full, permission denied, ... (exit code 3)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+    @classmethod
+    def from_os_error(cls, error: OSError) -> "EnvironmentFailure":
+        path = error.filename if error.filename is not None else "?"
+        reason = error.strerror or str(error)
+        return cls(f"{reason}: '{path}'. Free space or fix permissions there (or choose another location), then rerun.")
+
+
+def is_environment_failure(error: BaseException) -> bool:
+    """An OSError that the machine caused (see ENVIRONMENT_ERRNOS), not a missing or bad input."""
+    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
+
+
+# Library exceptions that mean "bad input", turned into CliError by the command handlers. Not TypeError or KeyError
+# (bugs keep their traceback) and not OSError in general (a full disk is not a user mistake: see EnvironmentFailure).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)

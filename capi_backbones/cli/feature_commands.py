@@ -1,7 +1,9 @@
-"""``capi-backbones extract``: features of image files and folders, written to resumable shards."""
+"""``capi-backbones extract``: features of image files and folders, written to resumable shards; ``capi-backbones
+verify``: check such a folder against its index."""
 
 import argparse
 import logging
+import os
 import sys
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
@@ -10,6 +12,12 @@ from capi_backbones.cli.model_options import add_model_options, build_extractor
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
+
+EXIT_STATUS = (
+    "Exit status: 0 all images done; 1 finished, but some images could not be used (listed); 2 usage or input "
+    "error (also: another run is writing --out); 3 environment failure (disk full, no permission), naming the path; "
+    "128+N stopped by signal N after saving the finished images (Ctrl-C: 130, SIGTERM: 143)."
+)
 
 
 def register(subparsers) -> None:
@@ -20,9 +28,13 @@ def register(subparsers) -> None:
         description=(
             "Extract CAPI features (patch features, predictor-pooled embedding, registers) of image files and "
             "folders (searched recursively) into safetensors or .npy shards with an index.json. Re-running into "
-            "the same --out folder skips the images already done; unreadable images are reported and skipped."
+            "the same --out folder checks the shards listed there and skips the images already done; unreadable "
+            "images are reported and skipped (and skipped by later runs until the file changes). One run writes a "
+            "folder at a time. Many processes: torchrun --nproc_per_node N -m capi_backbones.cli.main extract ... "
+            "splits the images between the ranks and writes one index; an interrupted run resumes with any number "
+            "of processes."
         ),
-        epilog="Exit status: 0 all images done, 1 some images could not be read (listed), 2 usage error.",
+        epilog=EXIT_STATUS,
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)")
@@ -39,13 +51,27 @@ def register(subparsers) -> None:
         help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16/fp16 need CUDA",
     )
     parser.add_argument("--no-pooled", action="store_true", help="skip the predictor: patch features and registers")
+    parser.add_argument("--retry-failed", action="store_true", help="try again images that failed in earlier runs")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run_extract)
 
+    verify = subparsers.add_parser(
+        "verify",
+        help="check an extraction folder against its index",
+        description=(
+            "Check a folder written by extract against its index.json: every listed shard is present, has the size "
+            "recorded when it was written, can be read, and holds the listed images and counts."
+        ),
+        epilog="Exit status: 0 intact; 1 problems found (each named); 2 not an extraction folder.",
+    )
+    verify.add_argument("folder", metavar="DIR", help="output folder of extract")
+    verify.set_defaults(handler=run_verify)
+
 
 def run_extract(args: argparse.Namespace) -> int:
-    from capi_backbones.features import expand_inputs
+    from capi_backbones.features import FolderBusyError, expand_inputs
 
+    context = _join_process_group(args)
     try:
         expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
         extractor = build_extractor(
@@ -62,15 +88,59 @@ def run_extract(args: argparse.Namespace) -> int:
             pooled=not args.no_pooled,
             dtype=args.dtype,
             progress=not args.no_progress,
+            retry_failed=args.retry_failed,
         )
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("extract failed", exc_info=True)  # the traceback, with --verbose
         raise CliError.from_exception(error) from error
+    finally:
+        if context is not None:
+            from capi_backbones.train.distributed import shutdown_distributed
+
+            shutdown_distributed(context)
+    if context is not None and context.rank != 0:
+        return 1 if summary.failed or summary.failed_before else 0  # rank 0 reports for the whole run
     print(
         f"{summary.n_written} images written in {len(summary.shards)} shard(s), {summary.n_skipped} already done, "
-        f"{len(summary.failed)} failed; index: {summary.index_path}",
+        f"{len(summary.failed)} failed, {len(summary.failed_before)} skipped as failed before; "
+        f"index: {summary.index_path}",
         file=sys.stderr,
     )
     for name, message in summary.failed.items():
         print(f"failed: {name}: {message}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    for name, message in summary.failed_before.items():
+        print(f"failed before (unchanged, skipped; --retry-failed to retry): {name}: {message}", file=sys.stderr)
+    return 1 if summary.failed or summary.failed_before else 0
+
+
+def _join_process_group(args: argparse.Namespace):
+    """Under torchrun (WORLD_SIZE > 1): join the process group and pick this rank's device. Else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from capi_backbones.train.distributed import init_distributed
+
+    context = init_distributed("cpu" if args.device == "cpu" else "auto")
+    if args.device is None or args.device == "cuda":
+        args.device = str(context.device)  # one GPU per rank
+    return context
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from capi_backbones.features import verify_output
+
+    try:
+        report = verify_output(args.folder)
+    except USER_ERRORS as error:
+        raise CliError.from_exception(error) from error
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    for name in report.unmerged_ranks:
+        print(f"note: {name} is the manifest of an interrupted multi-rank run; extract merges it", file=sys.stderr)
+    for name in report.leftovers:
+        print(f"note: {name} is not listed in the index; the next extract deletes it", file=sys.stderr)
+    state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(
+        f"{report.out_dir}: {state}; {report.n_shards} shard(s), {report.n_images} images, {report.n_failed} failed",
+        file=sys.stderr,
+    )
+    return 0 if report.ok else 1

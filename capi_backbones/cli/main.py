@@ -5,7 +5,7 @@ import logging
 import sys
 
 from capi_backbones.cli import feature_commands, model_commands, train_commands, viz_commands
-from capi_backbones.cli.errors import CliError
+from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
 
 __all__ = ["main", "build_parser"]
 
@@ -29,10 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except CliError as error:
         print(f"capi-backbones {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return error.exit_code
+    except OSError as error:  # disk full, permission denied, ...: one line, exit 3; other OSErrors are bugs
+        if not is_environment_failure(error):
+            raise
+        logging.getLogger(__name__).debug("environment failure", exc_info=True)
+        print(f"capi-backbones {args.command}: error: {EnvironmentFailure.from_os_error(error)}", file=sys.stderr)
+        return EnvironmentFailure.exit_code
+    except KeyboardInterrupt as interrupt:  # Ctrl-C (130) or SIGTERM during extract (143)
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(interrupt, "exit_code", 130)
 
 
 if __name__ == "__main__":
