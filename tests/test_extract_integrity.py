@@ -55,7 +55,10 @@ def saved_by_name(out_dir) -> dict[str, dict[str, torch.Tensor]]:
     saved = {}
     for shard in load_saved_features(out_dir):
         for row, name in enumerate(shard.files):
-            saved[name] = {"patch_features": shard.patch_features[row].clone(), "registers": shard.registers[row].clone()}
+            saved[name] = {
+                "patch_features": shard.patch_features[row].clone(),
+                "registers": shard.registers[row].clone(),
+            }
             if shard.pooled is not None:  # clones: safetensors maps the file, which a test may then truncate
                 saved[name]["pooled"] = shard.pooled[row].clone()
     return saved
@@ -126,7 +129,17 @@ def test_elongated_image_fifo_and_model_error_are_failed_and_skipped_next_time(i
 
     monkeypatch.setattr(FeatureExtractor, "forward", forward)
     out = tmp_path / "out"
-    summary = tiny_extractor(batch_size=4).extract_to_disk(images, out, progress=False)
+
+    def hung(signum, frame):
+        raise TimeoutError("extraction hung (opened the FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)  # a regression must fail, not hang the suite
+    try:
+        summary = tiny_extractor(batch_size=4).extract_to_disk(images, out, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert sorted(summary.failed) == ["pipe.jpg", "strip.png", "white.png"]
     assert "FIFO" in summary.failed["pipe.jpg"] and "more than 10 times" in summary.failed["strip.png"]
     assert summary.failed["white.png"] == "RuntimeError in the model: CUDA out of memory. Tried to allocate 7.50 GiB"
