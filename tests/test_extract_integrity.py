@@ -83,9 +83,9 @@ def test_a_second_run_into_a_busy_folder_refuses_and_changes_nothing(images, tmp
     out = tmp_path / "out"
     tiny_extractor().extract_to_disk([images / "astronaut.png", images / "sub"], out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with FolderLock(out):  # as a concurrent run holds it
-        with pytest.raises(FolderBusyError, match="being written by another extract run"):
-            tiny_extractor().extract_to_disk(images, out, progress=False)
+    busy = pytest.raises(FolderBusyError, match="being written by another extract run")
+    with FolderLock(out), busy:  # the lock held as by a concurrent run
+        tiny_extractor().extract_to_disk(images, out, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     tiny_extractor().extract_to_disk(images, out, shard_size=1, progress=False)  # once free, both runs' data
     assert sorted(saved_by_name(out)) == sorted(IMAGES)
