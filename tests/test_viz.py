@@ -115,6 +115,18 @@ def test_foreground_mask_thresholds_component_one_and_refits_on_foreground():
         pca_map(features, foreground_threshold=100.0)
 
 
+def test_foreground_threshold_is_in_standard_deviations_of_the_whitened_component():
+    features = 10.0 * skewed_features(h=12, w=12)  # component 1 has a raw standard deviation far from 1
+    flat = features.reshape(-1, features.shape[-1])
+    first = reference_components(flat, 1)[:, 0]
+    first = first * np.sign(skewness(first[:, None]))[0]  # whitened, sign fixed like the picture
+    raw = first * np.sqrt(np.linalg.eigvalsh(np.cov(flat, rowvar=False))[-1])  # the same component, not whitened
+    for threshold in (1.0, -0.5):
+        expected = (first > threshold).reshape(12, 12)
+        assert 3 < expected.sum() < 141 and not np.array_equal(expected.ravel(), raw > threshold)
+        np.testing.assert_array_equal(pca_map(features, foreground_threshold=threshold).foreground, expected)
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
