@@ -6,6 +6,12 @@ the share of wall time spent outside the model forward (decoding, resizing, batc
 is measured by timing every ``FeatureExtractor.forward`` call (the model on one preprocessed batch).
 
     .venv/bin/python benchmarks/bench_extract.py --n-images 240 --workers 0 1 2
+
+``--integrity`` instead measures what guards a resumed extraction, as a share of the extraction time of the
+folder: the weights fingerprint (SHA-256 of every tensor, computed once per run) and the cheap verify-on-resume
+(every listed shard present with its recorded size, leftovers listed), and a whole no-op resume run.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_extract.py --integrity --n-images 200 --threads 1
 """
 
 import argparse
@@ -19,8 +25,10 @@ import torch
 from PIL import Image
 
 from capi_backbones import create_model
-from capi_backbones.features import FeatureExtractor
+from capi_backbones.features import FeatureExtractor, load_index
 from capi_backbones.features import writer as writer_module
+from capi_backbones.features.extractor import weights_fingerprint
+from capi_backbones.features.verification import check_listed_shards, find_leftovers
 
 
 def source_images() -> list[np.ndarray]:
@@ -140,6 +148,46 @@ def run(model, folder: Path, *, workers: int, args) -> dict:
     }
 
 
+def best_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def integrity_costs(model, folder: Path, args) -> None:
+    """Fingerprint and verify-on-resume against the extraction time of ``folder`` (workers 0)."""
+    extractor = FeatureExtractor(
+        model, device=args.device, image_size=args.image_size, batch_size=args.batch_size, num_workers=0
+    )
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_extract_out_"))
+    try:
+        start = time.perf_counter()
+        summary = extractor.extract_to_disk(folder, out_dir, shard_size=args.shard_size, progress=False)
+        extraction = time.perf_counter() - start
+        fingerprint = best_of(5, lambda: weights_fingerprint(extractor.model))
+
+        def cheap_verify():
+            index = load_index(out_dir)
+            assert not check_listed_shards(out_dir, index, read=False) and not find_leftovers(out_dir, index)
+
+        verify = best_of(5, cheap_verify)
+        resume = best_of(
+            3, lambda: extractor.extract_to_disk(folder, out_dir, shard_size=args.shard_size, progress=False)
+        )
+    finally:
+        shutil.rmtree(out_dir)
+    n_params = sum(p.numel() for p in extractor.model.parameters())
+    print(f"extraction of {summary.n_written} images: {extraction:.2f} s ({summary.n_written / extraction:.1f} img/s)")
+    share = fingerprint / extraction
+    print(f"fingerprint of all {n_params / 1e6:.1f} M weights: {fingerprint * 1e3:.1f} ms = {share:.3%}")
+    print(f"verify-on-resume ({len(summary.shards)} shards): {verify * 1e3:.2f} ms = {verify / extraction:.4%}")
+    print(f"together: {(fingerprint + verify) / extraction:.3%} of the extraction time (target < 2%)")
+    print(f"a whole no-op resume (listing, fingerprint, checks, index): {resume:.2f} s = {resume / extraction:.2%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-images", type=int, default=240)
@@ -151,6 +199,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--integrity", action="store_true", help="measure the fingerprint and verify-on-resume cost")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +210,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(args.arch).eval()  # random init: throughput does not depend on the weights
         mode = "square" if args.square else "keep aspect"
+        if args.integrity:
+            threads = torch.get_num_threads()
+            print(f"{args.arch}, {args.n_images} JPEGs, image_size {args.image_size}, torch threads {threads}")
+            integrity_costs(model, folder, args)
+            return
         print(
             f"{args.arch}, {args.n_images} JPEGs, image_size {args.image_size} ({mode}), batch {args.batch_size}, "
             f"device {args.device}, torch threads {torch.get_num_threads()}"
