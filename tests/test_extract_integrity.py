@@ -262,6 +262,16 @@ def test_disk_full_is_one_line_naming_the_path_with_exit_code_3(images, tmp_path
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+def test_a_failed_write_without_a_file_name_names_the_output_folder(images, tmp_path, monkeypatch, capsys):
+    def full(path, text):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))  # as write() reports it: no file name
+
+    monkeypatch.setattr("capi_backbones.features.writer.atomic_write_text", full)
+    assert cli_extract(images, tmp_path / "out", tiny_weights(tmp_path)) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and os.strerror(errno.EDQUOT) in err and f"'{tmp_path / 'out'}'" in err
+
+
 def test_a_bug_is_not_disguised_as_a_usage_error(images, tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise KeyError("patch_features")

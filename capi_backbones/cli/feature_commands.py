@@ -93,6 +93,10 @@ def run_extract(args: argparse.Namespace) -> int:
     except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("extract failed", exc_info=True)  # the traceback, with --verbose
         raise CliError.from_exception(error) from error
+    except OSError as error:  # disk full or no permission (exit 3, see cli.errors): name at least the folder
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, args.out) from error
+        raise
     finally:
         if context is not None:
             from capi_backbones.train.distributed import shutdown_distributed

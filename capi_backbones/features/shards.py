@@ -61,8 +61,13 @@ def write_shard(path: Path, shard: SavedShard, *, format: str) -> None:
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with Python's file I/O, so that a full disk raises OSError(ENOSPC) naming the file
     (safetensors' own writer raises its SafetensorError instead)."""
-    with open(path, "wb") as handle:
-        handle.write(data)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        if error.filename is None:  # a failed write() names no file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> None:

@@ -9,9 +9,7 @@ __all__ = ["Attention"]
 
 
 class Attention(nn.Module):
-    def __init__(
-        self, dim: int, num_heads: int, *, context_dim: int | None = None, device=None, dtype=None
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}.")

@@ -30,9 +30,7 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, *, context_dim: int | None = None, **block_kw) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
-            [Block(dim, num_heads, context_dim=context_dim, **block_kw) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([Block(dim, num_heads, context_dim=context_dim, **block_kw) for _ in range(depth)])
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -53,9 +53,7 @@ class CapiConfig:
 
 
 ARCHITECTURES: dict[str, CapiConfig] = {
-    "capi_vits14": CapiConfig(
-        embed_dim=384, depth=12, num_heads=6, pred_embed_dim=384, pred_depth=6, pred_num_heads=6
-    ),
+    "capi_vits14": CapiConfig(embed_dim=384, depth=12, num_heads=6, pred_embed_dim=384, pred_depth=6, pred_num_heads=6),
     "capi_vitb14": CapiConfig(
         embed_dim=768, depth=12, num_heads=12, pred_embed_dim=768, pred_depth=6, pred_num_heads=12
     ),

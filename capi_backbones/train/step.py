@@ -78,4 +78,3 @@ def assignment_entropies(targets: Tensor) -> tuple[Tensor, Tensor]:
     flat = targets.float().reshape(-1, targets.shape[-1])  # (n_tokens, K)
     per_token = -torch.xlogy(flat, flat).sum(dim=-1)  # (n_tokens,)
     return per_token.mean(), flat.sum(dim=0)
-

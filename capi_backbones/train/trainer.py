@@ -445,9 +445,7 @@ class Trainer:
             writer.truncate_after(self.step)  # records past the checkpoint are re-done
         return writer
 
-    def run(
-        self, max_steps: int | None = None, callbacks: Sequence[Callable[[StepMetrics], None]] = ()
-    ) -> TrainResult:
+    def run(self, max_steps: int | None = None, callbacks: Sequence[Callable[[StepMetrics], None]] = ()) -> TrainResult:
         """Train until ``optim.total_steps`` (or ``max_steps`` more steps, then checkpoint), a stop signal, or
         an error. ``callbacks`` are called with each step's metrics."""
         tc = self.config.train
@@ -553,4 +551,3 @@ def train(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult:
         return Trainer(config, context=context).run(max_steps=max_steps)
     finally:
         shutdown_distributed(context)
-
