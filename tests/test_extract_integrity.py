@@ -316,3 +316,15 @@ def test_verify_reports_an_intact_folder_and_names_a_damaged_shard(images, tmp_p
     assert main(["verify", str(out)]) == 1
     assert f"problem: {index['shards'][0]['name']}: holds" in capsys.readouterr().err
     assert main(["verify", str(tmp_path)]) == 2
+
+
+def test_a_failed_download_is_an_environment_failure(images, tmp_path, monkeypatch, capsys):
+    from capi_backbones.pretrained.errors import DownloadError
+
+    def offline(*args, **kwargs):
+        raise DownloadError("Could not download https://example.invalid/w.pth: network unreachable\ndetails")
+
+    monkeypatch.setattr("capi_backbones.cli.feature_commands.build_extractor", offline)
+    assert main(["extract", str(images), "--out", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == "capi-backbones extract: error: Could not download https://example.invalid/w.pth: network unreachable"

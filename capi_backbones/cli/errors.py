@@ -2,7 +2,7 @@
 
 Exit codes shared by the commands: 0 success; 1 finished, but some inputs could not be used (named); 2 usage or
 input error (:class:`CliError`); 3 environment failure (:class:`EnvironmentFailure`: disk full, no permission,
-read-only file system, ...), naming the path. Anything else is a bug and keeps its traceback.
+read-only file system, ..., naming the path; or a failed download). Anything else is a bug and keeps its traceback.
 """
 
 import errno
@@ -53,13 +53,19 @@ class EnvironmentFailure(CliError):
 
     @classmethod
     def from_os_error(cls, error: OSError) -> "EnvironmentFailure":
-        path = error.filename if error.filename is not None else "?"
+        if error.filename is None:  # e.g. a download that failed: its message says what and where
+            return cls.from_exception(error)
         reason = error.strerror or str(error)
-        return cls(f"{reason}: '{path}'. Free space or fix permissions there (or choose another location), then rerun.")
+        return cls(
+            f"{reason}: '{error.filename}'. Free space or fix permissions there (or choose another location), "
+            "then rerun."
+        )
 
 
 def is_environment_failure(error: BaseException) -> bool:
-    """An OSError that the machine caused (see ENVIRONMENT_ERRNOS), not a missing or bad input."""
+    """An OSError that the machine caused (see ENVIRONMENT_ERRNOS) or a network failure, not a bad input."""
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
     return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
 
 
