@@ -6,7 +6,7 @@ import torch
 from checkpoint_files import tiny_model, write_official_checkpoint
 
 import capi_backbones
-from capi_backbones.pretrained.page_release import release_pages
+from capi_backbones.pretrained import release_pages
 
 
 def test_released_pages_fault_back_from_the_file(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from capi_backbones.models import ARCHITECTURES, CapiConfig, CapiModel
 from capi_backbones.pretrained import CheckpointError, architecture_name, count_parameters, infer_config
-from capi_backbones.pretrained.local_loading import choose_config
+from capi_backbones.pretrained.matching import choose_config
 
 TINY_CONFIGS = [
     CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=64, pred_depth=2, pred_num_heads=2),

@@ -219,8 +219,8 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_push_to_hub_uploads_safetensors_and_config(monkeypatch):
-    """push_to_hub comes from the mixin; the Hub API is replaced so nothing leaves the machine."""
-    import huggingface_hub.hub_mixin as hub_mixin
+    """push_to_hub through huggingface_hub.HfApi; the Hub API is replaced so nothing leaves the machine."""
+    import huggingface_hub
 
     uploaded = {}
 
@@ -236,7 +236,7 @@ def test_push_to_hub_uploads_safetensors_and_config(monkeypatch):
             uploaded["config"] = json.loads((Path(folder_path) / "config.json").read_text())
             return f"https://huggingface.co/{repo_id}/commit/0"
 
-    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model = capi_backbones.create_model("capi_vits14", **TINY_CONFIG.to_dict())
     assert model.push_to_hub("someone/capi-tiny").endswith("/commit/0")
     assert {"config.json", "model.safetensors"} <= set(uploaded["files"])

@@ -12,11 +12,11 @@ import torch
 from checkpoint_files import TINY_CONFIG, tiny_model, write_official_checkpoint
 from huggingface_hub import constants as hf_constants
 
-import capi_backbones.pretrained.loader as loader
+import capi_backbones.pretrained.sources as sources
 from capi_backbones import from_pretrained
 from capi_backbones.hub import capi_vitl14, capi_vitl14_in1k, capi_vitl14_in22k, capi_vitl14_lvd, capi_vitl14_p205
 from capi_backbones.pretrained import CapiHubModel, CheckpointError, DownloadError, download_url
-from capi_backbones.pretrained.network import parse_hub_source
+from capi_backbones.pretrained import parse_hub_source
 
 REFUSED_URL = "http://127.0.0.1:9/capi_vitl14_lvd.pth"  # discard port: nothing listens, connection refused
 
@@ -115,7 +115,7 @@ def recorded_downloads(tmp_path, monkeypatch):
         calls.append((url, file_name))
         return path
 
-    monkeypatch.setattr(loader, "download_url", fake_download)
+    monkeypatch.setattr(sources, "download_url", fake_download)
     return calls
 
 

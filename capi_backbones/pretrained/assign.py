@@ -1,11 +1,19 @@
 """Strict loading onto a model built on the meta device: no random init, no second copy of the weights.
 
 Steps: build ``model_cls(config, device="meta")``; ``checkpoint_filter_fn``; compare keys and every shape
-(``CheckpointError`` listing what differs); convert tensor by tensor to the target dtype/device;
+(``CheckpointError`` listing what differs); refuse non-floating tensors; convert tensor by tensor to the target
+dtype/device, giving back the pages of memory-mapped sources, and refuse NaN/Inf values unless allowed;
 ``load_state_dict(strict=True, assign=True)``; check nothing is left on meta; ``eval()``.
+
+Page release: a bf16 file loaded into an fp32 model would otherwise keep every page of the file resident next to
+the fp32 copy (1.5x the model's bytes at peak). Dropping clean pages of a file-backed mapping is safe: a later
+read faults them in again from the file.
 """
 
+import ctypes
 import logging
+import mmap
+import sys
 from collections import Counter
 from collections.abc import Mapping
 
@@ -13,14 +21,28 @@ import torch
 from torch import Tensor
 
 from capi_backbones.models import CapiConfig, CapiModel
-from capi_backbones.pretrained.architecture import architecture_name, infer_config
-from capi_backbones.pretrained.checkpoint_filter import checkpoint_filter_fn, compare_state_dict
 from capi_backbones.pretrained.errors import CheckpointError
-from capi_backbones.pretrained.page_release import release_pages
+from capi_backbones.pretrained.matching import (
+    architecture_name,
+    checkpoint_filter_fn,
+    compare_state_dict,
+    infer_config,
+)
 
-__all__ = ["load_state_into_new_model", "resolve_dtype"]
+__all__ = [
+    "find_non_finite",
+    "find_non_floating",
+    "load_state_into_new_model",
+    "non_finite_message",
+    "non_floating_message",
+    "release_pages",
+    "resolve_dtype",
+]
 
 logger = logging.getLogger(__name__)
+
+_MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -44,6 +66,51 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     raise ValueError(f"Unsupported dtype {dtype!r}. Use one of {sorted(_DTYPE_NAMES)} or a floating torch.dtype.")
 
 
+def release_pages(tensor: Tensor) -> None:
+    """Drop the pages lying wholly inside ``tensor``'s bytes from this process's memory (Linux; no-op elsewhere)."""
+    if _LIBC is None or tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up: never touch a neighbour's page
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def find_non_floating(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, str]:
+    """Key -> dtype name of the tensors stored as integers/bools where the model holds floating point."""
+    return {
+        k: str(v.dtype).removeprefix("torch.")
+        for k, v in state_dict.items()
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point()
+    }
+
+
+def find_non_finite(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+    """Key -> number of NaN/Inf values, for the floating tensors that hold any."""
+    counts = {k: v.numel() - int(torch.isfinite(v).sum()) for k, v in state_dict.items() if v.is_floating_point()}
+    return {k: n for k, n in counts.items() if n}
+
+
+def non_finite_message(source: str, counts: Mapping[str, int]) -> str:
+    first = ", ".join(f"{k} ({n})" for k, n in list(counts.items())[:3])
+    return (
+        f"{source} holds NaN or Inf values in {len(counts)} tensors ({sum(counts.values())} values; {first}): "
+        "the weights are damaged or come from a diverged run. Use an earlier checkpoint, or pass "
+        "allow_non_finite=True to load them anyway."
+    )
+
+
+def non_floating_message(source: str, dtypes: Mapping[str, str]) -> str:
+    first = ", ".join(f"{k} ({d})" for k, d in list(dtypes.items())[:3])
+    return (
+        f"{source} stores {len(dtypes)} weight tensors as {'/'.join(sorted(set(dtypes.values())))}, not floating "
+        f"point ({first}): it is not a CAPI weights file, or it was cast wrongly. Save the weights as "
+        "float32/bfloat16/float16."
+    )
+
+
 def _shape_hint(state_dict: Mapping[str, Tensor], config: CapiConfig) -> str:
     try:
         inferred = infer_config(state_dict)
@@ -58,10 +125,11 @@ def _shape_hint(state_dict: Mapping[str, Tensor], config: CapiConfig) -> str:
 
 def _convert(
     state_dict: dict[str, Tensor], dtype: torch.dtype, device: torch.device, release_source: bool
-) -> dict[str, Tensor]:
-    """Tensor by tensor; with ``release_source`` (memory-mapped sources) each source tensor's pages are given
-    back once copied, so the peak stays near the converted model's size."""
-    out, conversions = {}, Counter()
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Tensor by tensor, counting NaN/Inf of the converted values (a cast to float16 can overflow); with
+    ``release_source`` (memory-mapped sources) each source tensor's pages are given back once copied, so the
+    peak stays near the converted model's size."""
+    out, conversions, non_finite = {}, Counter(), {}
     for key in list(state_dict):
         tensor = state_dict[key]
         target = dtype if tensor.is_floating_point() else tensor.dtype
@@ -70,9 +138,10 @@ def _convert(
         out[key] = tensor.to(device=device, dtype=target)
         if release_source and out[key] is not tensor:
             release_pages(tensor)
+        non_finite |= find_non_finite({key: out[key]})
     for (src, dst), n in sorted(conversions.items(), key=str):
         logger.info("Converted %d tensors from %s to %s", n, src, dst)
-    return out
+    return out, non_finite
 
 
 def load_state_into_new_model(
@@ -85,12 +154,14 @@ def load_state_into_new_model(
     strict: bool = True,
     source: str = "",
     memory_mapped: bool = False,
+    allow_non_finite: bool = False,
 ) -> CapiModel:
     """Build ``model_cls(config)`` on meta and assign the (filtered, checked) tensors; returns it in eval mode.
 
     ``strict=False`` only tolerates unexpected keys (logged as a warning and dropped). Missing keys and shape
     mismatches always raise: a model is never returned with random or uninitialised (meta) weights.
     ``memory_mapped``: the tensors are mapped from a file, so their pages may be released after conversion.
+    Weights stored as integers are refused; NaN/Inf values are refused unless ``allow_non_finite`` (then logged).
     """
     device = torch.device(device)
     if device.type == "meta":
@@ -105,7 +176,15 @@ def load_state_into_new_model(
     if diff.unexpected:
         logger.warning("strict=False: ignoring %d unexpected keys: %s", len(diff.unexpected), list(diff.unexpected))
         filtered = {k: v for k, v in filtered.items() if k not in set(diff.unexpected)}
-    model.load_state_dict(_convert(filtered, dtype, device, memory_mapped), strict=True, assign=True)
+    non_floating = find_non_floating(filtered, model.state_dict())
+    if non_floating:
+        raise CheckpointError(non_floating_message(source, non_floating))
+    converted, non_finite = _convert(filtered, dtype, device, memory_mapped)
+    if non_finite and not allow_non_finite:
+        raise CheckpointError(non_finite_message(source, non_finite))
+    if non_finite:
+        logger.warning("allow_non_finite=True: %s", non_finite_message(source, non_finite).split(":")[0])
+    model.load_state_dict(converted, strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise CheckpointError(f"After loading {source}, {len(left_on_meta)} tensors are still on meta: {left_on_meta}.")

@@ -5,29 +5,27 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from capi_backbones.models import CapiConfig
-from capi_backbones.pretrained.architecture import (
-    BACKBONE_PREFIX,
+from capi_backbones.models import CapiConfig, CapiModel
+from capi_backbones.pretrained.assign import (
+    find_non_finite,
+    find_non_floating,
+    non_finite_message,
+    non_floating_message,
+)
+from capi_backbones.pretrained.files import folder_files, read_checkpoint
+from capi_backbones.pretrained.matching import (
     ParameterCounts,
-    architecture_name,
-    count_parameters,
-)
-from capi_backbones.pretrained.checkpoint_filter import (
     StateDictDiff,
+    architecture_name,
     checkpoint_filter_fn,
+    choose_config,
     compare_state_dict,
+    count_parameters,
     dropped_key_groups,
+    has_backbone_prefix,
+    strip_backbone_prefix,
 )
-from capi_backbones.pretrained.checkpoint_io import read_checkpoint
-from capi_backbones.pretrained.loader import resolve_checkpoint
-from capi_backbones.pretrained.local_loading import choose_config, read_config_json
-from capi_backbones.pretrained.network import (
-    HF_HUB_PREFIX,
-    HUB_CONFIG_FILE,
-    HUB_WEIGHTS_FILE,
-    download_hub_files,
-    parse_hub_source,
-)
+from capi_backbones.pretrained.sources import HF_HUB_PREFIX, download_hub_files, fetch_checkpoint, parse_hub_source
 
 __all__ = ["CheckpointInfo", "inspect_checkpoint"]
 
@@ -47,6 +45,12 @@ class CheckpointInfo:
     parameters: ParameterCounts  # backbone elements, encoder vs predictor
     diff: StateDictDiff  # keys and shapes against ``config`` (ok when a strict load would succeed)
     has_backbone_prefix: bool
+    problems: tuple[str, ...] = ()  # values a load refuses: weights stored as integers, NaN/Inf
+
+    @property
+    def loads(self) -> bool:
+        """Whether a strict ``from_pretrained`` would succeed."""
+        return self.diff.ok and not self.problems
 
 
 def _local_file(source: str | os.PathLike) -> tuple[Path, CapiConfig | None]:
@@ -54,28 +58,31 @@ def _local_file(source: str | os.PathLike) -> tuple[Path, CapiConfig | None]:
     if text.startswith(HF_HUB_PREFIX):
         path = download_hub_files(*parse_hub_source(text))
     else:
-        path, _ = resolve_checkpoint(source)
-    if not path.is_dir():
-        return path, None
-    config_file = path / HUB_CONFIG_FILE
-    if not (path / HUB_WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"Folder {path} has no {HUB_WEIGHTS_FILE}; pass the checkpoint file itself.")
-    return path / HUB_WEIGHTS_FILE, read_config_json(config_file) if config_file.is_file() else None
+        path, _ = fetch_checkpoint(source)
+    return folder_files(path) if path.is_dir() else (path, None)
 
 
 def inspect_checkpoint(source: str | os.PathLike, *, arch: str | CapiConfig | None = None) -> CheckpointInfo:
-    """Read a checkpoint (any ``from_pretrained`` source) and report on it; raises ``CheckpointError`` only when
-    the file is unreadable or its architecture cannot be determined."""
+    """Read a checkpoint (any ``from_pretrained`` source) and report on it, including what a strict load would
+    refuse (``diff``, ``problems``); raises ``CheckpointError`` only when the file is unreadable or its
+    architecture cannot be determined."""
     path, folder_config = _local_file(source)
     checkpoint = read_checkpoint(path)
     stored = checkpoint.config or folder_config
     config = choose_config(arch, stored, checkpoint.tensors, str(path))
     kept = checkpoint_filter_fn(checkpoint.tensors, config)
-    has_prefix = any(k.startswith(BACKBONE_PREFIX) for k in checkpoint.tensors)
+    has_prefix = has_backbone_prefix(checkpoint.tensors)
     if has_prefix:
-        dropped = [k for k in checkpoint.tensors if not k.startswith(BACKBONE_PREFIX)]
+        dropped = strip_backbone_prefix(checkpoint.tensors)[1]
     else:
         dropped = [k for k in checkpoint.tensors if k not in kept]
+    problems = []
+    non_floating = find_non_floating(kept, CapiModel(config, device="meta").state_dict())
+    if non_floating:
+        problems.append(non_floating_message(str(path), non_floating))
+    non_finite = find_non_finite(kept)
+    if non_finite:
+        problems.append(non_finite_message(str(path), non_finite))
     return CheckpointInfo(
         path=path,
         format=checkpoint.format,
@@ -90,4 +97,5 @@ def inspect_checkpoint(source: str | os.PathLike, *, arch: str | CapiConfig | No
         parameters=count_parameters(kept),
         diff=compare_state_dict(kept, config),
         has_backbone_prefix=has_prefix,
+        problems=tuple(problems),
     )

@@ -1,4 +1,5 @@
-"""Public entry points: ``list_models``, ``create_model`` and ``from_pretrained``.
+"""Public entry points: ``list_models``, ``create_model``, ``from_pretrained``; and ``load_local``, the one path
+every load takes: read the file (``files``), choose the architecture (``matching``), assign strictly (``assign``).
 
 ``from_pretrained(source)`` accepts, in this order of recognition:
 ``"hf-hub:owner/repo[@revision]"``, an ``http(s)://`` URL, a registered weights name (``capi_vitl14_lvd``, ...,
@@ -12,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from capi_backbones.models import ARCHITECTURES, CapiConfig
-from capi_backbones.pretrained.hf_hub_model import CapiHubModel
-from capi_backbones.pretrained.local_loading import load_local
-from capi_backbones.pretrained.network import HF_HUB_PREFIX, download_url
-from capi_backbones.pretrained.weights import WEIGHT_ALIASES, WEIGHTS, PretrainedWeights, get_weights, weights_names
+from capi_backbones.models import ARCHITECTURES, CapiConfig, CapiModel
+from capi_backbones.pretrained.assign import load_state_into_new_model
+from capi_backbones.pretrained.errors import CheckpointError
+from capi_backbones.pretrained.files import HUB_CONFIG_FILE, folder_files, read_checkpoint
+from capi_backbones.pretrained.hub_model import CapiHubModel
+from capi_backbones.pretrained.matching import choose_config
+from capi_backbones.pretrained.sources import HF_HUB_PREFIX, WEIGHTS, fetch_checkpoint, get_weights, is_registered
 
-__all__ = ["create_model", "from_pretrained", "list_models", "model_config", "resolve_checkpoint"]
+__all__ = ["create_model", "from_pretrained", "list_models", "load_local", "model_config"]
 
 logger = logging.getLogger(__name__)
-
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
@@ -32,36 +33,37 @@ def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
 
 
-def _is_registered(name: str) -> bool:
-    return name in WEIGHTS or name in WEIGHT_ALIASES
-
-
-def _looks_like_path(source: str) -> bool:
-    return os.sep in source or "/" in source or source.endswith(_FILE_SUFFIXES) or source.startswith(".")
-
-
-def resolve_checkpoint(source: str | os.PathLike) -> tuple[Path, PretrainedWeights | None]:
-    """Local path of a checkpoint source (downloading URLs and registered weights into the torch hub cache),
-    and the registered weights it came from, if any. ``hf-hub:`` sources are handled by ``from_pretrained``."""
-    text = str(source)
-    if text.startswith(("http://", "https://")):
-        return download_url(text), None
-    if not isinstance(source, os.PathLike) and _is_registered(text):
-        weights = get_weights(text)
-        return download_url(weights.url, file_name=weights.file_name), weights
-    path = Path(text).expanduser()
-    if path.exists():
-        return path, None
-    if isinstance(source, os.PathLike) or _looks_like_path(text):
-        raise FileNotFoundError(
-            f"Checkpoint {path} does not exist. Check the path, or pass a registered name "
-            f"({', '.join(sorted(WEIGHTS))}), a URL or 'hf-hub:owner/repo'."
+def load_local(
+    path: str | os.PathLike,
+    *,
+    model_cls: type[CapiModel] = CapiModel,
+    arch: str | CapiConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    strict: bool = True,
+    allow_non_finite: bool = False,
+) -> CapiModel:
+    """A ``.pth`` / ``.safetensors`` file, or a folder with ``model.safetensors`` (+ ``config.json``)."""
+    path = Path(path)
+    weights_file, stored = folder_files(path) if path.is_dir() else (path, None)
+    checkpoint = read_checkpoint(weights_file)
+    if checkpoint.config is not None and stored is not None and checkpoint.config != stored:
+        raise CheckpointError(
+            f"{path / HUB_CONFIG_FILE} ({stored}) disagrees with the config stored in {weights_file} "
+            f"({checkpoint.config}). Fix or delete config.json, or pass arch= explicitly."
         )
-    without_weights = sorted(set(ARCHITECTURES) - {w.arch for w in WEIGHTS.values()})
-    raise ValueError(
-        f"Unknown model or weights {text!r}. Available weights: {', '.join(weights_names())}. "
-        f"Architectures without weights: {', '.join(without_weights)} (use create_model). "
-        "Or pass a local .pth/.safetensors file or folder, an http(s) URL, or 'hf-hub:owner/repo'."
+    stored = checkpoint.config or stored
+    config = choose_config(arch, stored, checkpoint.tensors, str(weights_file))
+    return load_state_into_new_model(
+        checkpoint.tensors,
+        config,
+        model_cls=model_cls,
+        device=device,
+        dtype=dtype,
+        strict=strict,
+        source=str(weights_file),
+        memory_mapped=checkpoint.memory_mapped,
+        allow_non_finite=allow_non_finite,
     )
 
 
@@ -72,30 +74,29 @@ def from_pretrained(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
     strict: bool = True,
+    allow_non_finite: bool = False,
 ) -> CapiHubModel:
     """Load CAPI weights into a new model (eval mode, float32 unless ``dtype``), strictly.
 
     source: registered name, local file/folder, URL or ``"hf-hub:owner/repo[@revision]"``.
     arch: architecture name or ``CapiConfig``; by default the registered weights' arch, the config stored with
     the weights, or the one inferred from the tensor shapes. ``strict=False`` only tolerates unexpected keys.
+    Weights holding NaN/Inf are refused (``CheckpointError``) unless ``allow_non_finite=True``.
     """
-    text = str(source)
-    if text.startswith(HF_HUB_PREFIX):
-        return CapiHubModel.from_pretrained(text, arch=arch, device=device, dtype=dtype, strict=strict)
-    path, weights = resolve_checkpoint(source)
+    options = {"arch": arch, "device": device, "dtype": dtype, "strict": strict, "allow_non_finite": allow_non_finite}
+    if str(source).startswith(HF_HUB_PREFIX):
+        return CapiHubModel.from_pretrained(str(source), **options)
+    path, weights = fetch_checkpoint(source)
     if weights is not None and arch is None:
-        arch = weights.arch
-    if path.is_dir():
-        model = CapiHubModel.from_pretrained(path, arch=arch, device=device, dtype=dtype, strict=strict)
-    else:
-        model = load_local(path, model_cls=CapiHubModel, arch=arch, device=device, dtype=dtype, strict=strict)
+        options["arch"] = weights.arch
+    model = load_local(path, model_cls=CapiHubModel, **options)
     model.pretrained_weights = weights
     return model
 
 
 def model_config(name: str, **config_overrides) -> CapiConfig:
     """The ``CapiConfig`` of a model name (architecture or weights), with field overrides."""
-    arch_name = get_weights(name).arch if _is_registered(name) else name
+    arch_name = get_weights(name).arch if is_registered(name) else name
     if arch_name not in ARCHITECTURES:
         raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.")
     try:
@@ -117,7 +118,7 @@ def create_model(
     pretrained=False: official random init (none on ``device="meta"``), train mode. pretrained=True: the
     registered weights (``capi_vitl14`` = LVD), strictly loaded, eval mode.
     """
-    weights = get_weights(name) if _is_registered(name) else None
+    weights = get_weights(name) if is_registered(name) else None
     arch_name = weights.arch if weights is not None else name
     config = model_config(arch_name, **config_overrides)
     if not pretrained:

@@ -1,38 +1,51 @@
-"""Read checkpoint files safely (no arbitrary unpickling) and write them atomically.
+"""Checkpoint files: tell their format by structure, read them safely, write them atomically.
 
-Reading sniffs the file's first bytes, so a mis-named, truncated or non-checkpoint file gets a clear
-``CheckpointError``. PyTorch files go through ``torch.load(weights_only=True, mmap=True)``; safetensors through
-``safe_open``. Writing goes to a temporary file in the target folder, renamed only once complete.
+Reading: a mis-named, truncated or non-checkpoint file gets a clear ``CheckpointError``. PyTorch files go through
+``torch.load(weights_only=True, mmap=True)`` (no arbitrary unpickling); safetensors through ``safe_open``. A
+``save_pretrained`` folder holds ``model.safetensors`` (config also in its metadata) and ``config.json``.
+Writing goes to a temporary file in the target folder, renamed only once complete.
 """
 
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from capi_backbones.atomic_files import atomic_path
+from capi_backbones.atomic_files import atomic_path, atomic_write_text
 from capi_backbones.models import CapiConfig
-from capi_backbones.pretrained.architecture import BACKBONE_PREFIX
 from capi_backbones.pretrained.errors import CheckpointError
+from capi_backbones.pretrained.matching import add_backbone_prefix
 
 __all__ = [
     "CONFIG_METADATA_KEY",
+    "HUB_CONFIG_FILE",
+    "HUB_WEIGHTS_FILE",
     "LoadedCheckpoint",
+    "check_complete",
+    "folder_files",
     "read_checkpoint",
+    "read_config_json",
     "save_official_checkpoint",
+    "save_pretrained_folder",
     "save_safetensors",
+    "sniff_format",
 ]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "capi_config"  # safetensors metadata entry holding CapiConfig as JSON
+HUB_WEIGHTS_FILE = "model.safetensors"  # the weights of a save_pretrained folder / Hub repo
+HUB_CONFIG_FILE = "config.json"  # CapiConfig.to_dict() as JSON, next to it
+_MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 _MAGIC = (  # (prefix, what it is) for files that are not checkpoints
     (b"\x89PNG", "a PNG image"),
@@ -62,22 +75,74 @@ def _fix_hint(path: Path) -> str:
     )
 
 
-def _sniff(path: Path) -> str:
+def _safetensors_header(f: BinaryIO, file_size: int) -> tuple[int, dict] | None:
+    """(length, parsed JSON header) when the file starts like safetensors (u64 little-endian length, then that
+    many bytes of a JSON object), else None."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    length = int.from_bytes(head, "little")
+    if not 2 <= length <= min(file_size - 8, _MAX_SAFETENSORS_HEADER):
+        return None
+    try:
+        header = json.loads(f.read(length))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (length, header) if isinstance(header, dict) else None
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """``"pytorch-zip"``, ``"safetensors"`` or ``"pytorch-legacy"``, told by the file's structure: the zip
+    signature of ``torch.save``, a safetensors header that parses, or (only then) a pickle's protocol byte.
+    Raises ``CheckpointError`` naming what the file looks like otherwise (HTML page, image, text, ...)."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
-    if not head:
-        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes). {_fix_hint(path)}")
-    if head.startswith(b"PK\x03\x04"):
-        return "pytorch-zip"
-    if head[:1] == b"\x80":  # legacy pickle-based torch.save
+        if not head:
+            raise CheckpointError(f"Checkpoint {path} is empty (0 bytes). {_fix_hint(path)}")
+        if head.startswith(b"PK\x03\x04"):
+            return "pytorch-zip"
+        if _safetensors_header(f, size) is not None:
+            return "safetensors"
+    if head[:1] == b"\x80":  # legacy pickle-based torch.save (pickle protocol 2+)
         return "pytorch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
-        return "safetensors"
     what = next((desc for magic, desc in _MAGIC if head.lstrip().lower().startswith(magic.lower())), None)
     if what is None:
         is_text = all(32 <= b < 127 or b in b"\t\r\n" for b in head)
         what = "a text file" if is_text else f"an unknown format (first bytes {head[:8]!r})"
     raise CheckpointError(f"{path} is not a checkpoint: it looks like {what}. {_fix_hint(path)}")
+
+
+def check_complete(path: str | os.PathLike) -> str:
+    """Check by structure that ``path`` is a whole checkpoint, not a cut-off one; returns ``sniff_format``.
+
+    A zip must have its central directory (written last) and every member inside the file; a safetensors file
+    must end where its header's last tensor does. Legacy pickles carry no such structure and pass."""
+    path = Path(path)
+    kind = sniff_format(path)
+    size = path.stat().st_size
+    if kind == "pytorch-zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise CheckpointError(f"{path} is a cut-off or damaged zip ({error}). {_fix_hint(path)}") from error
+        end = max((m.header_offset + m.compress_size for m in members), default=0)
+        if not members or end > size:
+            raise CheckpointError(f"{path} is a cut-off or damaged zip (members past its end). {_fix_hint(path)}")
+    elif kind == "safetensors":
+        with open(path, "rb") as f:
+            length, header = _safetensors_header(f, size)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        expected = 8 + length + max(ends, default=0)
+        if expected != size:
+            raise CheckpointError(
+                f"{path} is a cut-off safetensors file: its header describes {expected} bytes, the file has {size}. "
+                + _fix_hint(path)
+            )
+    return kind
 
 
 def _flatten(obj: Mapping, prefix: str, tensors: dict[str, Tensor], skipped: list[str]) -> None:
@@ -137,7 +202,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     if not path.is_file():
         what = "is a directory (pass the folder to from_pretrained instead)" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"Checkpoint file {path} {what}.")
-    kind = _sniff(path)
+    kind = sniff_format(path)
     config, skipped = None, []
     if kind == "safetensors":
         tensors, config = _read_safetensors(path)
@@ -156,6 +221,26 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         skipped=tuple(skipped),
         memory_mapped=kind in ("safetensors", "pytorch-zip"),  # safe_open and torch.load(mmap=True) map the file
     )
+
+
+def read_config_json(path: Path) -> CapiConfig:
+    try:
+        return CapiConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not a valid CapiConfig JSON: {error}. Fix or delete it.") from error
+
+
+def folder_files(path: Path) -> tuple[Path, CapiConfig | None]:
+    """A ``save_pretrained`` folder -> (its weights file, the config of its ``config.json`` if present)."""
+    weights_file = path / HUB_WEIGHTS_FILE
+    if not weights_file.is_file():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt"))
+        raise FileNotFoundError(
+            f"Folder {path} has no {HUB_WEIGHTS_FILE} (checkpoint files there: {found or 'none'}). "
+            "Pass a folder written by save_pretrained, or the checkpoint file itself."
+        )
+    config_file = path / HUB_CONFIG_FILE
+    return weights_file, read_config_json(config_file) if config_file.is_file() else None
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -182,8 +267,37 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def save_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``{"backbone." + key: tensor}`` with ``torch.save`` (atomic): the layout of the released files."""
-    tensors = {BACKBONE_PREFIX + k: v for k, v in _cpu_state_dict(model).items()}
+    tensors = add_backbone_prefix(_cpu_state_dict(model))
     with atomic_path(path) as tmp:
         torch.save(tensors, tmp)
     logger.info("Saved %d tensors to %s", len(tensors), path)
     return Path(path)
+
+
+_MODEL_CARD = """---
+library_name: capi-backbones
+license: apache-2.0
+pipeline_tag: image-feature-extraction
+tags: [capi, vision, self-supervised-learning]
+---
+
+# CAPI backbone
+
+A [CAPI](https://arxiv.org/abs/2502.08769) vision backbone saved with
+[capi-backbones](https://github.com/facebookresearch/capi). Load it with
+`capi_backbones.from_pretrained("hf-hub:<owner>/<repo>")` or from a local copy of this folder.
+"""
+
+
+def save_pretrained_folder(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` (config in the metadata), ``config.json`` and, if absent, a ``README.md``
+    model card into ``folder`` (created if needed), each file atomically."""
+    folder = Path(folder)
+    config = getattr(model, "config", None)
+    if not isinstance(config, CapiConfig):
+        raise ValueError(f"save_pretrained needs a model with a CapiConfig .config, got {type(config).__name__}.")
+    save_safetensors(model, folder / HUB_WEIGHTS_FILE)
+    atomic_write_text(folder / HUB_CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    if not (folder / "README.md").exists():
+        atomic_write_text(folder / "README.md", _MODEL_CARD)
+    return folder

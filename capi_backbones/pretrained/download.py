@@ -1,0 +1,161 @@
+"""Download http(s) checkpoints into the torch hub cache, checked before they get their final name.
+
+The body goes to a temporary file in the cache folder. It is renamed to its final name only after these checks:
+the size announced by Content-Length, that the bytes are a whole checkpoint by structure (not an HTML page, not
+cut short), and the SHA-256 when the weights registry records one. Without a network it fails within seconds (the
+host or proxy is resolved and connected to with a short timeout first), and a download that outlives its overall
+deadline (for instance a server that trickles bytes) is abandoned.
+"""
+
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
+from urllib.request import Request, getproxies, proxy_bypass, urlopen
+
+import torch
+from tqdm import tqdm
+
+from capi_backbones.atomic_files import atomic_path
+from capi_backbones.pretrained.errors import CheckpointError, DownloadError, local_copy_hint
+from capi_backbones.pretrained.files import check_complete
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "DOWNLOAD_DEADLINE_S",
+    "READ_TIMEOUT_S",
+    "check_reachable",
+    "checkpoint_cache_dir",
+    "download_url",
+]
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0  # DNS + TCP connect
+READ_TIMEOUT_S = 60.0  # longest wait for any byte once connected
+DOWNLOAD_DEADLINE_S = 3600.0  # the whole download (1.2 GB needs about 3 Mbit/s to make it)
+_CHUNK = 1 << 20
+
+
+def checkpoint_cache_dir() -> Path:
+    """``torch.hub.get_dir()/checkpoints``, where torch.hub keeps downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _resolve(host: str, port: int, timeout: float) -> list:
+    """getaddrinfo has no timeout of its own: run it in a daemon thread and stop waiting after ``timeout``."""
+    result: list = []
+
+    def work() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as error:
+            result.append(error)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        raise TimeoutError(f"name lookup of {host} timed out after {timeout:g} s")
+    if isinstance(result[0], OSError):
+        raise OSError(f"name lookup of {host} failed: {result[0]}")
+    return result[0]
+
+
+def check_reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ``OSError`` unless a TCP connection to the URL's host (or its proxy) opens within ``timeout``."""
+    parts = urlsplit(url)
+    proxy = getproxies().get(parts.scheme)
+    if proxy and not proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    errors = []
+    for family, kind, proto, _, address in _resolve(host, port, timeout):
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout)
+                sock.connect(address)
+                return
+        except OSError as error:
+            errors.append(error)
+    raise OSError(f"cannot connect to {host}:{port}: {errors[0] if errors else 'no address'}")
+
+
+def _verify(tmp: Path, url: str, written: int, expected: int | None, digest: str, sha256: str | None) -> None:
+    if expected is not None and written != expected:
+        raise DownloadError(f"Download of {url} stopped after {written} of {expected} bytes.")
+    try:
+        check_complete(tmp)
+    except CheckpointError as error:  # e.g. an HTML error page served with status 200, or a cut-off body
+        reason = str(error).split(": ", 1)[-1].split(". If it was downloaded")[0]
+        raise DownloadError(f"{url} did not send a whole checkpoint ({reason}).") from error
+    if sha256 is not None and digest != sha256.lower():
+        raise DownloadError(f"{url} sent a file whose SHA-256 is {digest}, expected {sha256.lower()}.")
+
+
+def download_url(
+    url: str,
+    *,
+    file_name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    sha256: str | None = None,
+    deadline_s: float = DOWNLOAD_DEADLINE_S,
+) -> Path:
+    """Download ``url`` into the cache (default: torch hub checkpoints) once; return the cached path.
+
+    Checked before the rename (see the module docstring); any failure raises ``DownloadError`` and leaves
+    nothing under the final name. ``sha256``: expected hex digest. ``deadline_s``: limit for the whole download.
+    """
+    file_name = file_name or os.path.basename(urlsplit(url).path) or "checkpoint.pth"
+    target = Path(cache_dir) if cache_dir is not None else checkpoint_cache_dir()
+    target = target / file_name
+    if target.is_file():
+        logger.info("Using cached %s", target)
+        return target
+    local = local_copy_hint(f"/path/to/{file_name}")
+    hint = f"To use a local copy instead, download it elsewhere and pass its path: {local} (or place it at {target})."
+    try:
+        check_reachable(url)
+    except OSError as error:
+        raise DownloadError(f"Cannot download {url}: {error}. No network? {hint}") from error
+    logger.info("Downloading %s to %s", url, target)
+    deadline = time.monotonic() + deadline_s
+    try:
+        request = Request(url, headers={"User-Agent": "capi-backbones"})
+        with (
+            urlopen(request, timeout=min(READ_TIMEOUT_S, deadline_s)) as response,
+            atomic_path(target) as tmp,
+        ):
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            written, hasher = 0, hashlib.sha256()
+            with (
+                open(tmp, "wb") as out,
+                tqdm(total=expected, unit="B", unit_scale=True, desc=file_name, disable=not progress or None) as bar,
+            ):
+                while chunk := response.read1(_CHUNK):  # returns what has arrived, so the deadline is checked
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+                    if time.monotonic() > deadline:
+                        raise DownloadError(
+                            f"Download of {url} passed its {deadline_s:g} s deadline after {written} bytes; "
+                            "the server is too slow."
+                        )
+            _verify(tmp, url, written, expected, hasher.hexdigest(), sha256)
+    except DownloadError as error:
+        raise DownloadError(f"{error} {hint}") from error
+    except HTTPError as error:
+        raise DownloadError(f"Cannot download {url}: HTTP {error.code} {error.reason}. {hint}") from error
+    except (URLError, OSError, http.client.HTTPException) as error:
+        raise DownloadError(f"Cannot download {url}: {error!r}. {hint}") from error
+    return target
