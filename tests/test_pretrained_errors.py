@@ -1,15 +1,18 @@
 """Every bad-input path of the loader gives a clear error naming the file/name and what to do."""
 
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 from checkpoint_files import TINY_CONFIG, tiny_model, write_official_checkpoint
 from PIL import Image
+from safetensors.torch import save_file
 from skimage import data
 
 from capi_backbones import from_pretrained
+from capi_backbones.models import CapiConfig
 from capi_backbones.pretrained import CheckpointError, save_safetensors
 
 
@@ -156,3 +159,57 @@ def test_folder_without_weights(tmp_path):
 def test_meta_device_is_refused(official):
     with pytest.raises(ValueError, match="meta"):
         from_pretrained(official, device="meta")
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_keeps_its_config(tmp_path):
+    """Sniffing by structure: a header length whose first byte is 0x80 (a pickle's protocol byte) is still
+    safetensors, and its stored config (here a non-default norm_eps) must survive."""
+    config = CapiConfig.from_dict(TINY_CONFIG.to_dict() | {"norm_eps": 1e-3})
+    model = tiny_model(config)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"capi_config": json.dumps(config.to_dict(), sort_keys=True), "pad": ""}
+    for pad in range(512):  # pad the metadata until the u64 header length is 0x80 modulo 256
+        meta["pad"] = "x" * pad
+        save_file(tensors, str(tmp_path / "m.safetensors"), metadata=meta)
+        if (tmp_path / "m.safetensors").read_bytes()[0] == 0x80:
+            break
+    assert (tmp_path / "m.safetensors").read_bytes()[0] == 0x80
+    loaded = from_pretrained(tmp_path / "m.safetensors")
+    assert loaded.config.norm_eps == 1e-3 and loaded.config == config
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+def official_with(tmp_path, key: str, value: torch.Tensor):
+    sd = {"backbone." + k: v for k, v in tiny_model().state_dict().items()}
+    sd["backbone." + key] = value
+    torch.save(sd, tmp_path / "odd.pth")
+    return tmp_path / "odd.pth"
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
+    registers = tiny_model().registers.detach().clone()
+    registers[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    path = official_with(tmp_path, "registers", registers)
+    with pytest.raises(CheckpointError, match=r"NaN or Inf values in 1 tensors \(3 values; registers \(3\)\)") as info:
+        from_pretrained(path)
+    assert "allow_non_finite=True" in str(info.value) and str(path) in str(info.value)
+    loaded = from_pretrained(path, allow_non_finite=True)
+    assert torch.equal(loaded.registers.isnan(), registers.isnan())
+
+
+def test_float16_overflow_on_conversion_is_refused(tmp_path):
+    registers = tiny_model().registers.detach().clone()
+    registers[0, 0, 0] = 1e6  # finite in float32, inf in float16
+    path = official_with(tmp_path, "registers", registers)
+    assert from_pretrained(path).registers[0, 0, 0] == 1e6
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        from_pretrained(path, dtype=torch.float16)
+
+
+def test_integer_weights_are_refused_in_one_line(tmp_path):
+    path = official_with(tmp_path, "registers", torch.zeros(1, 16, 64, dtype=torch.int64))
+    with pytest.raises(CheckpointError, match=r"stores 1 weight tensors as int64, not floating point \(registers") as e:
+        from_pretrained(path)
+    assert "\n" not in str(e.value)

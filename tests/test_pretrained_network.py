@@ -2,6 +2,8 @@
 downloaders, and Hugging Face Hub in offline mode. Every failure must come within seconds and leave no
 half-written file in the cache."""
 
+import dataclasses
+import hashlib
 import http.server
 import threading
 import time
@@ -15,8 +17,14 @@ from huggingface_hub import constants as hf_constants
 import capi_backbones.pretrained.sources as sources
 from capi_backbones import from_pretrained
 from capi_backbones.hub import capi_vitl14, capi_vitl14_in1k, capi_vitl14_in22k, capi_vitl14_lvd, capi_vitl14_p205
-from capi_backbones.pretrained import CapiHubModel, CheckpointError, DownloadError, download_url
-from capi_backbones.pretrained import parse_hub_source
+from capi_backbones.pretrained import (
+    CapiHubModel,
+    CheckpointError,
+    DownloadError,
+    download_url,
+    loading_interface,
+    parse_hub_source,
+)
 
 REFUSED_URL = "http://127.0.0.1:9/capi_vitl14_lvd.pth"  # discard port: nothing listens, connection refused
 
@@ -44,6 +52,28 @@ def server(tmp_path):
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+            elif self.path == "/nolength.pth":  # cut short, and no Content-Length to tell
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+            elif self.path == "/html.pth":  # a login or error page served with 200
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<!DOCTYPE html><html><body>Please sign in</body></html>")
+            elif self.path == "/trickle.pth":  # one byte every 0.1 s: no single read ever times out
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(100):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:
+                    pass
+                self.close_connection = True
             elif self.path == "/short.pth":
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -88,6 +118,74 @@ def test_interrupted_download_leaves_nothing(hub_cache, server):
     with pytest.raises(DownloadError, match="stopped after|IncompleteRead"):
         download_url(f"{base}/short.pth")
     assert list(hub_cache.iterdir()) == []  # no partial file, no temporary file
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nolength.pth", "did not send a whole checkpoint .*cut-off or damaged zip"),
+        ("html.pth", "did not send a whole checkpoint .*an HTML page"),
+    ],
+)
+def test_bad_body_is_never_cached(hub_cache, server, name, message):
+    base, hits = server
+    for _ in range(2):  # the second try downloads again: nothing poisoned the cache
+        with pytest.raises(DownloadError, match=message) as info:
+            from_pretrained(f"{base}/{name}")
+        assert 'from_pretrained("/path/to/' in str(info.value)
+        assert list(hub_cache.iterdir()) == []
+    assert hits == [f"/{name}"] * 2
+
+
+def test_sha256_is_checked_before_the_rename(tmp_path, server):
+    base, _ = server
+    good = hashlib.sha256((tmp_path / "served.pth").read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match=f"SHA-256 is {good}, expected {'0' * 64}"):
+        download_url(f"{base}/good.pth", cache_dir=cache, sha256="0" * 64)
+    assert list(cache.iterdir()) == []
+    assert download_url(f"{base}/good.pth", cache_dir=cache, sha256=good.upper()) == cache / "good.pth"
+    assert [p.name for p in cache.iterdir()] == ["good.pth"]
+
+
+def test_trickling_server_fails_by_the_overall_deadline(tmp_path, server):
+    base, _ = server
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="passed its 0.5 s deadline"):
+        download_url(f"{base}/trickle.pth", cache_dir=tmp_path / "cache", deadline_s=0.5)
+    assert time.monotonic() - start < 2
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_registered_weights_pass_their_sha256(monkeypatch, tmp_path):
+    write_official_checkpoint(tiny_model(), tmp_path / "tiny.pth")
+    calls = []
+    monkeypatch.setattr(sources, "download_url", lambda url, **kw: calls.append(kw) or tmp_path / "tiny.pth")
+    weights = sources.get_weights("capi_vitl14_lvd")
+    monkeypatch.setitem(sources.WEIGHTS, weights.name, dataclasses.replace(weights, sha256="ab" * 32))
+    from_pretrained("capi_vitl14_lvd", arch=TINY_CONFIG)
+    assert calls[0]["sha256"] == "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("interface", "hint"),
+    [
+        ("python", 'from_pretrained("/path/to/capi_vitl14_lvd.pth")'),
+        ("cli", "--weights /path/to/capi_vitl14_lvd.pth"),
+        ("torch.hub", 'torch.hub.load(..., weights="/path/to/capi_vitl14_lvd.pth")'),
+        ("timm", 'pretrained_cfg_overlay=dict(file="/path/to/capi_vitl14_lvd.pth")'),
+    ],
+)
+def test_offline_hint_names_the_fix_of_the_interface(hub_cache, interface, hint):
+    with loading_interface(interface), pytest.raises(DownloadError) as info:
+        from_pretrained(REFUSED_URL)
+    assert hint in str(info.value)
+    assert sum(h in str(info.value) for h in ("from_pretrained(", "--weights", "weights=", "pretrained_cfg")) == 1
+
+
+def test_hub_entry_point_hint_names_weights_path(hub_cache):
+    with pytest.raises(DownloadError, match=r'torch.hub.load\(\.\.\., weights="/path/to/capi_vitl14_lvd.pth"\)'):
+        capi_vitl14(weights=REFUSED_URL)
 
 
 def test_http_error(tmp_path, server):

@@ -115,10 +115,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from capi_backbones.pretrained import inspect_checkpoint
+    from capi_backbones.pretrained import inspect_checkpoint, loading_interface
 
     try:
-        info = inspect_checkpoint(args.checkpoint, arch=args.model)
+        with loading_interface("cli"):
+            info = inspect_checkpoint(args.checkpoint, arch=args.model)
     except USER_ERRORS as error:
         raise CliError(str(error)) from error
     c = info.config
@@ -140,17 +141,26 @@ def run_info(args: argparse.Namespace) -> int:
     dropped = ", ".join(f"{root}.* ({n})" for root, n in sorted(info.dropped.items())) or "none"
     print(f"dropped:      {dropped}")
     print(f"dtypes:       {', '.join(f'{d} ({n})' for d, n in sorted(info.dtypes.items()))}")
-    if info.diff.ok:
+    if info.loads:
         print("strict load:  OK")
         return 0
-    print("strict load:  FAILS\n" + info.diff.describe())
+    print("\n".join(["strict load:  FAILS", *info.problems, *([info.diff.describe()] if not info.diff.ok else [])]))
     return 1
+
+
+def _remove(output: Path) -> None:
+    import shutil
+
+    if output.is_dir():
+        shutil.rmtree(output)
+    else:
+        output.unlink(missing_ok=True)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from capi_backbones.pretrained import from_pretrained, save_official_checkpoint, save_safetensors
+    from capi_backbones.pretrained import from_pretrained, loading_interface, save_official_checkpoint, save_safetensors
 
     output = Path(args.output)
     try:
@@ -158,7 +168,8 @@ def run_convert(args: argparse.Namespace) -> int:
             raise CliError(f"{output} already exists; pass --overwrite to replace it.")
         if Path(args.source).exists() and Path(args.source).resolve() == output.resolve():
             raise CliError("CHECKPOINT and OUTPUT are the same path; write to a new file.")
-        model = from_pretrained(args.source, arch=args.model, dtype=args.dtype)
+        with loading_interface("cli"):
+            model = from_pretrained(args.source, arch=args.model, dtype=args.dtype)  # refuses NaN/Inf, int weights
         if output.suffix == ".safetensors":
             save_safetensors(model, output)
         elif output.suffix in (".pth", ".pt"):
@@ -168,12 +179,26 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"wrote {output} ({len(model.state_dict())} tensors, {args.dtype})")
         if args.no_verify:
             return 0
-        reloaded = from_pretrained(output, arch=model.config, dtype=args.dtype)
+        try:
+            reloaded = from_pretrained(output, arch=model.config, dtype=args.dtype)
+        except USER_ERRORS:
+            _remove(output)
+            raise
     except USER_ERRORS as error:
         raise CliError(str(error)) from error
     original, written = model.state_dict(), reloaded.state_dict()
-    different = [k for k in original if not torch.equal(original[k], written[k])]
+    # bit-for-bit: NaN equals NaN there, unlike torch.equal
+    different = [k for k in original if k not in written or not _same_bits(original[k], written[k])]
     if different or original.keys() != written.keys():
-        raise CliError(f"Verification failed: {len(different)} tensors differ after reading {output} back.")
+        _remove(output)
+        raise CliError(f"Verification failed: {len(different)} tensors differ after reading {output} back; removed it.")
     print(f"verified: all {len(original)} tensors read back identical")
     return 0
+
+
+def _same_bits(a, b) -> bool:
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
