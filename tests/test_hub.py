@@ -75,3 +75,39 @@ def test_no_released_weights_is_a_clear_error(name):
 def test_weights_enum():
     assert [w.value for w in hub.Weights] == ["lvd", "p205", "in22k", "in1k"]
     assert inspect.signature(hub.capi_vitl14).parameters["weights"].default is hub.Weights.LVD
+
+
+@pytest.fixture
+def mine(tmp_path):
+    reference = tiny_model()
+    write_official_checkpoint(reference, tmp_path / "mine.pth")
+    return reference, str(tmp_path / "mine.pth")
+
+
+@pytest.mark.parametrize("pretrained", [None, True])
+def test_weights_path_is_loaded_through_torch_hub(mine, pretrained):
+    """torch.hub.load(..., "capi_vits14", weights=PATH) used to ignore PATH and return random weights."""
+    reference, path = mine
+    kwargs = {} if pretrained is None else {"pretrained": pretrained}
+    model = torch.hub.load(REPO_DIR, "capi_vits14", source="local", weights=path, **kwargs, **TINY_CONFIG.to_dict())
+    assert torch.equal(model.registers, reference.registers) and not model.training
+    for entry in (hub.capi_vitb14, hub.capi_vitl14):  # every entry point with a weights argument
+        assert torch.equal(entry(weights=path, **TINY_CONFIG.to_dict()).registers, reference.registers)
+
+
+@pytest.mark.parametrize("name", ["capi_vits14", "capi_vitb14", "capi_vitl14"])
+def test_pretrained_false_with_a_weights_path_is_an_error(mine, name):
+    with pytest.raises(ValueError, match="pretrained=False contradicts weights="):
+        getattr(hub, name)(pretrained=False, weights=mine[1])
+
+
+@pytest.mark.parametrize("name", ["capi_vitl14_lvd", "capi_vitl14_p205", "capi_vitl14_in22k", "capi_vitl14_in1k"])
+def test_release_entry_points_refuse_a_weights_argument(mine, name):
+    with pytest.raises(ValueError, match='loads the .* release; for another checkpoint use .*weights="/path/to'):
+        getattr(hub, name)(weights=mine[1])
+
+
+def test_without_weights_small_entry_points_stay_random():
+    torch.manual_seed(0)
+    a = hub.capi_vits14(**TINY_CONFIG.to_dict())
+    assert a.training and not torch.equal(a.registers, tiny_model(seed=1).registers)

@@ -5,6 +5,9 @@ Outputs are compared with the model that wrote the file (``torch.equal``)."""
 import ast
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,3 +257,25 @@ def test_models_and_layers_do_not_import_pretrained():
                     assert not any(n.startswith(("capi_backbones.pretrained", "capi_backbones.hub")) for n in names), (
                         f"{source} imports {names}"
                     )
+
+
+IMPORT_PROBE = """
+import sys, types
+package = types.ModuleType("capi_backbones")  # only this subpackage: the root __init__ is not under test here
+package.__path__ = [sys.argv[1]]
+sys.modules["capi_backbones"] = package
+import capi_backbones.pretrained, capi_backbones.hub
+heavy = ("huggingface_hub", "timm", "sklearn", "torchvision")
+print(sorted({m.split(".")[0] for m in sys.modules if m.startswith(heavy)}))
+"""
+
+
+def test_pretrained_imports_no_hub_timm_or_sklearn():
+    """save_pretrained / push_to_hub / Hub loading keep huggingface_hub out until they are used."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, str(Path(capi_backbones.__file__).parent)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
