@@ -117,3 +117,52 @@ def test_help(command, capsys):
         main([command, "--help"])
     assert info.value.code == 0
     assert "usage: capi-backbones " + command in capsys.readouterr().out
+
+
+def write_with_registers(tmp_path, registers: torch.Tensor):
+    tensors = {"backbone." + k: v for k, v in tiny_model().state_dict().items()} | {"backbone.registers": registers}
+    torch.save(tensors, tmp_path / "odd.pth")
+    return tmp_path / "odd.pth"
+
+
+def test_non_finite_checkpoint_info_and_convert(tmp_path, capsys):
+    registers = tiny_model().registers.detach().clone()
+    registers[0, 1, 2] = float("nan")
+    path = write_with_registers(tmp_path, registers)
+    assert main(["info", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "strict load:  FAILS" in out and "NaN or Inf values in 1 tensors (1 values; registers (1))" in out
+    output = tmp_path / "out.safetensors"
+    assert main(["convert", str(path), str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and "Verification failed" not in err and len(err.strip().splitlines()) == 1
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["odd.pth"]
+
+
+@pytest.mark.parametrize("command", ["info", "convert"])
+def test_integer_checkpoint_is_one_line(tmp_path, capsys, command):
+    path = write_with_registers(tmp_path, torch.ones(1, 16, 64, dtype=torch.int64))
+    code = main([command, str(path)] + ([str(tmp_path / "out.pth")] if command == "convert" else []))
+    captured = capsys.readouterr()
+    assert code == (1 if command == "info" else 2)
+    text = captured.out if command == "info" else captured.err
+    lines = [line for line in text.splitlines() if "not floating point" in line]
+    assert len(lines) == 1 and "stores 1 weight tensors as int64" in lines[0]
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_convert_removes_an_output_that_fails_verification(official, tmp_path, capsys, monkeypatch):
+    import capi_backbones.cli.model_commands as model_commands
+
+    _, path = official
+    monkeypatch.setattr(model_commands, "_same_bits", lambda a, b: False)
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
+    assert "Verification failed: 40 tensors differ" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_offline_hint_names_the_weights_option(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch_hub"))
+    assert main(["info", "http://127.0.0.1:9/capi_vitl14_lvd.pth"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights /path/to/capi_vitl14_lvd.pth" in err and "from_pretrained(" not in err
