@@ -303,3 +303,23 @@ def test_hf_hub_source_loads_the_fetched_folder(tmp_path, monkeypatch):
 def test_invalid_hub_source(bad):
     with pytest.raises(ValueError, match="expected 'hf-hub:owner/repo"):
         parse_hub_source(bad)
+
+
+def test_timm_and_cli_callers_name_their_own_fix(hub_cache, monkeypatch):
+    """The callers owned elsewhere set their interface: timm's released-weights download, the CLI's extractor."""
+    import argparse
+
+    import timm
+
+    import capi_backbones.pretrained.download as download
+    from capi_backbones.cli.model_options import build_extractor
+
+    def unreachable(url, timeout=None):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(download, "check_reachable", unreachable)
+    with pytest.raises(DownloadError, match=r'pretrained_cfg_overlay=dict\(file="/path/to/capi_vitl14_lvd.pth"\)'):
+        timm.create_model("capi_vitl14.lvd", pretrained=True)
+    args = argparse.Namespace(model=REFUSED_URL, weights=None, device="cpu", image_size=224, batch_size=1)
+    with pytest.raises(DownloadError, match="--weights /path/to/capi_vitl14_lvd.pth"):
+        build_extractor(args)

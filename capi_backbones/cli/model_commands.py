@@ -158,7 +158,6 @@ def _remove(output: Path) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    import torch
 
     from capi_backbones.pretrained import from_pretrained, loading_interface, save_official_checkpoint, save_safetensors
 

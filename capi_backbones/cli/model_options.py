@@ -40,12 +40,14 @@ def model_source(args: argparse.Namespace) -> str | None:
 def build_extractor(args: argparse.Namespace, **options):
     """A FeatureExtractor from the shared options, plus command-specific keyword ``options``."""
     from capi_backbones.features import FeatureExtractor
+    from capi_backbones.pretrained import loading_interface
 
-    return FeatureExtractor(
-        model_source(args),
-        weights=args.weights,
-        device=args.device,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        **options,
-    )
+    with loading_interface("cli"):  # offline hints name --weights PATH
+        return FeatureExtractor(
+            model_source(args),
+            weights=args.weights,
+            device=args.device,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            **options,
+        )
