@@ -324,9 +324,8 @@ def _fetch_released_weights(variant: str, pretrained_cfg, pretrained_cfg_overlay
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if cfg.file or cfg.state_dict or cfg.hf_hub_id or not cfg.url:
         return None
-    sha256 = next((w.sha256 for w in WEIGHTS.values() if w.url == cfg.url), None)
     with loading_interface("timm"):  # offline hints name pretrained_cfg_overlay=dict(file=PATH)
-        path = download_url(cfg.url, cache_dir=cache_dir, sha256=sha256)  # default: the torch hub checkpoints folder
+        path = download_url(cfg.url, cache_dir=cache_dir)  # default: the torch hub checkpoints folder
     return dataclasses.asdict(dataclasses.replace(cfg, file=str(path), custom_load=True))
 
 
