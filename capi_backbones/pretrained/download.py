@@ -94,7 +94,7 @@ def _verify(tmp: Path, url: str, written: int, expected: int | None, digest: str
     try:
         check_complete(tmp)
     except CheckpointError as error:  # e.g. an HTML error page served with status 200, or a cut-off body
-        reason = str(error).split(": ", 1)[-1].split(". If it was downloaded")[0]
+        reason = str(error).split(". If it was downloaded")[0].replace(f"{tmp} is ", "").replace(f"{tmp} ", "")
         raise DownloadError(f"{url} did not send a whole checkpoint ({reason}).") from error
     if sha256 is not None and digest != sha256.lower():
         raise DownloadError(f"{url} sent a file whose SHA-256 is {digest}, expected {sha256.lower()}.")
