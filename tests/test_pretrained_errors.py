@@ -14,6 +14,7 @@ from skimage import data
 from capi_backbones import from_pretrained
 from capi_backbones.models import CapiConfig
 from capi_backbones.pretrained import CheckpointError, save_safetensors
+from capi_backbones.pretrained.files import check_complete
 
 
 class NotATensor:  # torch.load(weights_only=True) must refuse to unpickle this
@@ -213,3 +214,15 @@ def test_integer_weights_are_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"stores 1 weight tensors as int64, not floating point \(registers") as e:
         from_pretrained(path)
     assert "\n" not in str(e.value)
+
+
+def test_check_complete_finds_cut_off_files(tmp_path, official):
+    """What downloads run before the rename: a whole file passes, one cut anywhere does not."""
+    safetensors = save_safetensors(tiny_model(), tmp_path / "m.safetensors")
+    assert check_complete(official) == "pytorch-zip" and check_complete(safetensors) == "safetensors"
+    for path in (official, safetensors):
+        raw = path.read_bytes()
+        for cut in (0.5, 0.99):
+            (tmp_path / "cut").write_bytes(raw[: int(len(raw) * cut)])
+            with pytest.raises(CheckpointError, match="cut-off"):
+                check_complete(tmp_path / "cut")

@@ -135,7 +135,10 @@ def check_complete(path: str | os.PathLike) -> str:
     elif kind == "safetensors":
         with open(path, "rb") as f:
             length, header = _safetensors_header(f, size)
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        try:
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (KeyError, TypeError, IndexError, ValueError) as error:
+            raise CheckpointError(f"{path} has a damaged safetensors header ({error!r}). {_fix_hint(path)}") from error
         expected = 8 + length + max(ends, default=0)
         if expected != size:
             raise CheckpointError(
