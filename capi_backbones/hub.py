@@ -45,7 +45,8 @@ def _released_tag(weights: "Weights | str | None") -> str | None:
 
 
 def _make_capi(arch: str, *, pretrained: bool | None, weights: "Weights | str | None", **kwargs) -> CapiModel:
-    """pretrained=None (ViT-S/B default): load ``weights`` when it is a checkpoint source, else random init."""
+    """pretrained=None (the ViT-S/B default): load ``weights`` when given (a release tag there has no weights, an
+    error), else random init."""
     tag = _released_tag(weights)
     source = weights if weights is not None and tag is None else None  # a file, folder, URL or hf-hub: repo
     if pretrained is False and source is not None:
@@ -53,7 +54,7 @@ def _make_capi(arch: str, *, pretrained: bool | None, weights: "Weights | str | 
             f"pretrained=False contradicts weights={source!r}: drop pretrained=False to load that checkpoint, "
             "or drop weights= for a randomly initialised model."
         )
-    if not pretrained and source is None:
+    if pretrained is False or (pretrained is None and weights is None):
         return create_model(arch, pretrained=False, **kwargs)
     with loading_interface("torch.hub"):
         if tag is not None and f"{arch}_{tag}" in WEIGHTS:

@@ -111,3 +111,9 @@ def test_without_weights_small_entry_points_stay_random():
     torch.manual_seed(0)
     a = hub.capi_vits14(**TINY_CONFIG.to_dict())
     assert a.training and not torch.equal(a.registers, tiny_model(seed=1).registers)
+
+
+@pytest.mark.parametrize("name", ["capi_vits14", "capi_vitb14"])
+def test_a_release_tag_without_weights_is_an_error_not_random(name):
+    with pytest.raises(ValueError, match=f"No pretrained weights were released for {name}"):
+        getattr(hub, name)(weights="lvd")
