@@ -163,6 +163,6 @@ def test_convert_removes_an_output_that_fails_verification(official, tmp_path, c
 
 def test_cli_offline_hint_names_the_weights_option(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch_hub"))
-    assert main(["info", "http://127.0.0.1:9/capi_vitl14_lvd.pth"]) == 2
+    assert main(["info", "http://127.0.0.1:9/capi_vitl14_lvd.pth"]) == 3  # a failed download: environment failure
     err = capsys.readouterr().err
     assert "--weights /path/to/capi_vitl14_lvd.pth" in err and "from_pretrained(" not in err
