@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from capi_backbones.layers import Block
 from capi_backbones.models.config import CapiConfig
 from capi_backbones.models.coordinates import edge_register_coordinates, patch_coordinates, scale_to_extent
+from capi_backbones.models.grad_checkpointing import GRAD_CHECKPOINTING_MODES, checkpointed_call
 
 __all__ = ["BackboneOutput", "CapiModel", "Transformer", "nearest_valid_sizes"]
 
@@ -60,6 +61,7 @@ class CapiModel(nn.Module):
         )
         self.enc_norm = nn.RMSNorm(config.embed_dim, eps=config.norm_eps, elementwise_affine=False, **dd)
         self.dec_norm = nn.RMSNorm(config.pred_embed_dim, eps=config.norm_eps, elementwise_affine=False, **dd)
+        self.grad_checkpointing: str | None = None  # None, "full" or "selective" (set_grad_checkpointing)
         if device is None or torch.device(device).type != "meta":
             self.init_weights()
 
@@ -96,6 +98,21 @@ class CapiModel(nn.Module):
             elif hasattr(module, "freqs"):
                 module.reset_parameters()
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True, *, mode: str = "full") -> "CapiModel":
+        """Recompute encoder and predictor blocks in the backward pass (only in training with grad enabled).
+
+        mode: ``"full"`` keeps only each block's input; ``"selective"`` also keeps matmul and attention outputs
+        and recomputes the elementwise ops. Outputs and gradients are unchanged."""
+        if mode not in GRAD_CHECKPOINTING_MODES:
+            raise ValueError(f"Unknown grad checkpointing mode {mode!r}; use one of {GRAD_CHECKPOINTING_MODES}.")
+        self.grad_checkpointing = mode if enable else None
+        return self
+
+    def _run_block(self, block: nn.Module, *args, **kwargs) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpointed_call(self.grad_checkpointing, block, *args, **kwargs)
+        return block(*args, **kwargs)
 
     # ---- shapes -----------------------------------------------------------------------------------------------
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -150,7 +167,7 @@ class CapiModel(nn.Module):
         ``{i: output of block i}`` for the 0-based indices in ``collect``."""
         collected = {}
         for i, block in enumerate(self.encoder.blocks[:n_blocks]):
-            tokens = block(tokens, coords)
+            tokens = self._run_block(block, tokens, coords)
             if i in collect:
                 collected[i] = tokens
         return tokens, collected
@@ -170,7 +187,7 @@ class CapiModel(nn.Module):
         b, n_q = context.shape[0], query_coords.shape[1]
         queries = self.mask_token[None].expand(b, n_q, -1)  # (B, n_q, D_pred)
         for block in self.decoder.blocks[:n_blocks]:
-            queries = block(queries, query_coords, context=context, context_coords=context_coords)
+            queries = self._run_block(block, queries, query_coords, context=context, context_coords=context_coords)
         return self.dec_norm(queries)
 
     # ---- inference API ----------------------------------------------------------------------------------------
