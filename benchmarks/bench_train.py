@@ -12,6 +12,7 @@ Run: python benchmarks/bench_train.py [--budget-seconds 300] [--vits-batch 8] [-
 """
 
 import argparse
+import dataclasses
 import logging
 import math
 import tempfile
@@ -107,7 +108,7 @@ def learning_check(budget: float, workdir: Path) -> None:
     total_steps = max(int(budget / per_step), 10)
     config = load_config("tiny", [*config_args, f"data.root={root}", f"optim.total_steps={total_steps}"])
     trainer = Trainer(config)
-    random_teacher = CapiModel(config.model.to_capi_config(drop_path_rate=0.0))
+    random_teacher = CapiModel(dataclasses.replace(config.model, drop_path_rate=0.0))
     random_teacher.load_state_dict(trainer.teacher.state_dict())
 
     start = time.perf_counter()

@@ -1,47 +1,122 @@
-"""Atomic file output: write to a temporary name in the target folder, rename only once complete.
+"""Atomic file output, the one writer of the package: write to a temporary name in the target folder, fsync,
+then rename; fsync the folder so the rename survives a power cut.
 
-A crash or an error never leaves a half-written file (or folder) under the final name.
+A crash or an error never leaves a half-written file (or folder) under the final name. Files get the usual
+permissions (0666 minus the umask, 0644 by default) whatever the library that fills them does (safetensors
+creates its files 0600). A failure of the file system (disk full, permission, read-only) raises
+:class:`WriteError`, one line that names the final path.
 """
 
+import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_folder", "atomic_write_text"]
+__all__ = ["WriteError", "atomic_folder", "atomic_path", "atomic_write_text"]
+
+# errno values that mean "the environment cannot take this file", not "the caller made a mistake"
+ENVIRONMENT_ERRNOS = frozenset(
+    (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+)
+
+
+class WriteError(OSError):
+    """Writing a file failed because of the environment (disk full, no permission, read-only file system)."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, reason)
+        self.path = Path(path)
+        self.message = (
+            f"Cannot write {self.path}: {reason}. Free some space, fix the permissions of {self.path.parent}, "
+            "or choose another output folder."
+        )
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        _fsync(folder)
+    except OSError as error:  # some file systems cannot fsync a folder; the data itself is synced
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR, errno.EACCES):
+            raise
+
+
+def _is_environment_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and not isinstance(error, WriteError) and error.errno in ENVIRONMENT_ERRNOS
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path next to ``path`` (created empty, usual permissions); on success it replaces
-    ``path``, on failure it is deleted. Creates the parent folder."""
+    """Yield a temporary file path next to ``path`` (created empty, usual permissions); once the block ends
+    it is fsynced, given the usual permissions and renamed to ``path``; on failure it is deleted. Creates the
+    parent folder. File-system failures, in the block or here, raise :class:`WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 minus the umask
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode 0666 minus the umask
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.close(fd)
+    except OSError as error:
+        raise WriteError(path, error) from error
     try:
         yield tmp
+        os.chmod(tmp, mode)  # writers that recreate the file (safetensors: 0600) lose the umask's mode
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException as error:
+        if _is_environment_error(error):
+            raise WriteError(path, error) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Like ``atomic_path`` for a folder; ``path`` must not exist yet (folders cannot be replaced atomically)."""
+    """Like ``atomic_path`` for a folder; ``path`` must not exist yet (folders cannot be replaced atomically).
+    Every file inside gets the usual permissions and is fsynced before the rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # mode 0777 minus the umask
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666
+    except OSError as error:
+        raise WriteError(path, error) from error
     try:
         yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                os.chmod(child, file_mode)
+                _fsync(child)
+        _fsync_folder(tmp)
         os.rename(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException as error:
+        if _is_environment_error(error):
+            raise WriteError(path, error) from error
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,11 +1,12 @@
 """Atomic output: nothing half-written under the final name, and files get the usual permissions."""
 
+import errno
 import os
 import stat
 
 import pytest
 
-from capi_backbones.atomic_files import atomic_folder, atomic_path, atomic_write_text
+from capi_backbones.atomic_files import WriteError, atomic_folder, atomic_path, atomic_write_text
 
 
 def test_success_replaces_the_file_with_usual_permissions(tmp_path):
@@ -41,3 +42,61 @@ def test_folder_and_text(tmp_path):
     assert (tmp_path / "shard" / "a.npy").read_text() == "x"
     atomic_write_text(tmp_path / "index.json", "{}")
     assert (tmp_path / "index.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_writer_gets_the_umask_mode(tmp_path, umask):
+    """safetensors recreates its files 0600 and PIL / torch.save keep the mode: all end 0666 minus the umask."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with atomic_path(tmp_path / "b.pt") as tmp, tmp.open("wb") as file:
+            torch.save({"x": torch.zeros(2)}, file)
+        with atomic_path(tmp_path / "c.png") as tmp:
+            Image.new("RGB", (2, 2)).save(tmp, format="PNG")
+        atomic_write_text(tmp_path / "d.json", "{}")
+        with atomic_folder(tmp_path / "e") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp / "f.safetensors"))
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*tmp_path.iterdir(), tmp_path / "e" / "f.safetensors"]}
+    assert modes == {
+        "a.safetensors": 0o666 & ~umask, "b.pt": 0o666 & ~umask, "c.png": 0o666 & ~umask, "d.json": 0o666 & ~umask,
+        "e": 0o777 & ~umask, "f.safetensors": 0o666 & ~umask,
+    }  # fmt: skip
+
+
+def test_the_file_and_its_folder_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    atomic_write_text(tmp_path / "index.json", "{}")
+    assert len(synced) == 2 and ".index.json." in synced[0] and synced[1] == str(tmp_path)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, code):
+    def full(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError) as caught:
+        atomic_write_text(tmp_path / "index.json", "{}")
+    message = str(caught.value)
+    assert message.startswith(f"Cannot write {tmp_path / 'index.json'}: {os.strerror(code)}.") and "\n" not in message
+    assert isinstance(caught.value, OSError) and caught.value.errno == code
+    assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary
+    with pytest.raises(WriteError, match="Cannot write .*out.bin: No space left"), atomic_path(tmp_path / "out.bin"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # raised by the code that fills the file
+
+
+def test_other_errors_of_the_block_pass_through_unchanged(tmp_path):
+    with pytest.raises(ConnectionResetError), atomic_path(tmp_path / "x"):
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "y"):
+        raise FileNotFoundError(errno.ENOENT, "missing input")

@@ -2,10 +2,9 @@
 
 import argparse
 import logging
-import os
 import sys
 
-from capi_backbones.cli.errors import USER_ERRORS, CliError
+from capi_backbones.cli.errors import CliError
 
 __all__ = ["register"]
 
@@ -45,43 +44,27 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import yaml
+    logger.info("Starting: loading PyTorch, then building the model and the data...")  # before the slow imports
+    from capi_backbones.train.launch import quiet_other_ranks, run
 
-    from capi_backbones.train.config import config_to_dict, load_config
-    from capi_backbones.train.trainer import NonFiniteLossError, train
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # one progress log per job, from rank 0
-    try:
-        config = load_config(args.config, args.overrides)
-    except USER_ERRORS as error:
-        raise CliError(str(error)) from None
-    if args.print_config:
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
-        return 0
-    if args.max_steps is not None and args.max_steps < 1:
-        raise CliError(f"--max-steps must be >= 1, got {args.max_steps}.")
-    try:
-        result = train(config, max_steps=args.max_steps)
-    except NonFiniteLossError as error:
-        print(f"capi-backbones train: {error}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        raise CliError(str(error)) from None
-    where = f"checkpoint {result.last_checkpoint}" if result.last_checkpoint else f"run dir {result.run_dir}"
-    if result.stopped_by_signal:
-        logger.info("Stopped at step %d; %s. Run the same command to resume.", result.end_step, where)
-    else:
-        logger.info("Done: %d steps; %s.", result.end_step, where)
-    return 0
+    quiet_other_ranks()
+    return run(args.config, args.overrides, max_steps=args.max_steps, print_config=args.print_config)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from capi_backbones.atomic_files import WriteError
     from capi_backbones.train.export import export_teacher
+    from capi_backbones.train.launch import EXIT_ENVIRONMENT
 
     try:
         result = export_teacher(args.run, args.out)
-    except USER_ERRORS as error:
+    except WriteError as error:  # disk full, no permission: the environment, not the command line
+        print(f"capi-backbones export: error: {error}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except (ValueError, FileNotFoundError) as error:
         raise CliError(str(error)) from None
-    print(f"Exported the teacher of {result.checkpoint} (step {result.step}) to {result.path} ({result.format})")
+    print(
+        f"Exported the teacher of {result.checkpoint} (step {result.step}, trained at {result.image_size} px) "
+        f"to {result.path} ({result.format})"
+    )
     return 0

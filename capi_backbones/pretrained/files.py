@@ -254,10 +254,10 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the model's state dict as safetensors (atomic), with its ``CapiConfig`` as JSON in the metadata,
-    so that ``from_pretrained(path)`` needs no ``arch``."""
-    metadata = {"format": "pt", "library": "capi-backbones"}
+    so that ``from_pretrained(path)`` needs no ``arch``. ``metadata``: extra string entries to store."""
+    metadata = {**(metadata or {}), "format": "pt", "library": "capi-backbones"}
     config = getattr(model, "config", None)
     if isinstance(config, CapiConfig):
         metadata[CONFIG_METADATA_KEY] = json.dumps(config.to_dict(), sort_keys=True)

@@ -5,7 +5,7 @@ Under torchrun: ``torchrun --nproc_per_node 8 -m capi_backbones.train vitl14 dat
 
 import sys
 
-from capi_backbones.cli.main import main
+from capi_backbones.train.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main())

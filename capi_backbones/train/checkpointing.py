@@ -6,7 +6,6 @@ Checkpoints hold only tensors and plain Python values, so they load with ``torch
 """
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -15,14 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from capi_backbones.atomic_files import atomic_path
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointNotFoundError",
     "capture_rng_state",
     "checkpoint_path",
+    "find_resume_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "resolve_checkpoint",
+    "load_newest_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -51,7 +53,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_checkpoint(source: str | Path) -> Path:
+def find_resume_checkpoint(source: str | Path) -> Path:
     """A checkpoint file, or the newest checkpoint of a run directory."""
     source = Path(source)
     if source.is_file():
@@ -67,34 +69,13 @@ def resolve_checkpoint(source: str | Path) -> Path:
     raise CheckpointNotFoundError(f"{source} is neither a checkpoint file nor a run directory.")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_last: int | None = None) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` through the atomic writer (temporary file, fsync, rename, fsync of the folder).
     With ``keep_last``, older checkpoints of the same folder beyond the newest ``keep_last`` are deleted."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    # a file object, so that a full disk raises OSError (hence WriteError), not torch's RuntimeError
+    with atomic_path(path) as tmp, tmp.open("wb") as file:
+        torch.save(state, file)
     logger.info("Saved checkpoint %s", path)
     if keep_last is not None and path.parent.name == CHECKPOINT_DIR:
         for _, old in list_checkpoints(path.parent.parent)[:-keep_last]:
@@ -104,7 +85,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_last: int |
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = resolve_checkpoint(path)
+    path = find_resume_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a truncated or foreign file
@@ -115,6 +96,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "To load released weights use capi_backbones.from_pretrained."
         )
     return state
+
+
+def load_newest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
+    """The newest readable checkpoint of ``run_dir`` as ``(path, state)``, or None when it has none.
+
+    A newest checkpoint that cannot be read (truncated by a crash or a full disk) is skipped with a warning
+    naming it, and the previous one is used; when none can be read, the error of the newest is raised."""
+    found = list_checkpoints(run_dir)
+    first_error = None
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except ValueError as error:
+            first_error = first_error or error
+            logger.warning("Skipping unreadable checkpoint %s (%s); trying the previous one.", path, error)
+    if first_error is not None:
+        raise first_error
+    return None
 
 
 # ---- RNG state (tensors and plain values only) ----------------------------------------------------------------------

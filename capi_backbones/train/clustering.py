@@ -9,18 +9,17 @@ arXiv 2502.08769, Sec. 3). CAPI balances the prototypes separately at every patc
 Distributed reductions are passed in as callables; nothing here reads global distributed state.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capi_backbones.train.distributed import Reduce
 from capi_backbones.train.losses import capi_loss
 
 __all__ = ["ClusteringOutput", "OnlineClustering", "sinkhorn_knopp"]
 
-Reduce = Callable[[Tensor], Tensor]
 
 # Added after subtracting the max, before exp: exp(50) still fits fp32/bf16 and keeps tiny values above 0.
 EXP_SHIFT = {torch.float16: 0.0, torch.bfloat16: 50.0, torch.float32: 50.0, torch.float64: 50.0}

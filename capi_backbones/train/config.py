@@ -19,23 +19,25 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.models import ARCHITECTURES, CapiConfig
 
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE, N_REGISTERS, PATCH_SIZE
-from capi_backbones.models import CapiConfig
+TRAIN_EXTRA_HINT = "pip install 'capi-backbones[train]'"
 
 __all__ = [
     "ClusteringConfig",
     "ConfigError",
     "DataConfig",
-    "ModelConfig",
     "OptimConfig",
     "PRESETS",
     "TrainConfig",
     "TrainerConfig",
     "apply_overrides",
+    "architecture",
     "config_from_dict",
     "config_to_dict",
+    "dump_config",
     "load_config",
     "save_config",
 ]
@@ -45,24 +47,28 @@ class ConfigError(ValueError):
     """A config file, preset or override that does not fit the schema."""
 
 
-@dataclass
-class ModelConfig:
-    embed_dim: int = 1024  # encoder width
-    depth: int = 24  # encoder blocks
-    num_heads: int = 16  # encoder heads
-    pred_embed_dim: int = 1024  # predictor width
-    pred_depth: int = 12  # predictor blocks (all run in training)
-    pred_num_heads: int = 16  # predictor heads
-    patch_size: int = PATCH_SIZE  # patch side in pixels
-    n_registers: int = N_REGISTERS  # register tokens (multiple of 4)
-    mlp_ratio: float = 4.0  # MLP hidden width / block width
-    drop_path_rate: float = 0.2  # batch-subset stochastic depth of the student
+def _yaml():
+    """PyYAML, imported on first use with the install hint when it is missing."""
+    try:
+        import yaml
+    except ImportError as error:
+        raise ImportError(f"Training configs need PyYAML ({error}). Install it with: {TRAIN_EXTRA_HINT}") from None
+    return yaml
 
-    def to_capi_config(self, *, drop_path_rate: float | None = None) -> CapiConfig:
-        values = dataclasses.asdict(self)
-        if drop_path_rate is not None:
-            values["drop_path_rate"] = drop_path_rate
-        return CapiConfig(**values)
+
+RECIPE_DROP_PATH_RATE = 0.2  # batch-subset stochastic depth of the student in the official recipe
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """The ``model`` section of a released architecture (``capi_vitl14`` ...), from the one architecture table.
+    Stochastic depth is left out: it is a training setting (the recipe's 0.2)."""
+    values = ARCHITECTURES[name].to_dict()
+    del values["drop_path_rate"]
+    return values
+
+
+def _recipe_model() -> CapiConfig:
+    return dataclasses.replace(ARCHITECTURES["capi_vitl14"], drop_path_rate=RECIPE_DROP_PATH_RATE)
 
 
 @dataclass
@@ -132,7 +138,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: CapiConfig = field(default_factory=_recipe_model)  # the backbone; drop_path_rate is the student's
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,7 +146,6 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check the values that the dataclass types cannot; returns self."""
-        self.model.to_capi_config()  # head-dim / register checks, raising ValueError
         if self.data.image_size % self.model.patch_size:
             p = self.model.patch_size
             raise ConfigError(
@@ -192,15 +197,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": dict(image_size=112, prediction_ratio=0.2, num_workers=0),
         "train": dict(output_dir="runs/capi_tiny", log_every=10, checkpoint_every=200, device="cpu"),
     },
-    "vits14": {
-        "model": dict(embed_dim=384, depth=12, num_heads=6, pred_embed_dim=384, pred_depth=6, pred_num_heads=6),
-        "train": dict(output_dir="runs/capi_vits14"),
+    **{
+        size: {"model": architecture(f"capi_{size}"), "train": dict(output_dir=f"runs/capi_{size}")}
+        for size in ("vits14", "vitb14", "vitl14")
     },
-    "vitb14": {
-        "model": dict(embed_dim=768, depth=12, num_heads=12, pred_embed_dim=768, pred_depth=6, pred_num_heads=12),
-        "train": dict(output_dir="runs/capi_vitb14"),
-    },
-    "vitl14": {"train": dict(output_dir="runs/capi_vitl14")},
 }
 
 
@@ -238,7 +238,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         item_types = typing.get_args(annotation)
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml().safe_load(value)
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
             raise ConfigError(f"{key} expects a list of {len(item_types)} values like [0.6, 1.0], got {value!r}.")
         return tuple(_coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
@@ -298,7 +298,10 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
         for key, value in entries.items():
             _, hints = _check_key(section, key)
             updates[key] = _coerce(value, hints[key], f"{section}.{key}")
-        setattr(config, section, dataclasses.replace(current, **updates))
+        try:
+            setattr(config, section, dataclasses.replace(current, **updates))
+        except ValueError as error:  # CapiConfig's own checks (head dim, registers)
+            raise ConfigError(f"{section}: {error}") from None
     return config
 
 
@@ -334,7 +337,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
                 raise ConfigError(
                     f"Config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file."
                 )
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _read_yaml(path)
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}.")
             preset = values.pop("preset", None)
@@ -351,9 +354,29 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     return config.validate()
 
 
+def _read_yaml(path: Path) -> Any:
+    yaml = _yaml()
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.constructor.ConstructorError as error:
+        line = f" at line {error.problem_mark.line + 1}" if error.problem_mark else ""
+        raise ConfigError(
+            f"{path}: unsupported YAML{line}: {error.problem}. Configs hold plain values only "
+            "(numbers, strings, booleans, lists, mappings; no !!python tags)."
+        ) from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(error, 'problem', None) or error}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; give a YAML config or a preset name.") from None
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The config as YAML text (what ``save_config`` writes and ``load_config`` reads back)."""
+    return _yaml().safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, dump_config(config))

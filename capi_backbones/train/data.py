@@ -22,10 +22,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from capi_backbones.constants import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from capi_backbones.train.config import TRAIN_EXTRA_HINT
 from capi_backbones.train.masking import MaskedBatch, MaskingCollator
 
 __all__ = [
@@ -116,6 +115,15 @@ def random_resized_crop_box(
     return CropBox((height - h) // 2, (width - w) // 2, h, w)
 
 
+def _transforms_v2():
+    """torchvision's ``transforms.v2`` (imported on first use, so ``import capi_backbones.train`` stays light)."""
+    try:
+        from torchvision.transforms import v2
+    except ImportError as error:
+        raise ImportError(f"Training needs torchvision ({error}). Install it with: {TRAIN_EXTRA_HINT}") from None
+    return v2
+
+
 class TrainTransform:
     """RandomResizedCrop (bicubic, on the PIL image like the official pipeline), optional horizontal flip,
     then a float tensor normalised with the ImageNet mean and std. Randomness comes in as a generator."""
@@ -133,13 +141,16 @@ class TrainTransform:
         self.hflip = hflip
         self.mean = list(mean)
         self.std = list(std)
+        _transforms_v2()  # fail here, with the install hint, rather than in a DataLoader worker
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> Tensor:
         box = random_resized_crop_box(image.height, image.width, self.crop_scale, generator=generator)
         flip = bool(torch.rand(1, generator=generator) < 0.5)  # always drawn: the stream does not depend on hflip
+        v2 = _transforms_v2()
+        TF = v2.functional
         image = TF.resized_crop(
             image, box.top, box.left, box.height, box.width, [self.image_size, self.image_size],
-            interpolation=InterpolationMode.BICUBIC, antialias=True,
+            interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
         )  # fmt: skip
         if self.hflip and flip:
             image = TF.horizontal_flip(image)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "DistributedContext",
+    "Reduce",
     "all_reduce_grads_mean",
     "all_reduce_max",
     "all_reduce_sum",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+Reduce = Callable[[Tensor], Tensor]  # a reduction over ranks (sum or max), handed to the numerics as an argument
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,6 @@ def all_reduce_max(tensor: Tensor) -> Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
-
-
-Reduce = Callable[[Tensor], Tensor]
 
 
 def reducers(context: DistributedContext) -> tuple[Reduce | None, Reduce | None]:

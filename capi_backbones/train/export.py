@@ -1,23 +1,34 @@
 """Export the teacher (EMA) backbone of a training run: what the official releases are (``student_ema``).
 
-``.safetensors`` carries the architecture in its metadata; ``.pth`` / ``.pt`` is the official layout
-(``torch.save`` of ``{"backbone." + key: tensor}``). Both load with ``capi_backbones.from_pretrained``.
+``.safetensors`` carries the architecture in its metadata, and the training image size under
+``IMAGE_SIZE_METADATA_KEY`` (``"image_size"``, a decimal string such as ``"224"``) so that feature extraction
+can default to it; ``.pth`` / ``.pt`` is the official layout (``torch.save`` of ``{"backbone." + key: tensor}``),
+which has no room for it. Both load with ``capi_backbones.from_pretrained``.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from capi_backbones.models import CapiConfig, CapiModel
-from capi_backbones.pretrained import save_official_checkpoint, save_safetensors
-from capi_backbones.train.checkpointing import load_checkpoint, resolve_checkpoint
+from capi_backbones.train.checkpointing import find_resume_checkpoint, load_checkpoint
 from capi_backbones.train.config import config_from_dict
 
-__all__ = ["EXPORT_FORMATS", "ExportResult", "TeacherCheckpoint", "export_teacher", "load_teacher"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "IMAGE_SIZE_METADATA_KEY",
+    "ExportResult",
+    "TeacherCheckpoint",
+    "export_teacher",
+    "load_teacher",
+    "read_image_size",
+]
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = {".safetensors": "safetensors", ".pth": "official", ".pt": "official"}
+IMAGE_SIZE_METADATA_KEY = "image_size"  # safetensors metadata: the training crop side in pixels, e.g. "224"
 
 
 @dataclass
@@ -25,6 +36,7 @@ class TeacherCheckpoint:
     model: CapiModel  # the EMA backbone, eval mode, fp32 on CPU, no stochastic depth
     step: int  # training steps done when the checkpoint was written
     checkpoint: Path
+    image_size: int  # side of the square training crops (data.image_size)
 
 
 @dataclass
@@ -34,16 +46,20 @@ class ExportResult:
     step: int
     config: CapiConfig
     checkpoint: Path
+    image_size: int  # the training image size (recorded in the file for .safetensors)
 
 
 def load_teacher(source: str | Path) -> TeacherCheckpoint:
     """The teacher backbone of a training checkpoint file, or of a run directory's newest checkpoint."""
-    path = resolve_checkpoint(source)
+    path = find_resume_checkpoint(source)
     state = load_checkpoint(path)
-    config = config_from_dict(state["config"]).model.to_capi_config(drop_path_rate=0.0)
+    train_config = config_from_dict(state["config"])
+    config = dataclasses.replace(train_config.model, drop_path_rate=0.0)
     model = CapiModel(config, device="meta")
     model.load_state_dict(state["teacher"], strict=True, assign=True)
-    return TeacherCheckpoint(model=model.float().eval(), step=int(state["step"]), checkpoint=path)
+    return TeacherCheckpoint(
+        model=model.float().eval(), step=int(state["step"]), checkpoint=path, image_size=train_config.data.image_size
+    )
 
 
 def export_teacher(source: str | Path, out: str | Path) -> ExportResult:
@@ -56,10 +72,37 @@ def export_teacher(source: str | Path, out: str | Path) -> ExportResult:
             f"Cannot tell the export format of {str(out)!r} from its suffix {out.suffix!r}. "
             f"Use one of {', '.join(EXPORT_FORMATS)} (.pth/.pt = official layout with 'backbone.' keys)."
         )
+    from capi_backbones.pretrained import save_official_checkpoint, save_safetensors  # not at import time
+
     teacher = load_teacher(source)
-    save = save_safetensors if fmt == "safetensors" else save_official_checkpoint
-    save(teacher.model, out)
+    if fmt == "safetensors":
+        save_safetensors(teacher.model, out, metadata={IMAGE_SIZE_METADATA_KEY: str(teacher.image_size)})
+    else:
+        save_official_checkpoint(teacher.model, out)
+        logger.info(
+            "The official .pth layout cannot record the training image size (%d); export to .safetensors to keep it.",
+            teacher.image_size,
+        )
     logger.info("Exported the teacher of %s (step %d) to %s", teacher.checkpoint, teacher.step, out)
     return ExportResult(
-        path=out, format=fmt, step=teacher.step, config=teacher.model.config, checkpoint=teacher.checkpoint
+        path=out,
+        format=fmt,
+        step=teacher.step,
+        config=teacher.model.config,
+        checkpoint=teacher.checkpoint,
+        image_size=teacher.image_size,
     )
+
+
+def read_image_size(path: str | Path) -> int | None:
+    """The training image size recorded by :func:`export_teacher` in a ``.safetensors`` file, or None when the
+    file has none (released weights, ``.pth`` files, other writers)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        value = (file.metadata() or {}).get(IMAGE_SIZE_METADATA_KEY)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {value!r}.")
+    return int(value)

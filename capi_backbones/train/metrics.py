@@ -1,46 +1,82 @@
 """Training metrics: one JSON object per line in the run directory, and loss curves drawn with Pillow."""
 
 import json
+import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from capi_backbones.atomic_files import WriteError, atomic_path, atomic_write_text
+
 __all__ = ["MetricsWriter", "draw_curves", "read_metrics"]
+
+logger = logging.getLogger(__name__)
 
 CURVE_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
 
+def _parse(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(records, whether the last line was torn). Only the last line may be torn: a kill or a full disk
+    during an append leaves it cut short; a bad line anywhere else is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as error:
+            if number == len(lines):
+                return records, True
+            raise ValueError(
+                f"{path} line {number} is not a metrics record ({error}). Delete or fix that line to continue."
+            ) from None
+        records.append(record)
+    return records, False
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSONL metrics file (an empty list when it does not exist)."""
+    """The records of a JSONL metrics file (an empty list when it does not exist). A torn last line (a kill
+    or a full disk mid-append) is left out, with a warning naming the file."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = _parse(path)
+    if torn:
+        logger.warning("%s: ignoring its last line, cut short by an interrupted write.", path)
+    return records
 
 
 class MetricsWriter:
     """Appends records to ``path`` (JSON lines). ``truncate_after(step)`` drops the records whose ``step``
-    (steps done) is past ``step``: a run resumed from the checkpoint of that step re-does them."""
+    (steps done) is past ``step`` (a run resumed from the checkpoint of that step re-does them) and a torn
+    last line."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
-        records = read_metrics(self.path)
-        kept = [r for r in records if r.get("step", -1) <= step]
-        if len(kept) == len(records):
+        if not self.path.exists():
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        records, torn = _parse(self.path)
+        kept = [r for r in records if r.get("step", -1) <= step]
+        if len(kept) == len(records) and not torn:
+            return
+        if torn:
+            logger.warning("%s: dropping its last line, cut short by an interrupted write.", self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise WriteError(self.path, error) from error
 
 
 def _nice_number(value: float) -> str:
@@ -102,7 +138,6 @@ def draw_curves(
         draw.text((left, bottom + 6), _nice_number(x_low), fill="black", font=font)
         label = f"{x_key} {_nice_number(x_high)}"
         draw.text((right - 8 * len(label) + 8, bottom + 6), label, fill="black", font=font)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

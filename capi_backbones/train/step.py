@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from capi_backbones.models import CapiModel
+from capi_backbones.train.distributed import Reduce
 from capi_backbones.train.heads import L2NormLinear
 
 __all__ = ["StudentNet", "TeacherTargets", "assignment_entropies", "teacher_targets"]
 
-Reduce = Callable[[Tensor], Tensor]
 
 
 class StudentNet(nn.Module):

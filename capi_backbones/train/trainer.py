@@ -139,10 +139,10 @@ class Trainer:
 
         # ---- models: identical init on every rank ----
         torch.manual_seed(config.train.seed)
-        backbone = CapiModel(mc.to_capi_config(), device=self.device)
+        backbone = CapiModel(mc, device=self.device)
         head = L2NormLinear(mc.pred_embed_dim, cc.n_prototypes, device=self.device)
         self.student = StudentNet(backbone, head).train()
-        self.teacher = CapiModel(mc.to_capi_config(drop_path_rate=0.0), device=self.device)
+        self.teacher = CapiModel(dataclasses.replace(mc, drop_path_rate=0.0), device=self.device)
         self.teacher.load_state_dict(backbone.state_dict())
         self.teacher.requires_grad_(False).eval()
         self.clustering = OnlineClustering(
@@ -422,8 +422,8 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (newest: {found[-1][1].name}) and train.resume=false. "
                 "Set train.resume=true to continue that run, or choose another train.output_dir."
             )
-        path = found[-1][1]
-        self.load_state_dict(checkpointing.load_checkpoint(path))
+        path, state = checkpointing.load_newest_checkpoint(self.run_dir)
+        self.load_state_dict(state)
         logger.info("Resumed from %s at step %d", path, self.step)
         return path
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from capi_backbones.cli.main import main
-from capi_backbones.models import ARCHITECTURES
+from capi_backbones.models import ARCHITECTURES, CapiConfig
 from capi_backbones.train.config import (
     PRESETS,
     ConfigError,
@@ -42,7 +42,8 @@ def test_presets_validate_and_match_the_architectures(name):
     config = load_config(name)
     if name != "tiny":
         expected = ARCHITECTURES[f"capi_{name}"]
-        built = config.model.to_capi_config()
+        built = config.model
+        assert isinstance(built, CapiConfig)
         for key in ("embed_dim", "depth", "num_heads", "pred_embed_dim", "pred_depth", "pred_num_heads"):
             assert getattr(built, key) == getattr(expected, key)
     else:

@@ -53,7 +53,7 @@ def test_export_reloads_with_from_pretrained(run, tmp_path, suffix):
 
 def test_export_from_a_checkpoint_file_and_the_cli(run, tmp_path, capsys):
     run_dir, _ = run
-    checkpoint = checkpointing.resolve_checkpoint(run_dir)
+    checkpoint = checkpointing.find_resume_checkpoint(run_dir)
     assert main(["export", str(checkpoint), str(tmp_path / "t.safetensors")]) == 0
     assert "step 3" in capsys.readouterr().out
     reloaded = from_pretrained(tmp_path / "t.safetensors")

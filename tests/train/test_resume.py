@@ -128,7 +128,7 @@ def test_bad_checkpoints_and_incompatible_resumes(tmp_path):
     with pytest.raises(ValueError, match="not a capi-backbones training checkpoint"):
         checkpointing.load_checkpoint(tmp_path / "weights.pth")
     with pytest.raises(checkpointing.CheckpointNotFoundError, match="No checkpoints"):
-        checkpointing.resolve_checkpoint(tmp_path)
+        checkpointing.find_resume_checkpoint(tmp_path)
 
     Trainer(tiny_config(tmp_path, "optim.total_steps=1")).run()
     with pytest.raises(ValueError, match="model.embed_dim: checkpoint 32 vs config 64"):
