@@ -118,6 +118,16 @@ class OnlineClustering(nn.Module):
         if self.layer.bias is not None:
             nn.init.zeros_(self.layer.bias)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """Prototype scores (*, K) of the l2-normalized tokens x (*, D); x is detached (the teacher gets no grad)."""
+        return self.layer(F.normalize(x.detach(), dim=-1, p=2, eps=1e-7))
+
+    def loss(self, x: Tensor, assignments: Tensor) -> Tensor:
+        """The clustering loss of tokens ``x`` (*, D) against given ``assignments`` (*, K): what ``forward``
+        returns as ``loss``, for a part of the batch whose assignments were balanced over the whole batch
+        (gradient accumulation)."""
+        return capi_loss(self.logits(x), assignments, temperature=self.pred_temp)
+
     def forward(
         self,
         x: Tensor,
@@ -137,7 +147,7 @@ class OnlineClustering(nn.Module):
             )
         if x.ndim < 2:
             raise ValueError(f"Clustering needs tokens of shape (*, D), got shape {tuple(x.shape)}.")
-        logits = self.layer(F.normalize(x.detach(), dim=-1, p=2, eps=1e-7))  # (*, K)
+        logits = self.logits(x)  # (*, K)
         scores = logits.detach() / self.target_temp
         reduce = {"all_reduce_sum": all_reduce_sum, "all_reduce_max": all_reduce_max}
         if self.positionwise:

@@ -8,6 +8,10 @@ inverse-block masking (65%) with roll, 5% of the masked patches predicted, crops
 Batch size: ``optim.batch_size`` is the GLOBAL batch (images per optimizer step over all ranks). Each rank
 loads ``batch_size // world_size`` images, so the same config gives the same data order and the same
 schedules on 1 or 64 GPUs. (The official code instead sets a per-GPU batch: 512 x 32 GPUs = 16384.)
+``optim.accumulation_steps`` splits each rank's share into that many forward/backward passes of one optimizer
+step: the teacher's Sinkhorn-Knopp targets are still balanced over the whole global batch, so the step is the
+same up to float sums (stochastic depth draws per pass). ``train.activation_checkpointing`` (full | selective)
+trades compute for memory and changes no number.
 
 Load a YAML file (or a preset name) and apply ``section.key=value`` overrides with :func:`load_config`.
 """
@@ -56,6 +60,7 @@ def _yaml():
     return yaml
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 RECIPE_DROP_PATH_RATE = 0.2  # batch-subset stochastic depth of the student in the official recipe
 
 
@@ -90,6 +95,7 @@ class ClusteringConfig:
 class OptimConfig:
     total_steps: int = 500_000  # optimizer steps of the whole run (sets the schedules)
     batch_size: int = 16384  # GLOBAL batch: images per step summed over all ranks
+    accumulation_steps: int = 1  # split each rank's share into this many forward/backward passes (same step)
     lr: float = 1e-3  # student AdamW peak lr
     final_lr: float = 0.0  # lr the cosine heads to (truncated at truncate_cos, so never reached)
     betas: tuple[float, float] = (0.9, 0.95)  # student AdamW betas
@@ -128,6 +134,8 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     parallel: str = "ddp"  # ddp | fsdp (torch.distributed.fsdp.fully_shard) when launched with torchrun
     compile: bool = False  # torch.compile the teacher and student forwards
+    activation_checkpointing: str = "none"  # none | full | selective: recompute student blocks in backward
+    progress_bar: bool = True  # a tqdm bar (steps, img/s, loss, ETA) on rank 0 when stderr is a terminal
     log_every: int = 20  # steps between progress lines / metric records
     checkpoint_every: int = 3750  # steps between checkpoints (also one at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept in OUTPUT_DIR/checkpoints
@@ -158,9 +166,15 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.train.device!r}; allowed: auto, cpu, cuda.")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.train.parallel!r}; allowed: ddp, fsdp.")
+        if self.train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(
+                f"train.activation_checkpointing={self.train.activation_checkpointing!r}; "
+                f"allowed: {', '.join(ACTIVATION_CHECKPOINTING)}."
+            )
         positive = {
             "optim.total_steps": self.optim.total_steps,
             "optim.batch_size": self.optim.batch_size,
+            "optim.accumulation_steps": self.optim.accumulation_steps,
             "clustering.n_prototypes": self.clustering.n_prototypes,
             "train.log_every": self.train.log_every,
             "train.checkpoint_every": self.train.checkpoint_every,
@@ -170,6 +184,11 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}.")
+        if self.optim.batch_size % self.optim.accumulation_steps:
+            raise ConfigError(
+                f"optim.batch_size={self.optim.batch_size} is not divisible by "
+                f"optim.accumulation_steps={self.optim.accumulation_steps}; the global batch is split evenly."
+            )
         low, high = self.data.crop_scale
         if not 0 < low <= high <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.data.crop_scale}.")

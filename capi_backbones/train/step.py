@@ -16,8 +16,14 @@ from capi_backbones.models import CapiModel
 from capi_backbones.train.distributed import Reduce
 from capi_backbones.train.heads import L2NormLinear
 
-__all__ = ["StudentNet", "TeacherTargets", "assignment_entropies", "teacher_targets"]
-
+__all__ = [
+    "StudentNet",
+    "TeacherAssignments",
+    "TeacherTargets",
+    "assignment_entropies",
+    "teacher_assignments",
+    "teacher_targets",
+]
 
 
 class StudentNet(nn.Module):
@@ -66,6 +72,36 @@ def teacher_targets(
     assignments = out.assignments.detach().transpose(0, 1)  # (B, n, K)
     index = predict_indices[..., None].expand(-1, -1, assignments.shape[-1])  # (B, n_pred, K)
     return TeacherTargets(targets=assignments.gather(1, index), clustering_loss=out.loss)
+
+
+@dataclass
+class TeacherAssignments:
+    patches: Tensor  # (n, B, D) the teacher's enc_norm-ed patch tokens, position-major, no grad
+    assignments: Tensor  # (n, B, K) Sinkhorn-Knopp assignments of every patch, balanced over the whole batch
+    targets: Tensor  # (B, n_pred, K) the assignments at the predicted positions
+
+
+@torch.no_grad()
+def teacher_assignments(
+    teacher: CapiModel | Callable[[Tensor], tuple],
+    clustering: nn.Module,
+    images: Tensor,
+    predict_indices: Tensor,
+    *,
+    all_reduce_sum: Reduce | None = None,
+    all_reduce_max: Reduce | None = None,
+    n_registers: int,
+) -> TeacherAssignments:
+    """The targets of :func:`teacher_targets` without the clustering loss's graph (no grad, cheap): for
+    gradient accumulation, Sinkhorn-Knopp balances over the whole batch, then the clustering loss and the
+    student run on parts of it (``clustering.loss(patches[:, part], assignments[:, part])``)."""
+    encode = teacher.encode if isinstance(teacher, CapiModel) else teacher
+    tokens, _, _ = encode(images)  # (B, R + n, D)
+    patches = tokens[:, n_registers:].transpose(0, 1)  # (n, B, D)
+    out = clustering(patches, all_reduce_sum=all_reduce_sum, all_reduce_max=all_reduce_max)
+    index = predict_indices[..., None].expand(-1, -1, out.assignments.shape[-1])  # (B, n_pred, K)
+    targets = out.assignments.transpose(0, 1).gather(1, index)
+    return TeacherAssignments(patches=patches, assignments=out.assignments, targets=targets)
 
 
 @torch.no_grad()

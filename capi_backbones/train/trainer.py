@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -60,7 +61,7 @@ from capi_backbones.train.masking import MaskedBatch, MaskingCollator
 from capi_backbones.train.metrics import MetricsWriter, draw_curves, read_metrics
 from capi_backbones.train.param_groups import apply_schedules, build_param_groups
 from capi_backbones.train.schedules import warmup_truncated_cosine
-from capi_backbones.train.step import StudentNet, assignment_entropies, teacher_targets
+from capi_backbones.train.step import StudentNet, assignment_entropies, teacher_assignments, teacher_targets
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "TrainResult", "Trainer", "train"]
 
@@ -126,7 +127,17 @@ class Trainer:
                 f"{self.context.world_size} ranks; use a multiple of {self.context.world_size}."
             )
         self.local_batch = oc.batch_size // self.context.world_size
+        if self.local_batch % oc.accumulation_steps:
+            raise ValueError(
+                f"Each of the {self.context.world_size} ranks gets {self.local_batch} images per step, which "
+                f"optim.accumulation_steps={oc.accumulation_steps} cannot split evenly; use a divisor of "
+                f"{self.local_batch}."
+            )
         self.image_paths = find_images(config.data.root)  # fails early on a missing or empty folder
+        logger.info(
+            "Found %d images under %s; building the student, teacher and clustering layer on %s...",
+            len(self.image_paths), config.data.root, self.device,
+        )  # fmt: skip
         self.grid = (config.data.image_size // mc.patch_size,) * 2
         self.masking = MaskingCollator(
             self.grid,
@@ -141,6 +152,8 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         backbone = CapiModel(mc, device=self.device)
         head = L2NormLinear(mc.pred_embed_dim, cc.n_prototypes, device=self.device)
+        if config.train.activation_checkpointing != "none":
+            backbone.set_grad_checkpointing(mode=config.train.activation_checkpointing)
         self.student = StudentNet(backbone, head).train()
         self.teacher = CapiModel(dataclasses.replace(mc, drop_path_rate=0.0), device=self.device)
         self.teacher.load_state_dict(backbone.state_dict())
@@ -263,30 +276,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.clustering_optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device, non_blocking=True)
-
-        # teacher: EMA encoder on the full images, online clustering (its loss trains the clustering layer only)
-        with self._autocast():
-            teacher = teacher_targets(
-                self._teacher_encode,
-                self.clustering,
-                batch.images,
-                batch.predict_indices,
-                all_reduce_sum=self._sum,
-                all_reduce_max=self._max,
-                n_registers=self.config.model.n_registers,
-            )
-        teacher.clustering_loss.backward()
-        # student: visible patches + registers, predictor queries at the predicted positions
-        with self._autocast():
-            logits = self._student_forward(batch.images, batch.visible_indices, batch.predict_indices)
-        loss = capi_loss(logits.float(), teacher.targets, temperature=self.config.clustering.student_temp)
-        loss.backward()
+        if self.config.optim.accumulation_steps == 1:
+            loss, clustering_loss, targets = self._forward_backward(batch)
+        else:
+            loss, clustering_loss, targets = self._forward_backward_accumulated(batch)
 
         # one reduction for the logged values, the finiteness verdict and the stop request
-        entropy, usage = assignment_entropies(teacher.targets)
-        n_tokens = teacher.targets.shape[0] * teacher.targets.shape[1]
+        entropy, usage = assignment_entropies(targets)
+        n_tokens = targets.shape[0] * targets.shape[1]
         stop = 1.0 if self._signal_received else 0.0
-        scalars = torch.stack([loss.detach(), teacher.clustering_loss.detach().float(), entropy]).to(usage)
+        scalars = torch.stack([loss.detach(), clustering_loss.detach().float(), entropy]).to(usage)
         extra = torch.tensor([stop, float(n_tokens)], device=usage.device)
         packed = torch.cat([scalars, extra, usage])
         if self.context.is_distributed:
@@ -331,6 +330,71 @@ class Trainer:
             seconds=time.perf_counter() - start,
             **values,
         )
+
+    def _forward_backward(self, batch: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients of the whole local batch in one pass; returns (loss, clustering loss, targets)."""
+        # teacher: EMA encoder on the full images, online clustering (its loss trains the clustering layer only)
+        with self._autocast():
+            teacher = teacher_targets(
+                self._teacher_encode,
+                self.clustering,
+                batch.images,
+                batch.predict_indices,
+                all_reduce_sum=self._sum,
+                all_reduce_max=self._max,
+                n_registers=self.config.model.n_registers,
+            )
+        teacher.clustering_loss.backward()
+        # student: visible patches + registers, predictor queries at the predicted positions
+        with self._autocast():
+            logits = self._student_forward(batch.images, batch.visible_indices, batch.predict_indices)
+        loss = capi_loss(logits.float(), teacher.targets, temperature=self.config.clustering.student_temp)
+        loss.backward()
+        return loss, teacher.clustering_loss, teacher.targets
+
+    def _forward_backward_accumulated(self, batch: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """The same gradients in ``optim.accumulation_steps`` passes over equal parts of the local batch.
+
+        The teacher and Sinkhorn-Knopp run once over the whole batch without grad (their balance is over the
+        global batch); the clustering loss and the student run per part, each loss scaled by 1 / parts, so
+        the summed gradients are those of the batch means. Gradients are synchronised across ranks once, in
+        the last part."""
+        parts = self.config.optim.accumulation_steps
+        size = batch.images.shape[0] // parts
+        with self._autocast():
+            teacher = teacher_assignments(
+                self._teacher_encode,
+                self.clustering,
+                batch.images,
+                batch.predict_indices,
+                all_reduce_sum=self._sum,
+                all_reduce_max=self._max,
+                n_registers=self.config.model.n_registers,
+            )
+        losses, clustering_losses = [], []
+        for i in range(parts):
+            part = slice(i * size, (i + 1) * size)
+            with self._gradient_sync(enabled=i == parts - 1):
+                with self._autocast():
+                    clustering_loss = self.clustering.loss(teacher.patches[:, part], teacher.assignments[:, part])
+                (clustering_loss / parts).backward()
+                with self._autocast():
+                    logits = self._student_forward(
+                        batch.images[part], batch.visible_indices[part], batch.predict_indices[part]
+                    )
+                loss = capi_loss(logits.float(), teacher.targets[part], temperature=self.config.clustering.student_temp)
+                (loss / parts).backward()
+            losses.append(loss.detach())
+            clustering_losses.append(clustering_loss.detach())
+        return torch.stack(losses).mean(), torch.stack(clustering_losses).mean(), teacher.targets
+
+    def _gradient_sync(self, *, enabled: bool) -> contextlib.AbstractContextManager:
+        """DDP / FSDP reduce the student's gradients only in the pass where ``enabled`` (the last one)."""
+        if self._student_ddp is not None and not enabled:
+            return self._student_ddp.no_sync()
+        if self.context.is_distributed and self.config.train.parallel == "fsdp":
+            self.student.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _model_states(self) -> dict[str, Any]:
@@ -465,7 +529,7 @@ class Trainer:
         )  # fmt: skip
         window: list[StepMetrics] = []
         last_saved = -1
-        with _stop_signals(self.request_stop):
+        with _stop_signals(self.request_stop), self._progress_bar(start_step, end_step) as bar:
             tick = time.perf_counter()
             for batch in self._data_loader(start_step, end_step):
                 metrics = self.train_step(batch)
@@ -473,6 +537,10 @@ class Trainer:
                 metrics.seconds, tick = now - tick, now
                 result.history.append(metrics)
                 window.append(metrics)
+                if bar is not None:
+                    images_per_s = self.config.optim.batch_size / metrics.seconds if metrics.seconds > 0 else 0.0
+                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {metrics.loss:.4f}", refresh=False)
+                    bar.update(1)
                 for callback in callbacks:
                     callback(metrics)
                 done = self.step
@@ -494,6 +562,27 @@ class Trainer:
             self.draw_curves()
         result.end_step = self.step
         return result
+
+    @contextlib.contextmanager
+    def _progress_bar(self, start_step: int, end_step: int):
+        """A tqdm bar over the steps (rate, ETA, img/s and loss) on rank 0 when ``train.progress_bar`` is set
+        and stderr is a terminal; log lines go above it. Yields None when there is no bar."""
+        if not (self.config.train.progress_bar and self.context.is_main):
+            yield None
+            return
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(
+            total=end_step, initial=start_step, unit="step", desc="train", disable=None,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        if bar.disable:  # not a terminal: the log lines are the progress
+            bar.close()
+            yield None
+            return
+        with logging_redirect_tqdm(), bar:
+            yield bar
 
     def _log(self, window: list[StepMetrics], writer: MetricsWriter) -> None:
         if not window or not self.context.is_main:
