@@ -20,7 +20,7 @@ from capi_backbones.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
-STEPS = 1  # later steps amplify float noise: Adam's first update is ~lr * sign(grad), also for noise-level grads
+STEPS = 3  # more than one: a wrong gradient average (or a stale one) must show through AdamW, which sees its changes
 
 
 def write_config(tmp_path, run, *extra):
@@ -63,14 +63,16 @@ def single(tmp_path_factory):
     return tmp_path, first, states, following
 
 
-@pytest.mark.parametrize("parallel, atol", [("ddp", 2e-5), ("fsdp", 5e-5)])
-def test_two_rank_steps_equal_single_process_steps(single, parallel, atol):
+# fp32 sums in another order, amplified by AdamW's normalised updates. Measured after 3 steps: DDP 1e-7 (losses,
+# relative) and 2e-5 (weights); FSDP 6e-4 and 8e-5. A rank that skips the gradient average is off by ~lr = 1e-3.
+@pytest.mark.parametrize("parallel, loss_rtol, atol", [("ddp", 2e-5, 2e-5), ("fsdp", 2e-3, 3e-4)])
+def test_two_rank_steps_equal_single_process_steps(single, parallel, loss_rtol, atol):
     tmp_path, first, states, following = single
     run_dir = torchrun(tmp_path, parallel)
     losses = logged_losses(run_dir)
     expected = torch.tensor([[m.loss, m.clustering_loss] for m in first.history], dtype=torch.float64)
     assert losses.shape == (STEPS, 2)
-    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=2e-5)  # fp32 sums in another order
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=loss_rtol)
 
     state = checkpointing.load_checkpoint(run_dir)
     assert state["step"] == STEPS and state["world_size"] == 2
