@@ -121,16 +121,18 @@ def test_metrics_and_curves_are_written(tmp_path):
     assert (run / "config.yaml").exists()
 
 
-def test_train_does_not_import_features_or_viz():
+def test_train_does_not_import_features_viz_or_the_cli():
     """Style rule: train imports models, layers and pretrained, never features or viz (the package root exports
-    FeatureExtractor lazily)."""
+    FeatureExtractor lazily), and never the CLI: the CLI imports train, not the reverse."""
     code = (
         "import sys\n"
-        "import capi_backbones.train, capi_backbones.train.__main__, capi_backbones.cli.train_commands\n"
+        "import capi_backbones.train, capi_backbones.train.__main__, capi_backbones.train.launch\n"
         "from capi_backbones.train import trainer, export, data, distributed, metrics, checkpointing, step\n"
+        "cli = sorted(m for m in sys.modules if m.startswith('capi_backbones.cli'))\n"
+        "import capi_backbones.cli.train_commands\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('capi_backbones.features', 'capi_backbones.viz')) "
         "or m.split('.')[0] in ('sklearn', 'matplotlib'))\n"
-        "print(bad)\n"
+        "print(cli + bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -1,0 +1,149 @@
+"""What a crash, a full disk or a hostile file does to a training run: a clear line, never a lost run."""
+
+import errno
+import json
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from test_loop import tiny_config
+
+from capi_backbones.atomic_files import WriteError
+from capi_backbones.cli.main import main
+from capi_backbones.train import checkpointing
+from capi_backbones.train.config import ConfigError, load_config, save_config
+from capi_backbones.train.export import IMAGE_SIZE_METADATA_KEY, export_teacher, read_image_size
+from capi_backbones.train.metrics import MetricsWriter, read_metrics
+from capi_backbones.train.trainer import Trainer
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    Trainer(tiny_config(tmp_path, "optim.total_steps=2", "train.log_every=1")).run()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as file:
+        file.write('{"step": 3, "loss": 5.1, "clust')  # a kill or a full disk mid-append
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+    assert str(metrics) in caplog.text and "cut short" in caplog.text
+    Trainer(tiny_config(tmp_path, "optim.total_steps=3", "train.log_every=1")).run()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_bad_metrics_line_before_the_last_names_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not a metrics record"):
+        MetricsWriter(path).truncate_after(5)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    Trainer(tiny_config(tmp_path, "optim.total_steps=2", "train.checkpoint_every=1")).run()
+    newest = checkpointing.checkpoint_path(tmp_path / "run", 2)
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy or a disk that gave up half way
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(tiny_config(tmp_path, "optim.total_steps=2", "train.checkpoint_every=1"))
+    assert trainer.step == 1 and trainer.resumed_from == checkpointing.checkpoint_path(tmp_path / "run", 1)
+    assert f"Skipping unreadable checkpoint {newest}" in caplog.text
+    trainer.run()  # re-does step 2 and replaces the broken file
+    assert checkpointing.load_checkpoint(newest)["step"] == 2
+    for _, path in checkpointing.list_checkpoints(tmp_path / "run"):
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="Could not read training checkpoint"):
+        Trainer(tiny_config(tmp_path, "optim.total_steps=2"))
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "config.yaml"])
+def test_a_full_disk_is_one_line_naming_the_path_and_exit_3(tmp_path, monkeypatch, capsys, target):
+    config = tiny_config(tmp_path, "optim.total_steps=1")
+    save_config(config, tmp_path / "run.yaml")
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if target in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert main(["train", str(tmp_path / "run.yaml")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("capi-backbones train: error: Cannot write ")
+    assert target in err[0] and "No space left on device" in err[0]
+    run = tmp_path / "run"
+    leftovers = [p.name for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []  # nothing half-written under a final or temporary name
+    if target == "checkpoint":
+        assert checkpointing.list_checkpoints(run) == []
+
+
+def test_yaml_with_python_tags_is_one_clear_line(tmp_path, capsys):
+    path = tmp_path / "evil.yaml"
+    path.write_text('optim: !!python/object/apply:os.system ["echo owned"]\n')
+    with pytest.raises(ConfigError, match=r"evil.yaml: unsupported YAML at line 1: .*no !!python tags"):
+        load_config(path)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unsupported YAML" in err[0] and "owned" not in err[0]
+    path.write_text("optim: {lr: [1,\n")
+    assert main(["train", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_train_logs_its_first_line_before_the_heavy_imports(tmp_path, monkeypatch, caplog):
+    """The first line comes before torch and the trainer are imported (they take seconds on a busy machine)."""
+    events = []
+
+    class Recorder:
+        def find_spec(self, name, path=None, target=None):
+            if name == "capi_backbones.train.launch":
+                events.append("import")
+            return None
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.delitem(sys.modules, "capi_backbones.train.launch", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Recorder(), *sys.meta_path])
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        assert main(["train", "tiny", f"train.output_dir={tmp_path}", "--print-config"]) == 0
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert events[0].startswith("Starting: loading PyTorch") and events[1] == "import"
+
+
+def test_progress_bar_shows_steps_rate_loss_and_eta(tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    Trainer(tiny_config(tmp_path, "optim.total_steps=2")).run()
+    shown = terminal.getvalue().replace("\r", "\n").splitlines()[-1]
+    assert "2/2" in shown and "img/s" in shown and "loss " in shown and "<00:00" in shown  # elapsed<remaining
+    terminal.truncate(0)
+    Trainer(tiny_config(tmp_path, "optim.total_steps=3", "train.progress_bar=false")).run()
+    assert "img/s" not in terminal.getvalue()
+
+
+def test_export_records_the_training_image_size(tmp_path):
+    Trainer(tiny_config(tmp_path, "optim.total_steps=1")).run()
+    result = export_teacher(tmp_path / "run", tmp_path / "teacher.safetensors")
+    assert result.image_size == 56 == read_image_size(tmp_path / "teacher.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "teacher.safetensors"), framework="pt") as file:
+        assert file.metadata()[IMAGE_SIZE_METADATA_KEY] == "56"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    assert read_image_size(tmp_path / "plain.safetensors") is None
+
+
+def test_write_error_is_an_oserror_with_the_path(tmp_path):
+    error = WriteError(tmp_path / "a.pt", OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)))
+    assert isinstance(error, OSError) and error.path == tmp_path / "a.pt" and "quota" in str(error).lower()
