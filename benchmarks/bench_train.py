@@ -2,19 +2,26 @@
 
 1. Throughput: steps/s and images/s of full CAPI training steps (teacher + clustering + student + updates, data
    loading in the main process included) for the ``tiny`` preset and for ``vits14`` with a small batch.
-2. Learning check: pretrain ``tiny`` for a fixed time budget on sklearn's digits (8x8 grey images upsampled to
+2. Peak memory of a ``vits14`` training step (CPU, fp32, fresh process per setting): train.activation_checkpointing
+   none / full / selective, and optim.accumulation_steps 2: the peak RSS of a second step above the RSS it starts
+   from (models, gradients and AdamW moments exist already), i.e. what the step's activations cost.
+3. Learning check: pretrain ``tiny`` for a fixed time budget on sklearn's digits (8x8 grey images upsampled to
    the tiny image size, grey -> RGB), then k-NN accuracy (sklearn, cosine, k=10, stratified 50/50 split) of the
    frozen teacher's (and student's) predictor-pooled features and mean-pooled patch features, against the same
    architecture at its random init (the step-0 teacher). Raw pixels give the reference of the task. Also prints
    the target entropy over training (log K = uniform assignments; a collapse shows as entropy falling to 0).
 
 Run: python benchmarks/bench_train.py [--budget-seconds 300] [--vits-batch 8] [--steps 5] [--skip-throughput]
+     [--skip-memory] [--memory-batch 16] [--skip-learning]
 """
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +74,53 @@ def throughput(preset: str, batch: int, steps: int, images: Path, workdir: Path)
         "steps_per_s": 1 / per_step,
         "images_per_s": batch / per_step,
     }
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as file:
+        line = next(line for line in file if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def memory_worker(images: str, workdir: str, batch: int, checkpointing: str, accumulation: int) -> None:
+    """Two vits14 steps in this (fresh) process: the first allocates gradients and AdamW moments; then the peak
+    RSS is reset (``/proc/self/clear_refs``) and the second step's peak above its starting RSS is what the
+    step itself (activations, clustering, Sinkhorn-Knopp) costs. Prints one JSON line."""
+    config = load_config(
+        "vits14",
+        [f"data.root={images}", f"train.output_dir={workdir}", f"optim.batch_size={batch}", "train.device=cpu",
+         "optim.total_steps=10", "data.num_workers=0", "train.plot_every_checkpoint=false",
+         f"train.activation_checkpointing={checkpointing}", f"optim.accumulation_steps={accumulation}"],
+    )  # fmt: skip
+    trainer = Trainer(config)
+    batches = iter(trainer._data_loader(0, 2))
+    trainer.train_step(next(batches))
+    second = next(batches)
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # resets VmHWM, the peak RSS
+    before = _status_mib("VmRSS")
+    start = time.perf_counter()
+    metrics = trainer.train_step(second)
+    seconds = time.perf_counter() - start
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"before_mib": before, "peak_mib": peak, "seconds": seconds, "loss": metrics.loss}))
+
+
+def peak_memory(images: Path, workdir: Path, batch: int) -> None:
+    print(f"\n# Peak memory of one vits14 step, global batch {batch} at 224 px (CPU fp32, fresh process each)")
+    print("activation checkpointing | accumulation steps | RSS at step start (MiB) | peak RSS (MiB) | "
+          "step peak above start (MiB) | step seconds | loss")  # fmt: skip
+    print("---|---|---|---|---|---|---")
+    for checkpointing, accumulation in (("none", 1), ("full", 1), ("selective", 1), ("none", 2)):
+        run_dir = workdir / f"mem_{checkpointing}_{accumulation}"
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-worker", str(images), str(run_dir), str(batch), checkpointing,
+             str(accumulation)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{checkpointing} | {accumulation} | {r['before_mib']:.0f} | {r['peak_mib']:.0f} | "
+              f"{r['peak_mib'] - r['before_mib']:.0f} | {r['seconds']:.1f} | {r['loss']:.6f}")  # fmt: skip
 
 
 @torch.no_grad()
@@ -157,7 +211,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per throughput run (after 1 warm-up)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-batch", type=int, default=16, help="global batch of the vits14 memory runs")
+    parser.add_argument("--memory-worker", nargs=5, metavar=("IMAGES", "WORKDIR", "BATCH", "MODE", "ACC"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
+    if args.memory_worker:
+        images, workdir, batch, mode, accumulation = args.memory_worker
+        memory_worker(images, workdir, int(batch), mode, int(accumulation))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
@@ -173,6 +235,10 @@ def main() -> None:
                 r = throughput(preset, batch, args.steps, root, workdir)
                 print(f"{preset} | {r['batch']} | {r['image_size']} | {r['prototypes']} | {r['steps_per_s']:.3f} | "
                       f"{r['images_per_s']:.2f}")  # fmt: skip
+        if not args.skip_memory:
+            images, _ = digit_images(224)
+            root = write_folder(images[: args.memory_batch], workdir / "memory_images")
+            peak_memory(root, workdir, args.memory_batch)
         if not args.skip_learning:
             learning_check(args.budget_seconds, workdir)
 

@@ -148,12 +148,18 @@ class OnlineClustering(nn.Module):
         if x.ndim < 2:
             raise ValueError(f"Clustering needs tokens of shape (*, D), got shape {tuple(x.shape)}.")
         logits = self.logits(x)  # (*, K)
+        assignments = self.balance(logits, all_reduce_sum=all_reduce_sum, all_reduce_max=all_reduce_max)
+        loss = capi_loss(logits, assignments, temperature=self.pred_temp)
+        return ClusteringOutput(assignments=assignments, loss=loss)
+
+    def balance(
+        self, logits: Tensor, *, all_reduce_sum: Reduce | None = None, all_reduce_max: Reduce | None = None
+    ) -> Tensor:
+        """Sinkhorn-Knopp assignments (no grad) of ``logits`` (*, K) at the target temperature: per position
+        over the batch (position-wise), or over all tokens together."""
         scores = logits.detach() / self.target_temp
         reduce = {"all_reduce_sum": all_reduce_sum, "all_reduce_max": all_reduce_max}
         if self.positionwise:
-            assignments = sinkhorn_knopp(scores, self.n_sk_iter, **reduce)
-        else:
-            flat = scores.flatten(0, -2)  # (n_tokens, K)
-            assignments = sinkhorn_knopp(flat, self.n_sk_iter, **reduce).reshape(scores.shape)
-        loss = capi_loss(logits, assignments, temperature=self.pred_temp)
-        return ClusteringOutput(assignments=assignments, loss=loss)
+            return sinkhorn_knopp(scores, self.n_sk_iter, **reduce)
+        flat = scores.flatten(0, -2)  # (n_tokens, K)
+        return sinkhorn_knopp(flat, self.n_sk_iter, **reduce).reshape(scores.shape)

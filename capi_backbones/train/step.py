@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from capi_backbones.models import CapiModel
+from capi_backbones.train.clustering import OnlineClustering
 from capi_backbones.train.distributed import Reduce
 from capi_backbones.train.heads import L2NormLinear
 
@@ -84,7 +85,7 @@ class TeacherAssignments:
 @torch.no_grad()
 def teacher_assignments(
     teacher: CapiModel | Callable[[Tensor], tuple],
-    clustering: nn.Module,
+    clustering: OnlineClustering,
     images: Tensor,
     predict_indices: Tensor,
     *,
@@ -98,10 +99,12 @@ def teacher_assignments(
     encode = teacher.encode if isinstance(teacher, CapiModel) else teacher
     tokens, _, _ = encode(images)  # (B, R + n, D)
     patches = tokens[:, n_registers:].transpose(0, 1)  # (n, B, D)
-    out = clustering(patches, all_reduce_sum=all_reduce_sum, all_reduce_max=all_reduce_max)
-    index = predict_indices[..., None].expand(-1, -1, out.assignments.shape[-1])  # (B, n_pred, K)
-    targets = out.assignments.transpose(0, 1).gather(1, index)
-    return TeacherAssignments(patches=patches, assignments=out.assignments, targets=targets)
+    logits = clustering.logits(patches)  # (n, B, K); the clustering loss is left to the parts
+    assignments = clustering.balance(logits, all_reduce_sum=all_reduce_sum, all_reduce_max=all_reduce_max)
+    del logits
+    index = predict_indices[..., None].expand(-1, -1, assignments.shape[-1])  # (B, n_pred, K)
+    targets = assignments.transpose(0, 1).gather(1, index)
+    return TeacherAssignments(patches=patches, assignments=assignments, targets=targets)
 
 
 @torch.no_grad()
