@@ -9,6 +9,7 @@ creates its files 0600). A failure of the file system (disk full, permission, re
 
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["WriteError", "atomic_folder", "atomic_path", "atomic_write_text"]
+__all__ = ["WriteError", "atomic_folder", "atomic_path", "atomic_write_text", "remove_stale_temporaries"]
 
 # errno values that mean "the environment cannot take this file", not "the caller made a mistake"
 ENVIRONMENT_ERRNOS = frozenset(
@@ -40,8 +41,41 @@ class WriteError(OSError):
         return self.message
 
 
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
 def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that atomic writes left in ``folder`` when their process died (``kill -9``, power
+    cut), and return them. Temporaries of live processes on this machine are kept, so call it only for a folder
+    that no other machine writes to at the same time."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMPORARY_NAME.match(path.name)
+        if match is None or _process_alive(int(match.group("pid"))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _fsync(path: Path) -> None:

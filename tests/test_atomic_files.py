@@ -3,10 +3,18 @@
 import errno
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from capi_backbones.atomic_files import WriteError, atomic_folder, atomic_path, atomic_write_text
+from capi_backbones.atomic_files import (
+    WriteError,
+    atomic_folder,
+    atomic_path,
+    atomic_write_text,
+    remove_stale_temporaries,
+)
 
 
 def test_success_replaces_the_file_with_usual_permissions(tmp_path):
@@ -100,3 +108,18 @@ def test_other_errors_of_the_block_pass_through_unchanged(tmp_path):
         raise ConnectionResetError(errno.ECONNRESET, "reset")
     with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "y"):
         raise FileNotFoundError(errno.ENOENT, "missing input")
+
+
+def test_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f".ckpt.pt.{dead_pid}.0123abcd.tmp").write_bytes(b"half")
+    (tmp_path / f".shard.{dead_pid}.89abcdef.tmp").mkdir()
+    (tmp_path / f".live.pt.{os.getpid()}.0123abcd.tmp").write_bytes(b"in progress")
+    (tmp_path / "notes.1.0123abcd.tmp").write_text("not ours")  # no leading dot
+    (tmp_path / "ckpt.pt").write_text("final")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [f".ckpt.pt.{dead_pid}.0123abcd.tmp", f".shard.{dead_pid}.89abcdef.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".live.pt.{os.getpid()}.0123abcd.tmp", "ckpt.pt", "notes.1.0123abcd.tmp"
+    ]

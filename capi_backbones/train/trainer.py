@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from capi_backbones.atomic_files import remove_stale_temporaries
 from capi_backbones.models import CapiModel
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
@@ -505,6 +506,9 @@ class Trainer:
         writer = MetricsWriter(self.run_dir / METRICS_FILE)
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.run_dir, self.run_dir / checkpointing.CHECKPOINT_DIR):
+                for path in remove_stale_temporaries(folder):
+                    logger.info("Removed %s, left by an interrupted write.", path)
             save_config(self.config, self.run_dir / CONFIG_FILE)
             writer.truncate_after(self.step)  # records past the checkpoint are re-done
         return writer

@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
@@ -27,8 +28,12 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
     assert str(metrics) in caplog.text and "cut short" in caplog.text
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    stale = tmp_path / "run" / "checkpoints" / f".checkpoint-00000003.pt.{dead_pid}.0123abcd.tmp"  # kill -9 mid-save
+    stale.write_bytes(b"half a checkpoint")
     Trainer(tiny_config(tmp_path, "optim.total_steps=3", "train.log_every=1")).run()
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    assert not stale.exists()
 
 
 def test_a_bad_metrics_line_before_the_last_names_the_file_and_line(tmp_path):
