@@ -4,7 +4,9 @@
    loading in the main process included) for the ``tiny`` preset and for ``vits14`` with a small batch.
 2. Peak memory of a ``vits14`` training step (CPU, fp32, fresh process per setting): train.activation_checkpointing
    none / full / selective, and optim.accumulation_steps 2: the peak RSS of a second step above the RSS it starts
-   from (models, gradients and AdamW moments exist already), i.e. what the step's activations cost.
+   from (models, gradients and AdamW moments exist already). With the recipe's 16384 prototypes the clustering
+   phase (about 4 tensors of positions x batch x K in fp32) sets that peak on vits14, not the student's activations;
+   the 1024-prototype rows show what checkpointing saves on the student.
 3. Learning check: pretrain ``tiny`` for a fixed time budget on sklearn's digits (8x8 grey images upsampled to
    the tiny image size, grey -> RGB), then k-NN accuracy (sklearn, cosine, k=10, stratified 50/50 split) of the
    frozen teacher's (and student's) predictor-pooled features and mean-pooled patch features, against the same
@@ -82,7 +84,9 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def memory_worker(images: str, workdir: str, batch: int, checkpointing: str, accumulation: int) -> None:
+def memory_worker(
+    images: str, workdir: str, batch: int, checkpointing: str, accumulation: int, prototypes: int
+) -> None:
     """Two vits14 steps in this (fresh) process: the first allocates gradients and AdamW moments; then the peak
     RSS is reset (``/proc/self/clear_refs``) and the second step's peak above its starting RSS is what the
     step itself (activations, clustering, Sinkhorn-Knopp) costs. Prints one JSON line."""
@@ -90,7 +94,8 @@ def memory_worker(images: str, workdir: str, batch: int, checkpointing: str, acc
         "vits14",
         [f"data.root={images}", f"train.output_dir={workdir}", f"optim.batch_size={batch}", "train.device=cpu",
          "optim.total_steps=10", "data.num_workers=0", "train.plot_every_checkpoint=false",
-         f"train.activation_checkpointing={checkpointing}", f"optim.accumulation_steps={accumulation}"],
+         f"train.activation_checkpointing={checkpointing}", f"optim.accumulation_steps={accumulation}",
+         f"clustering.n_prototypes={prototypes}"],
     )  # fmt: skip
     trainer = Trainer(config)
     batches = iter(trainer._data_loader(0, 2))
@@ -106,8 +111,11 @@ def memory_worker(images: str, workdir: str, batch: int, checkpointing: str, acc
     print(json.dumps({"before_mib": before, "peak_mib": peak, "seconds": seconds, "loss": metrics.loss}))
 
 
-def peak_memory(images: Path, workdir: Path, batch: int) -> None:
-    print(f"\n# Peak memory of one vits14 step, global batch {batch} at 224 px (CPU fp32, fresh process each)")
+def peak_memory(images: Path, workdir: Path, batch: int, prototypes: int) -> None:
+    print(
+        f"\n# Peak memory of one vits14 step, global batch {batch} at 224 px, {prototypes} prototypes "
+        "(CPU fp32, fresh process each)"
+    )
     print("activation checkpointing | accumulation steps | RSS at step start (MiB) | peak RSS (MiB) | "
           "step peak above start (MiB) | step seconds | loss")  # fmt: skip
     print("---|---|---|---|---|---|---")
@@ -115,7 +123,7 @@ def peak_memory(images: Path, workdir: Path, batch: int) -> None:
         run_dir = workdir / f"mem_{checkpointing}_{accumulation}"
         out = subprocess.run(
             [sys.executable, __file__, "--memory-worker", str(images), str(run_dir), str(batch), checkpointing,
-             str(accumulation)],
+             str(accumulation), str(prototypes)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,12 +221,14 @@ def main() -> None:
     parser.add_argument("--skip-learning", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-batch", type=int, default=16, help="global batch of the vits14 memory runs")
-    parser.add_argument("--memory-worker", nargs=5, metavar=("IMAGES", "WORKDIR", "BATCH", "MODE", "ACC"),
+    parser.add_argument("--memory-prototypes", type=int, nargs="+", default=[16384, 1024],
+                        help="clustering.n_prototypes of the memory runs (16384: the recipe)")  # fmt: skip
+    parser.add_argument("--memory-worker", nargs=6, metavar=("IMAGES", "WORKDIR", "BATCH", "MODE", "ACC", "K"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.memory_worker:
-        images, workdir, batch, mode, accumulation = args.memory_worker
-        memory_worker(images, workdir, int(batch), mode, int(accumulation))
+        images, workdir, batch, mode, accumulation, prototypes = args.memory_worker
+        memory_worker(images, workdir, int(batch), mode, int(accumulation), int(prototypes))
         return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     torch.manual_seed(0)
@@ -238,7 +248,8 @@ def main() -> None:
         if not args.skip_memory:
             images, _ = digit_images(224)
             root = write_folder(images[: args.memory_batch], workdir / "memory_images")
-            peak_memory(root, workdir, args.memory_batch)
+            for prototypes in args.memory_prototypes:
+                peak_memory(root, workdir, args.memory_batch, prototypes)
         if not args.skip_learning:
             learning_check(args.budget_seconds, workdir)
 

@@ -17,11 +17,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["WriteError", "atomic_folder", "atomic_path", "atomic_write_text", "remove_stale_temporaries"]
+__all__ = [
+    "ENVIRONMENT_ERRNOS",
+    "WriteError",
+    "atomic_folder",
+    "atomic_path",
+    "atomic_write_text",
+    "remove_stale_temporaries",
+]
 
-# errno values that mean "the environment cannot take this file", not "the caller made a mistake"
+# errno values that mean "the machine cannot take this write", not "the caller made a mistake" (the CLI maps
+# them to exit code 3)
 ENVIRONMENT_ERRNOS = frozenset(
-    (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.EIO,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOLCK,
+    }
 )
 
 
@@ -30,7 +49,7 @@ class WriteError(OSError):
 
     def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
         reason = cause.strerror or str(cause) or type(cause).__name__
-        super().__init__(cause.errno, reason)
+        super().__init__(cause.errno, reason, str(path))
         self.path = Path(path)
         self.message = (
             f"Cannot write {self.path}: {reason}. Free some space, fix the permissions of {self.path.parent}, "

@@ -5,7 +5,7 @@ input error (:class:`CliError`); 3 environment failure (:class:`EnvironmentFailu
 read-only file system, ..., naming the path; or a failed download). Anything else is a bug and keeps its traceback.
 """
 
-import errno
+from capi_backbones.atomic_files import ENVIRONMENT_ERRNOS
 
 __all__ = [
     "ENVIRONMENT_ERRNOS",
@@ -19,19 +19,6 @@ __all__ = [
 
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
-ENVIRONMENT_ERRNOS = frozenset(
-    {
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EROFS,
-        errno.EIO,
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.ENOLCK,
-    }
-)
 
 
 class CliError(Exception):

@@ -2,9 +2,8 @@
 
 import argparse
 import logging
-import sys
 
-from capi_backbones.cli.errors import CliError
+from capi_backbones.cli.errors import USER_ERRORS, CliError, EnvironmentFailure
 
 __all__ = ["register"]
 
@@ -54,14 +53,12 @@ def run_train(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from capi_backbones.atomic_files import WriteError
     from capi_backbones.train.export import export_teacher
-    from capi_backbones.train.launch import EXIT_ENVIRONMENT
 
     try:
         result = export_teacher(args.run, args.out)
-    except WriteError as error:  # disk full, no permission: the environment, not the command line
-        print(f"capi-backbones export: error: {error}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
-    except (ValueError, FileNotFoundError) as error:
+    except WriteError as error:  # disk full, no permission: the environment, not the command line (exit 3)
+        raise EnvironmentFailure(str(error)) from None
+    except USER_ERRORS as error:
         raise CliError(str(error)) from None
     print(
         f"Exported the teacher of {result.checkpoint} (step {result.step}, trained at {result.image_size} px) "

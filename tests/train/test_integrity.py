@@ -152,3 +152,16 @@ def test_export_records_the_training_image_size(tmp_path):
 def test_write_error_is_an_oserror_with_the_path(tmp_path):
     error = WriteError(tmp_path / "a.pt", OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)))
     assert isinstance(error, OSError) and error.path == tmp_path / "a.pt" and "quota" in str(error).lower()
+
+
+def test_export_to_a_full_disk_is_exit_3(tmp_path, monkeypatch, capsys):
+    Trainer(tiny_config(tmp_path, "optim.total_steps=1")).run()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out" / "t.safetensors")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"Cannot write {tmp_path / 'out' / 't.safetensors'}: No space left" in err[0]
+    assert list((tmp_path / "out").iterdir()) == []
