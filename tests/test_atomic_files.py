@@ -121,5 +121,7 @@ def test_temporaries_of_dead_writers_are_removed(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == [f".ckpt.pt.{dead_pid}.0123abcd.tmp", f".shard.{dead_pid}.89abcdef.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".live.pt.{os.getpid()}.0123abcd.tmp", "ckpt.pt", "notes.1.0123abcd.tmp"
+        f".live.pt.{os.getpid()}.0123abcd.tmp",
+        "ckpt.pt",
+        "notes.1.0123abcd.tmp",
     ]
