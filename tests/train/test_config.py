@@ -1,5 +1,7 @@
 """Training config: defaults are the official recipe (spec section 7), YAML + dotted overrides, clear errors."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -131,3 +133,23 @@ def test_cli_print_config_and_errors(capsys):
     assert "Unknown config key 'optim.nope'" in capsys.readouterr().err
     assert main(["train", "tiny"]) == 2  # no data.root
     assert "set data.root" in capsys.readouterr().err
+
+
+def test_model_section_is_the_capi_config_and_old_files_still_load(tmp_path):
+    """The model section is a CapiConfig (one architecture table); files written before in_chans / norm_eps were
+    keys of the section load to the same model."""
+    old_style = {"model": {"embed_dim": 384, "depth": 12, "num_heads": 6, "pred_embed_dim": 384, "pred_depth": 6,
+                           "pred_num_heads": 6, "patch_size": 14, "n_registers": 16, "mlp_ratio": 4.0,
+                           "drop_path_rate": 0.2}}  # fmt: skip
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old_style))
+    config = load_config(path)
+    assert isinstance(config.model, CapiConfig)
+    assert (
+        config.model
+        == dataclasses.replace(ARCHITECTURES["capi_vits14"], drop_path_rate=0.2)
+        == load_config("vits14").model
+    )
+    assert TrainConfig().model == dataclasses.replace(ARCHITECTURES["capi_vitl14"], drop_path_rate=0.2)
+    with pytest.raises(ConfigError, match="model: encoder width 30 with 2 heads"):
+        load_config("tiny", ["model.embed_dim=30", "model.num_heads=2"])

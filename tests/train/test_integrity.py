@@ -165,3 +165,15 @@ def test_export_to_a_full_disk_is_exit_3(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"Cannot write {tmp_path / 'out' / 't.safetensors'}: No space left" in err[0]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_missing_train_dependencies_name_the_extra(tmp_path, monkeypatch, capsys):
+    from capi_backbones.train.data import TrainTransform
+
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", None)  # as if torchvision were not installed
+    with pytest.raises(ImportError, match=r"Training needs torchvision .* pip install 'capi-backbones\[train\]'"):
+        TrainTransform(56)
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    assert main(["train", "tiny", "--print-config"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PyYAML" in err[-1] and "pip install 'capi-backbones[train]'" in err[-1]
