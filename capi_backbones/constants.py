@@ -12,3 +12,8 @@ ROPE_MAX_FREQ = 7.0
 ROPE_MIN_FREQ = 7e-4
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Exit codes of every command (``capi-backbones ...`` and ``python -m capi_backbones.train``)
+EXIT_INPUTS_FAILED = 1  # finished, but some inputs could not be used (they are named); train: non-finite losses
+EXIT_USAGE = 2  # usage or input error
+EXIT_ENVIRONMENT = 3  # the machine stopped the command: disk full, no permission, a missing optional dependency

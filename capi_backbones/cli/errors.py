@@ -6,6 +6,7 @@ read-only file system, ..., naming the path; or a failed download). Anything els
 """
 
 from capi_backbones.atomic_files import ENVIRONMENT_ERRNOS
+from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
 
 __all__ = [
     "ENVIRONMENT_ERRNOS",
@@ -16,9 +17,6 @@ __all__ = [
     "USER_ERRORS",
     "is_environment_failure",
 ]
-
-EXIT_USAGE = 2
-EXIT_ENVIRONMENT = 3
 
 
 class CliError(Exception):

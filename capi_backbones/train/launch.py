@@ -12,6 +12,8 @@ import os
 import sys
 
 from capi_backbones.atomic_files import WriteError
+from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
+from capi_backbones.constants import EXIT_INPUTS_FAILED as EXIT_NON_FINITE
 from capi_backbones.train.checkpointing import CheckpointNotFoundError
 from capi_backbones.train.config import ConfigError, dump_config, load_config
 from capi_backbones.train.trainer import NonFiniteLossError, train
@@ -19,10 +21,6 @@ from capi_backbones.train.trainer import NonFiniteLossError, train
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_NON_FINITE", "EXIT_USAGE", "main", "run"]
 
 logger = logging.getLogger(__name__)
-
-EXIT_NON_FINITE = 1
-EXIT_USAGE = 2
-EXIT_ENVIRONMENT = 3
 
 
 def _fail(prog: str, message: str, code: int) -> int:
