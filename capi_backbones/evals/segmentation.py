@@ -64,7 +64,7 @@ class Standardizer:
     std: Tensor  # (D,) float64
 
     @classmethod
-    def fit(cls, features: Tensor, chunk: int = 65_536) -> "Standardizer":
+    def fit(cls, features: Tensor, chunk: int = 16_384) -> "Standardizer":
         """Statistics of (M, D) ``features``, accumulated in float64 by blocks of rows (any dtype, no copy)."""
         total = torch.zeros(features.shape[1], dtype=torch.float64)
         for start in range(0, len(features), chunk):
@@ -72,15 +72,14 @@ class Standardizer:
         mean = total / len(features)
         squares = torch.zeros_like(mean)
         for start in range(0, len(features), chunk):
-            squares += ((features[start : start + chunk].to(torch.float64) - mean) ** 2).sum(dim=0)
+            squares += features[start : start + chunk].to(torch.float64, copy=True).sub_(mean).square_().sum(dim=0)
         std = (squares / len(features)).sqrt()
         return cls(mean, torch.where(std > 0, std, torch.ones_like(std)))
 
     def __call__(self, features: Tensor) -> Tensor:
         """Standardised float32 copy of ``features``, on their device."""
-        mean = self.mean.to(features.device, torch.float32)
-        std = self.std.to(features.device, torch.float32)
-        return (features.float() - mean) / std
+        out = features.to(torch.float32, copy=True)  # one float32 copy, then in place
+        return out.sub_(self.mean.to(out.device, torch.float32)).div_(self.std.to(out.device, torch.float32))
 
 
 def _distances(queries: Tensor, keys: Tensor, distance: str) -> Tensor:

@@ -24,8 +24,12 @@ def test_patch_pixel_labels_cut_masks_into_row_major_patches():
 def test_standardizer_matches_sklearn_standard_scaler():
     x = torch.randn(300, 6, dtype=torch.float64) * torch.tensor([1, 2, 3, 0, 5, 6]) + 4
     scaler = StandardScaler().fit(x.numpy())
+    before = x.clone()
     ours = Standardizer.fit(x, chunk=64)
     torch.testing.assert_close(ours(x).double(), torch.from_numpy(scaler.transform(x.numpy())), rtol=1e-5, atol=1e-5)
+    x32 = x.float()
+    ours(x32)
+    assert torch.equal(x, before) and torch.equal(x32, before.float())  # inputs are never modified
 
 
 def brute_force(train, train_labels, queries, k, distance, ignore=255):
