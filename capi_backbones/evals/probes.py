@@ -51,6 +51,23 @@ class AttentiveProbe(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """The official computation (``kv`` of every token, then one-query attention per head), regrouped so that
+        no (N, 2D) projection is formed: the key projection is folded into the query, and since the attention
+        weights of a head sum to 1, the value projection is applied once to the attention-weighted token mean.
+        Same function and parameters, 2ND / (2NH + D) times fewer multiply-adds (57x for ViT-L at 224 px)."""
+        b, n, d = tokens.shape
+        h, dh = self.num_heads, d // self.num_heads
+        w_k, w_v = self.kv.weight[:d].view(h, dh, d), self.kv.weight[d:].view(h, dh, d)  # rows: output channels
+        query = self.query_token.view(h, dh)
+        # q . (W_k x + b_k) = (W_k^T q) . x + q . b_k; the second term is the same for every token: softmax drops it
+        folded = torch.einsum("hc,hcd->hd", query, w_k)  # (h, D)
+        attention = (tokens @ folded.T * dh**-0.5).softmax(dim=1)  # (B, N, h)
+        mean_tokens = torch.einsum("bnh,bnd->bhd", attention, tokens)  # (B, h, D)
+        pooled = torch.einsum("bhd,hcd->bhc", mean_tokens, w_v) + self.kv.bias[d:].view(h, dh)  # (B, h, d_h)
+        return self.linear(pooled.reshape(b, d))
+
+    def forward_reference(self, tokens: Tensor) -> Tensor:
+        """The official forward, literally: ``kv`` of all tokens, scaled dot-product attention of the query."""
         b, n, d = tokens.shape
         h = self.num_heads
         q = self.query_token.view(1, h, 1, d // h).expand(b, -1, -1, -1)  # (B, h, 1, d_h)

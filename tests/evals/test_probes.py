@@ -50,6 +50,22 @@ def test_attentive_probe_equals_attention_written_by_hand():
             pooled.append(weights @ values)
         expected[b] = torch.cat(pooled) @ probe.linear.weight.double().T + probe.linear.bias.double()
     torch.testing.assert_close(probe(tokens).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probe.forward_reference(tokens).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attentive_probe_gradients_equal_the_official_computation():
+    torch.manual_seed(0)
+    probe = AttentiveProbe(128, 4)
+    for p in probe.parameters():
+        p.data.normal_(0, 0.3)
+    tokens, target = torch.randn(6, 9, 128), torch.tensor([0, 1, 2, 3, 0, 1])
+    grads = []
+    for forward in (probe.forward, probe.forward_reference):
+        probe.zero_grad()
+        torch.nn.functional.cross_entropy(forward(tokens), target).backward()
+        grads.append({name: p.grad.clone() for name, p in probe.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_attentive_probe_refuses_a_width_that_is_not_a_multiple_of_the_head_size():
