@@ -55,7 +55,7 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def _check_sources(folder: Path, paths: list[Path]) -> None:
-    sources = [os.fspath(p) for p in paths]
+    sources = [os.fspath(Path(p).resolve()) for p in paths]
     record = folder / SOURCES_NAME
     if record.exists():
         if json.loads(record.read_text()) != sources:

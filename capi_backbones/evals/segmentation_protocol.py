@@ -101,9 +101,9 @@ class _Scores:
     """Validation scores by hyper-parameter setting, saved after each so a rerun skips what is done."""
 
     def __init__(self, path: Path, context: dict) -> None:
-        self.path, self.context = path, context
+        self.path, self.context = path, json.loads(json.dumps(context))  # as it reads back (tuples -> lists)
         saved = json.loads(path.read_text()) if path.exists() else {}
-        self.scores = saved.get("scores", {}) if saved.get("context") == context else {}
+        self.scores = saved.get("scores", {}) if saved.get("context") == self.context else {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.scores

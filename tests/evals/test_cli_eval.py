@@ -70,8 +70,10 @@ def test_segment_beats_a_constant_prediction_and_resumes(tmp_path, capsys):
     assert "mIoU" in table and "knn" in table
 
     shards = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("shard_*")}
+    scores = (out / "selection_scores.json").stat().st_mtime_ns
     code, _, _ = run(capsys, "eval", "segment", str(data), "--out", str(out), *MODEL, "--ks", "1,3,10")
     assert code == 0 and {p: p.stat().st_mtime_ns for p in (out / "features").rglob("shard_*")} == shards
+    assert (out / "selection_scores.json").stat().st_mtime_ns == scores  # no hyper-parameter was tried again
     assert json.loads((out / "results.json").read_text())["results"] == results["results"]
 
 
