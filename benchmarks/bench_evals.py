@@ -98,7 +98,9 @@ def segmentation_child(n_train: int, n_query: int, dim: int, device: str) -> Non
     train = torch.empty(n_train, dim, dtype=torch.float16)
     for start in range(0, n_train, 65536):  # filled by blocks: no float32 copy of the whole set
         train[start : start + 65536] = torch.randn(min(65536, n_train - start), dim, generator=g).half()
-    labels = torch.randint(0, 150, (n_train, 196), generator=g, dtype=torch.int16)
+    labels = torch.empty(n_train, 196, dtype=torch.int16)
+    for start in range(0, n_train, 65536):
+        labels[start : start + 65536] = torch.randint(0, 150, (min(65536, n_train - start), 196), generator=g)
     queries = torch.randn(n_query, dim, generator=g)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -140,8 +140,7 @@ def knn_segment(
     k_max = min(max(ks), len(train_features))
     n_queries, n_pixels = len(query_features), train_pixel_labels.shape[1]
     ignored = [int(i) for i in ignore_labels]
-    valid = train_pixel_labels[~torch.isin(train_pixel_labels, torch.tensor(ignored, dtype=train_pixel_labels.dtype))]
-    num_classes = int(valid.max()) + 1 if len(valid) else 1
+    num_classes = _largest_label(train_pixel_labels, ignored) + 1
     train_chunk = min(train_chunk, len(train_features))
     query_chunk = query_chunk or max(1, DISTANCE_BUDGET // train_chunk)
     prepare = standardizer if standardizer is not None else (lambda x: x.float())
@@ -171,6 +170,19 @@ def knn_segment(
         for k in ks:
             results[k][q0 : q0 + len(index)] = _pixel_mode(neighbour_labels[:, :k], num_classes, ignored).cpu()
     return results
+
+
+def _largest_label(labels: Tensor, ignored: list[int], chunk: int = 65_536) -> int:
+    """The largest label that is not ignored (0 if there is none), by blocks of rows: no copy of all labels."""
+    largest = 0
+    for start in range(0, len(labels), chunk):
+        block = labels[start : start + chunk]
+        keep = torch.ones_like(block, dtype=torch.bool)
+        for label in ignored:
+            keep &= block != label
+        if keep.any():
+            largest = max(largest, int(block[keep].max()))
+    return largest
 
 
 def _pixel_mode(labels: Tensor, num_classes: int, ignored: list[int]) -> Tensor:
