@@ -134,6 +134,8 @@ def _finish(args, payload: dict, header: list[str], keys: list[str]) -> int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    from capi_backbones.features import FolderBusyError
+
     try:
         from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
         from capi_backbones.evals.datasets import read_classification_folders
@@ -160,7 +162,7 @@ def run_classify(args: argparse.Namespace) -> int:
             augment=args.augment, head_dim=args.head_dim, device=str(extractor.device),
         )  # fmt: skip
         payload = run_classification(data, extractor, args.out, settings, progress=not args.no_progress)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("eval classify failed", exc_info=True)
         raise CliError.from_exception(error) from error
     header = ["probe", "representation", "setting", "val top-1", "top-1", "top-5"]
@@ -168,6 +170,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    from capi_backbones.features import FolderBusyError
+
     try:
         from capi_backbones.evals.datasets import read_segmentation_folders
         from capi_backbones.evals.segmentation_protocol import SegmentationSettings, run_segmentation
@@ -179,7 +183,7 @@ def run_segment(args: argparse.Namespace) -> int:
             num_classes=args.num_classes, n_pictures=args.pictures, device=str(extractor.device),
         )  # fmt: skip
         payload = run_segmentation(data, extractor, args.out, settings, progress=not args.no_progress)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("eval segment failed", exc_info=True)
         raise CliError.from_exception(error) from error
     header = ["classifier", "setting", "val mIoU", "mIoU", "pixel acc"]

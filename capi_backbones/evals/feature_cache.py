@@ -94,7 +94,8 @@ def extract_split(
     else:
         summary = extractor.extract_to_disk(paths, folder, pooled=pooled, progress=progress)
         root = Path(load_index(folder)["root"])
-        failed.update({os.fspath(root / name): message for name, message in summary.failed.items()})
+        failures = {**summary.failed_before, **summary.failed}  # failed_before: skipped as failed in an earlier run
+        failed.update({os.fspath(root / name): message for name, message in failures.items()})
     return _load(folder, paths, crop=crop, failed=failed)
 
 
@@ -124,7 +125,8 @@ def _extract_crops(extractor, paths, folder: Path, *, pooled, progress, desc, fa
                     failed[os.fspath(paths[i])] = str(error)
             if written:
                 summary = extractor.extract_to_disk(written, folder, pooled=pooled, progress=False)
-                failed.update({os.fspath(paths[int(Path(n).stem)]): m for n, m in summary.failed.items()})
+                failures = {**summary.failed_before, **summary.failed}
+                failed.update({os.fspath(paths[int(Path(n).stem)]): m for n, m in failures.items()})
             bar.update(len(todo[start : start + CROP_BLOCK]))
     finally:
         bar.close()
