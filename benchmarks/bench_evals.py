@@ -121,6 +121,7 @@ def segmentation_benchmark(device: str, n_train: int, n_query: int, dim: int) ->
 
 
 def learning_check(device: str, steps: int, size: int, batch: int) -> None:
+    import dataclasses
     import tempfile
     from pathlib import Path
 
@@ -153,7 +154,7 @@ def learning_check(device: str, steps: int, size: int, batch: int) -> None:
         config = load_config("tiny", overrides)
         torch.manual_seed(0)
         trainer = Trainer(config)
-        random_init = CapiModel(config.model.to_capi_config(drop_path_rate=0.0))
+        random_init = CapiModel(dataclasses.replace(config.model, drop_path_rate=0.0))
         random_init.load_state_dict(trainer.teacher.state_dict())
         start = time.perf_counter()
         trainer.run()
