@@ -1,0 +1,190 @@
+"""``capi-backbones eval classify|segment``: the paper's frozen-feature probes on a dataset folder."""
+
+import argparse
+import logging
+import sys
+
+from capi_backbones.cli.errors import USER_ERRORS, CliError
+from capi_backbones.cli.model_options import add_model_options, build_extractor
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+
+
+def _csv(kind):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, got '{text}'"
+            ) from error
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATA", help="dataset folder (layouts: see the description)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: cached features, checkpoints, "
+                        "results.json (created; a rerun reuses what is there)")  # fmt: skip
+    add_model_options(parser, image_size_note="; the evaluation resolution (a square)")
+    if "--random-init" not in parser._option_string_actions:  # the shared model options may offer it already
+        parser.add_argument("--random-init", action="store_true",
+                            help="random weights of the --model architecture (a baseline; seed 0)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def register(subparsers) -> None:
+    """Add ``eval`` and its subcommands to ``subparsers``."""
+    parser = subparsers.add_parser("eval", help="evaluate frozen features with the paper's probes",
+                                   description="Frozen-feature evaluation protocols of the CAPI paper.")  # fmt: skip
+    protocols = parser.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+
+    classify = protocols.add_parser(
+        "classify",
+        help="k-NN, linear and attentive probes on an ImageFolder dataset",
+        description=(
+            "Classification probes on frozen features. DATA is DATA/train/<class>/* with DATA/test (else DATA/val) "
+            "to report on, or DATA/<class>/* (a seeded 20%% is test). Hyper-parameters are chosen on DATA/val when "
+            "DATA has train, val and test, else on a seeded 10%% of train. Features are center crops (resize to "
+            "256/224 of --image-size, crop), cached in --out; probes train on them, or with --augment on "
+            "RandomResizedCrop + flip through the backbone. Probes: k-NN (cosine, exp(sim/0.07) votes), a grid of "
+            "linear probes and attentive probes (lr x wd, AdamW, warmup + cosine), all in one run, checkpointed."
+        ),
+    )
+    _common(classify)
+    classify.add_argument("--probes", type=_csv(str), default=("knn", "linear", "attentive"),
+                          help="comma-separated: knn,linear,attentive (default all)")  # fmt: skip
+    classify.add_argument("--representations", type=_csv(str),
+                          default=("pooled", "avg_patch", "pooled+avg_patch", "patch", "registers"),
+                          help="comma-separated: pooled, avg_patch, pooled+avg_patch (k-NN, linear), patch, registers "
+                          "(attentive); default all")  # fmt: skip
+    length = classify.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=int, default=None, help="probe training steps (default 12500, official)")
+    length.add_argument("--epochs", type=float, default=None, help="probe training length in passes over train")
+    classify.add_argument("--probe-batch-size", type=int, default=128, help="probe batch (default 128; lr x batch/256)")
+    classify.add_argument("--learning-rates", type=_csv(float), default=None, help="lr grid (default: official 10)")
+    classify.add_argument("--weight-decays", type=_csv(float), default=None, help="wd grid (default: official 3)")
+    classify.add_argument("--knn-k", type=_csv(int), default=(10, 20), help="k-NN neighbours (default 10,20)")
+    classify.add_argument("--head-dim", type=int, default=64, help="attentive probe head size (default 64)")
+    classify.add_argument("--augment", action="store_true", help="train probes on augmented images (slow on CPU)")
+    classify.add_argument("--seed", type=int, default=0, help="probe initialisation and data order")
+    classify.set_defaults(handler=run_classify)
+
+    segment = protocols.add_parser(
+        "segment",
+        help="k-NN and logistic-regression segmentation from patch features",
+        description=(
+            "Semantic segmentation from frozen patch features. DATA is DATA/{train,val,test}/{images,masks} (test, "
+            "else val, is reported on) or DATA/{images,masks} (a seeded 20%% is test); masks are PNG label maps "
+            "with the images' names. Images are resized to --image-size squared (bicubic), masks with nearest. "
+            "k-NN (cosine and L2 on standardised features) and logistic regression on each patch's labels, "
+            "hyper-parameters chosen on val or a seeded 10%% of train; mIoU and pixel accuracy on test."
+        ),
+    )
+    _common(segment)
+    segment.add_argument("--classifiers", type=_csv(str), default=("knn", "logreg"), help="knn,logreg (default both)")
+    segment.add_argument("--ks", type=_csv(int), default=(1, 3, 10, 30), help="k-NN grid (default 1,3,10,30)")
+    segment.add_argument("--distances", type=_csv(str), default=("cosine", "L2"), help="default cosine,L2")
+    segment.add_argument("--ignore-labels", type=_csv(int), default=(255,), help="labels not scored (default 255)")
+    segment.add_argument("--num-classes", type=int, default=None, help="classes (default: largest train label + 1)")
+    segment.add_argument("--pictures", type=int, default=4, help="test images drawn in segmentation_examples.png")
+    segment.set_defaults(handler=run_segment)
+
+
+def _extractor(args: argparse.Namespace):
+    options = {"keep_aspect": False, "num_workers": args.workers}
+    if not getattr(args, "random_init", False):
+        return build_extractor(args, **options)
+    import torch
+
+    from capi_backbones.features import FeatureExtractor
+    from capi_backbones.pretrained import create_model
+
+    if args.weights is not None:
+        raise ValueError("--random-init and --weights exclude each other.")
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = create_model(args.model or "capi_vitl14", pretrained=False)
+    return FeatureExtractor(model, device=args.device, image_size=args.image_size, batch_size=args.batch_size,
+                            **options)  # fmt: skip
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items() if key != "handler"}
+
+
+def _finish(args, payload: dict, header: list[str], keys: list[str]) -> int:
+    from capi_backbones.evals.report import format_table, write_results
+
+    path = write_results(args.out, {"config": _config(args), **payload})
+    rows = [[row[k] if row[k] is not None else "-" for k in keys] for row in payload["results"]]
+    print(format_table(header, rows))
+    skipped = payload["dataset"]["skipped"]
+    for name, message in skipped.items():
+        print(f"skipped: {name}: {message}", file=sys.stderr)
+    print(f"results: {path}" + (f" ({len(skipped)} unreadable image(s) skipped)" if skipped else ""), file=sys.stderr)
+    return 1 if skipped else 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from capi_backbones.features import FolderBusyError
+
+    try:
+        from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
+        from capi_backbones.evals.datasets import read_classification_folders
+        from capi_backbones.evals.probe_grid import OFFICIAL_LEARNING_RATES, OFFICIAL_WEIGHT_DECAYS, ProbeTrainingConfig
+
+        data = read_classification_folders(args.data)  # bad layouts fail before a model is loaded
+        if args.probe_batch_size < 1 or (args.iters is not None and args.iters < 1):
+            raise ValueError("--probe-batch-size and --iters must be positive.")
+        extractor = _extractor(args)
+        n_fit = len(data.train) if data.val is not None else round(0.9 * len(data.train))
+        steps_per_epoch = max(1, n_fit // min(args.probe_batch_size, n_fit))
+        iters = args.iters or (max(1, round(args.epochs * steps_per_epoch)) if args.epochs is not None else 12_500)
+        training = ProbeTrainingConfig(
+            iterations=iters,
+            warmup_iterations=iters // 10,
+            batch_size=args.probe_batch_size,
+            learning_rates=args.learning_rates or OFFICIAL_LEARNING_RATES,
+            weight_decays=args.weight_decays or OFFICIAL_WEIGHT_DECAYS,
+            seed=args.seed,
+            checkpoint_every=max(1, iters // 10),
+        )
+        settings = ClassificationSettings(
+            probes=args.probes, representations=args.representations, knn_ks=args.knn_k, training=training,
+            augment=args.augment, head_dim=args.head_dim, device=str(extractor.device),
+        )  # fmt: skip
+        payload = run_classification(data, extractor, args.out, settings, progress=not args.no_progress)
+    except (*USER_ERRORS, FolderBusyError) as error:
+        logger.debug("eval classify failed", exc_info=True)
+        raise CliError.from_exception(error) from error
+    header = ["probe", "representation", "setting", "val top-1", "top-1", "top-5"]
+    return _finish(args, payload, header, ["probe", "representation", "setting", "val_top1", "top1", "top5"])
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from capi_backbones.features import FolderBusyError
+
+    try:
+        from capi_backbones.evals.datasets import read_segmentation_folders
+        from capi_backbones.evals.segmentation_protocol import SegmentationSettings, run_segmentation
+
+        data = read_segmentation_folders(args.data)
+        extractor = _extractor(args)
+        settings = SegmentationSettings(
+            classifiers=args.classifiers, ks=args.ks, distances=args.distances, ignore_labels=args.ignore_labels,
+            num_classes=args.num_classes, n_pictures=args.pictures, device=str(extractor.device),
+        )  # fmt: skip
+        payload = run_segmentation(data, extractor, args.out, settings, progress=not args.no_progress)
+    except (*USER_ERRORS, FolderBusyError) as error:
+        logger.debug("eval segment failed", exc_info=True)
+        raise CliError.from_exception(error) from error
+    header = ["classifier", "setting", "val mIoU", "mIoU", "pixel acc"]
+    return _finish(args, payload, header, ["classifier", "setting", "val_miou", "miou", "pixel_accuracy"])

@@ -1,0 +1,186 @@
+"""The classification protocol end to end: features of a dataset split by split (cached), k-NN, then the linear
+and attentive probe grids (resumable), hyper-parameters chosen on held-out data, top-1/top-5 on test."""
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from capi_backbones.evals.datasets import SELECTION_FRACTION, ClassificationData, held_out_split
+from capi_backbones.evals.feature_cache import SplitFeatures, extract_split
+from capi_backbones.evals.knn import DEFAULT_KNN_KS, knn_classify
+from capi_backbones.evals.metrics import topk_accuracy
+from capi_backbones.evals.probe_grid import (
+    CachedBatches,
+    ProbeGrid,
+    ProbeTrainingConfig,
+    predict_grid,
+    train_probe_grid,
+)
+from capi_backbones.evals.representations import TOKEN_REPRESENTATIONS, make_representations
+
+__all__ = ["PROBES", "AugmentedBatches", "ClassificationSettings", "run_classification"]
+
+logger = logging.getLogger(__name__)
+
+PROBES = ("knn", "linear", "attentive")
+AUGMENT_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the official probes use
+
+
+@dataclass(frozen=True)
+class ClassificationSettings:
+    probes: tuple[str, ...] = PROBES
+    representations: tuple[str, ...] = ("pooled", "avg_patch", "pooled+avg_patch", "patch", "registers")
+    knn_ks: tuple[int, ...] = DEFAULT_KNN_KS
+    training: ProbeTrainingConfig = ProbeTrainingConfig()
+    augment: bool = False  # train probes on RandomResizedCrop + flip through the backbone, not on cached crops
+    head_dim: int = 64
+    device: str = "cpu"  # where the probes train (the extractor has its own device)
+
+
+class AugmentedBatches:
+    """Training batches made on the fly: RandomResizedCrop (scale 0.08-1, bicubic) + horizontal flip of the train
+    images, through the frozen backbone. Batch ``i`` depends only on ``seed`` and ``i`` (resumable)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Tensor, extractor, representations, batch_size: int, seed: int):
+        from capi_backbones.train.data import TrainTransform
+
+        self.paths, self.extractor, self.representations = list(paths), extractor, tuple(representations)
+        self.order = CachedBatches({"index": torch.arange(len(self.paths))}, labels, batch_size, seed)
+        self.transform = TrainTransform(extractor.image_size, crop_scale=AUGMENT_CROP_SCALE, hflip=True)
+        self.seed = seed
+        self.needs_pooled = any(r in ("pooled", "pooled+avg_patch") for r in self.representations)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.order.effective_batch_size
+
+    def __call__(self, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        from capi_backbones.features import load_image
+
+        selected, labels = self.order(iteration)
+        pixels = []
+        for j, i in enumerate(selected["index"].tolist()):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration * 4096 + j)
+            pixels.append(self.transform(load_image(self.paths[i]), generator))
+        out = self.extractor.forward(torch.stack(pixels), pooled=self.needs_pooled)
+        features = make_representations(out.patch_features, out.pooled, out.registers, self.representations)
+        return {name: tensor.clone() for name, tensor in features.items()}, labels  # normal tensors, not inference
+
+
+def _features(split: SplitFeatures, names: Sequence[str]) -> dict[str, Tensor]:
+    return make_representations(split.patch_features, split.pooled, split.registers, names)
+
+
+def _select(features: dict[str, Tensor], labels: Tensor, rows: Sequence[int]) -> tuple[dict[str, Tensor], Tensor]:
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return {name: tensor[index] for name, tensor in features.items()}, labels[index]
+
+
+def run_classification(
+    data: ClassificationData,
+    extractor,
+    out_dir: str | os.PathLike,
+    settings: ClassificationSettings = ClassificationSettings(),
+    *,
+    progress: bool = True,
+) -> dict:
+    """Run the protocol; returns ``{"results": rows, "dataset": ..., "settings": ...}`` (see ``results.json``).
+
+    ``extractor``: a square ``FeatureExtractor`` (``keep_aspect=False``); features of each split are cached under
+    ``out_dir/features/<split>`` and the probe grids are checkpointed under ``out_dir/probes``.
+    """
+    out_dir = Path(out_dir)
+    unknown = [p for p in settings.probes if p not in PROBES]
+    if unknown or not settings.probes:
+        raise ValueError(f"Unknown probe(s) {unknown or []}. Choose from {', '.join(PROBES)}.")
+    vectors = [r for r in settings.representations if r not in TOKEN_REPRESENTATIONS]
+    tokens = [r for r in settings.representations if r in TOKEN_REPRESENTATIONS]
+    needs_pooled = any(r in ("pooled", "pooled+avg_patch") for r in settings.representations)
+
+    splits = {"train": data.train, "test": data.test} | ({"val": data.val} if data.val is not None else {})
+    extracted: dict[str, SplitFeatures] = {}
+    for name, items in splits.items():
+        if not items:
+            raise ValueError(f"The {name} split is empty.")
+        extracted[name] = extract_split(
+            extractor, [p for p, _ in items], out_dir / "features" / name, crop=True, pooled=needs_pooled,
+            progress=progress, desc=f"features {name}",
+        )  # fmt: skip
+    skipped = {p: m for split in extracted.values() for p, m in split.failed.items()}
+    for path, message in skipped.items():
+        logger.warning("Skipped %s: %s", path, message)
+    labels = {
+        name: torch.tensor([splits[name][i][1] for i in split.kept], dtype=torch.long)
+        for name, split in extracted.items()
+    }
+    features = {name: _features(split, settings.representations) for name, split in extracted.items()}
+    num_classes = len(data.classes)
+    if len(torch.unique(labels["train"])) < 2:
+        raise ValueError("The readable train images cover fewer than 2 classes.")
+
+    # hyper-parameter selection data: DATA/val, or a seeded 10% of train (the probes train on the other 90%)
+    if "val" in features:
+        fit_features, fit_labels, fit_rows = features["train"], labels["train"], list(range(len(labels["train"])))
+        val_features, val_labels = features["val"], labels["val"]
+    else:
+        fit_rows, val_rows = held_out_split(len(labels["train"]), SELECTION_FRACTION)
+        fit_features, fit_labels = _select(features["train"], labels["train"], fit_rows)
+        val_features, val_labels = _select(features["train"], labels["train"], val_rows)
+        if len(val_rows) == 0:
+            raise ValueError("The train split is too small to hold out 10% for choosing hyper-parameters.")
+
+    rows: list[dict] = []
+    if "knn" in settings.probes:
+        knn_train = features["train"] if "val" not in features else {
+            r: torch.cat([features["train"][r], features["val"][r]]) for r in vectors
+        }  # fmt: skip
+        knn_labels = labels["train"] if "val" not in features else torch.cat([labels["train"], labels["val"]])
+        for rep in vectors:
+            votes = knn_classify(knn_train[rep], knn_labels, features["test"][rep], num_classes=num_classes,
+                                 ks=settings.knn_ks, device=settings.device)  # fmt: skip
+            for k, scores in votes.items():
+                rows.append({"probe": "knn", "representation": rep, "setting": f"k={k}", "val_top1": None,
+                             "top1": topk_accuracy(scores, labels["test"], 1),
+                             "top5": topk_accuracy(scores, labels["test"], 5)})  # fmt: skip
+
+    config = settings.training
+    for kind, reps in (("linear", vectors), ("attentive", tokens)):
+        if kind not in settings.probes or not reps:
+            continue
+        dims = {r: (kind, features["train"][r].shape[-1]) for r in reps}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            grid = ProbeGrid(dims, num_classes, learning_rates=config.learning_rates,
+                             weight_decays=config.weight_decays, head_dim=settings.head_dim)  # fmt: skip
+        if settings.augment:
+            fit_paths = [splits["train"][extracted["train"].kept[i]][0] for i in fit_rows]
+            batches = AugmentedBatches(fit_paths, fit_labels, extractor, reps, config.batch_size, config.seed)
+        else:
+            batches = CachedBatches({r: fit_features[r] for r in reps}, fit_labels, config.batch_size, config.seed)
+        train_probe_grid(grid, batches, config, batch_size=batches.effective_batch_size, device=settings.device,
+                         checkpoint=out_dir / "probes" / f"{kind}.pt", progress=progress)  # fmt: skip
+        val_logits = predict_grid(grid, {r: val_features[r] for r in reps})  # (N, C, P)
+        test_logits = predict_grid(grid, {r: features["test"][r] for r in reps})
+        for rep in reps:
+            candidates = [p for p, key in enumerate(grid.keys) if key[0] == rep]
+            val_scores = [topk_accuracy(val_logits[..., p], val_labels, 1) for p in candidates]
+            best = candidates[max(range(len(candidates)), key=lambda j: val_scores[j])]  # first best on ties
+            _, lr, wd = grid.keys[best]
+            rows.append({"probe": kind, "representation": rep, "setting": f"lr={lr:g} wd={wd:g}",
+                         "val_top1": max(val_scores), "top1": topk_accuracy(test_logits[..., best], labels["test"], 1),
+                         "top5": topk_accuracy(test_logits[..., best], labels["test"], 5)})  # fmt: skip
+
+    training = "augmented (RandomResizedCrop 0.08-1 + flip through the backbone)" if settings.augment else (
+        "cached center-crop features")  # fmt: skip
+    return {
+        "protocol": "classification",
+        "settings": {**asdict(settings), "probe_training_data": training},
+        "dataset": {"root": str(data.root), "classes": data.classes, "splits": data.note,
+                    "counts": {name: len(split.kept) for name, split in extracted.items()}, "skipped": skipped},
+        "results": rows,
+    }  # fmt: skip

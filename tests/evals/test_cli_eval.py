@@ -1,0 +1,151 @@
+"""`capi-backbones eval classify|segment` on small synthetic datasets (random ViT-S/14 weights at 56 px):
+results, resuming, pictures, and one-line errors for bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_segmentation import textured_scene
+
+from capi_backbones.cli.main import main
+from capi_backbones.evals import miou
+
+MODEL = ["--random-init", "--model", "capi_vits14", "--image-size", "56", "--workers", "0", "--no-progress",
+         "--device", "cpu"]  # fmt: skip
+COLOURS = ((200, 40, 40), (40, 40, 200), (40, 200, 40))
+
+
+def write_classification(root, n_train=12, n_test=4, classes=COLOURS):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, colour in enumerate(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.normal(colour, 40, (60, 76, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def write_segmentation(root, n_train=16, n_test=6):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            image, mask = textured_scene(rng)
+            mask[:2] = 255  # an ignored border
+            Image.fromarray(image).save(root / split / "images" / f"{i:03d}.jpg", quality=95)
+            Image.fromarray(mask.astype(np.uint8)).save(root / split / "masks" / f"{i:03d}.png")
+    return root
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_beats_a_constant_prediction_and_resumes(tmp_path, capsys):
+    data = write_segmentation(tmp_path / "seg")
+    out = tmp_path / "out"
+    code, table, _ = run(capsys, "eval", "segment", str(data), "--out", str(out), *MODEL, "--ks", "1,3,10")
+    assert code == 0, table
+    results = json.loads((out / "results.json").read_text())
+    knn = next(r for r in results["results"] if r["classifier"] == "knn")
+    # the constant prediction: the most common train label everywhere
+    import torch
+
+    masks = [np.asarray(Image.open(p)) for p in sorted((data / "train" / "masks").glob("*.png"))]
+    labels, counts = np.unique(np.concatenate([m[m != 255] for m in masks]), return_counts=True)
+    test = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in sorted((data / "test" / "masks").glob("*"))]))
+    constant = miou(test, torch.full_like(test, int(labels[counts.argmax()])))
+    print(f"k-NN mIoU {knn['miou']:.3f} vs constant {constant:.3f}")  # seen: about 0.75 vs 0.27
+    assert knn["miou"] > constant + 0.3
+    assert knn["pixel_accuracy"] > 0.85
+    assert {"knn", "logreg"} == {r["classifier"] for r in results["results"]}
+    assert results["versions"]["torch"] and results["config"]["ks"] == [1, 3, 10]
+    assert Image.open(out / "segmentation_examples.png").size == (3 * 56, 4 * 56)
+    assert "mIoU" in table and "knn" in table
+
+    shards = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("shard_*")}
+    scores = (out / "selection_scores.json").stat().st_mtime_ns
+    code, _, _ = run(capsys, "eval", "segment", str(data), "--out", str(out), *MODEL, "--ks", "1,3,10")
+    assert code == 0 and {p: p.stat().st_mtime_ns for p in (out / "features").rglob("shard_*")} == shards
+    assert (out / "selection_scores.json").stat().st_mtime_ns == scores  # no hyper-parameter was tried again
+    assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+
+
+def test_classify_reports_every_probe_skips_a_corrupt_image_and_resumes(tmp_path, capsys):
+    data = write_classification(tmp_path / "cls")
+    (data / "train" / "class0" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    argv = ["eval", "classify", str(data), "--out", str(out), *MODEL, "--iters", "30", "--learning-rates", "1e-3,1e-2",
+            "--weight-decays", "5e-4", "--probe-batch-size", "16"]  # fmt: skip
+    code, table, err = run(capsys, *argv)
+    assert code == 1  # one image could not be read: reported, skipped
+    assert "broken.png" in err and "Traceback" not in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["counts"] == {"train": 36, "test": 12}
+    seen = {(r["probe"], r["representation"]) for r in results["results"]}
+    assert seen == {("knn", r) for r in ("pooled", "avg_patch", "pooled+avg_patch")} | {
+        ("linear", r) for r in ("pooled", "avg_patch", "pooled+avg_patch")} | {
+        ("attentive", "patch"), ("attentive", "registers")}  # fmt: skip
+    assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in results["results"])
+    assert max(r["top1"] for r in results["results"] if r["probe"] == "knn") > 0.9  # colours are easy
+    assert results["settings"]["probe_training_data"] == "cached center-crop features"
+    assert "attentive" in table and "top-5" in table
+
+    checkpoint = out / "probes" / "attentive.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    code, _, _ = run(capsys, *argv)
+    assert code == 1 and checkpoint.stat().st_mtime_ns == stamp  # finished probes are reused, not retrained
+    assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+
+
+def one_line_error(capsys, *argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("capi-backbones eval: error: "), err
+    return lines[0]
+
+
+def test_bad_classification_inputs_get_one_line(tmp_path, capsys):
+    one = write_classification(tmp_path / "one", n_train=2, n_test=1, classes=COLOURS[:1])
+    assert "at least 2 classes" in one_line_error(capsys, "eval", "classify", str(one), "--out", str(tmp_path / "o"))
+    empty = write_classification(tmp_path / "empty", n_train=2, n_test=1)
+    for image in (empty / "test").rglob("*.png"):
+        image.unlink()
+    assert "holds no images" in one_line_error(capsys, "eval", "classify", str(empty), "--out", str(tmp_path / "o"))
+    good = write_classification(tmp_path / "good", n_train=3, n_test=1)
+    message = one_line_error(capsys, "eval", "classify", str(good), "--out", str(tmp_path / "o"), *MODEL,
+                             "--probes", "attentive", "--head-dim", "100", "--iters", "1")  # fmt: skip
+    assert "not a multiple of the head size 100" in message
+    assert "Unknown probe" in one_line_error(capsys, "eval", "classify", str(good), "--out", str(tmp_path / "o2"),
+                                             *MODEL, "--probes", "svm")  # fmt: skip
+    assert "does not exist" in one_line_error(capsys, "eval", "classify", str(tmp_path / "nope"), "--out", "x")
+
+
+def test_bad_segmentation_inputs_get_one_line(tmp_path, capsys):
+    data = write_segmentation(tmp_path / "seg", n_train=4, n_test=2)
+    (data / "test" / "masks" / "001.png").unlink()
+    assert "have no mask" in one_line_error(capsys, "eval", "segment", str(data), "--out", str(tmp_path / "o"))
+    data = write_segmentation(tmp_path / "seg2", n_train=4, n_test=2)
+    message = one_line_error(capsys, "eval", "segment", str(data), "--out", str(tmp_path / "o2"), *MODEL,
+                             "--num-classes", "2")  # fmt: skip
+    assert "label 2, outside the 2 classes" in message
+    data = write_segmentation(tmp_path / "seg3", n_train=4, n_test=2)
+    Image.new("L", (20, 20)).save(data / "train" / "masks" / "000.png")
+    assert "is 20x20 but its image is 56x56" in one_line_error(
+        capsys, "eval", "segment", str(data), "--out", str(tmp_path / "o3"), *MODEL
+    )
+
+
+@pytest.mark.parametrize("protocol", ["classify", "segment"])
+def test_help_lists_the_protocol_options(protocol, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", protocol, "--help"])
+    assert exit_info.value.code == 0
+    assert "--random-init" in capsys.readouterr().out
