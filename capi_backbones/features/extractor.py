@@ -470,8 +470,7 @@ class FeatureExtractor:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            # the native method, also for subclasses that redefine forward_features (the timm model)
-            out = CapiModel.forward_features(self.model, batch, pooled=pooled)
+            out = self.model.forward_features(batch, pooled=pooled)
         h, w = out.patch_features.shape[1:3]
         return FeatureOutput(
             patch_features=out.patch_features.float().cpu(),
