@@ -96,6 +96,7 @@ class CapiTimmModel(nn.Module):
             dict(module=f"model.encoder.blocks.{i}", num_chs=config.embed_dim, reduction=config.patch_size)
             for i in range(config.depth)
         ]
+        self.register_load_state_dict_pre_hook(_native_keys_under_model)
 
     @property
     def config(self) -> CapiConfig:
@@ -250,6 +251,17 @@ class CapiTimmModel(nn.Module):
                 mismatched=error.mismatched,
             ) from None
         self.load_state_dict(state, strict=True)
+
+
+def _native_keys_under_model(module: CapiTimmModel, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` hook: a native ``CapiModel`` state dict (the official key names, e.g.
+    ``encoder.blocks.0...``, ``registers``) loads into the wrapped model, so its keys move under ``model.``;
+    ``head.*`` and keys already under ``model.`` stay. The load stays strict."""
+    native = module.model
+    roots = {name for name, _ in native.named_children()} | {name for name, _ in native.named_parameters(recurse=False)}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix) :].split(".", 1)[0] in roots:
+            state_dict[prefix + MODEL_PREFIX + key[len(prefix) :]] = state_dict.pop(key)
 
 
 def _check_pool(global_pool: str) -> str:
