@@ -9,12 +9,12 @@ __all__ = ["patch_coordinates", "edge_register_coordinates", "scale_to_extent"]
 def unit_interval(n: int | torch.SymInt, *, device=None, dtype=None) -> Tensor:
     """(n,) evenly spaced points from 0 to 1 (``torch.linspace(0, 1, n)``); a single point is 0.
 
-    A symbolic ``n`` (``torch.export`` or ``torch.compile(dynamic=True)`` tracing) cannot go through
-    ``linspace``, whose ``steps`` is a plain int that tracing would bake in. It gets linspace's own formula
-    written with tensor ops: ``i * step`` on the first half, ``1 - (n - 1 - i) * step`` on the second, with
-    ``step = 1 / (n - 1)`` in ``dtype``. That is linspace's elementwise (CUDA) kernel; the vectorised CPU kernel
-    may differ in the last bit, so eager calls (plain int ``n``) keep ``linspace`` and stay bit for bit."""
-    if not isinstance(n, torch.SymInt):
+    Under ``torch.export`` or ``torch.compile`` ``n`` may be symbolic, and ``linspace``, whose ``steps`` is a plain
+    int, would bake the traced size into the graph. There this computes linspace's own formula with tensor ops:
+    ``i * step`` on the first half, ``1 - (n - 1 - i) * step`` on the second, ``step = 1 / (n - 1)`` in ``dtype``.
+    That is linspace's elementwise (CUDA) kernel; the vectorised CPU kernel may differ in the last bit, so eager
+    calls keep ``linspace`` and their numbers stay bit for bit."""
+    if isinstance(n, int) and not torch.compiler.is_compiling():
         return torch.linspace(0, 1, n, device=device, dtype=dtype)
     index = torch.arange(n, device=device, dtype=dtype)  # exact integers
     last = index[-1:].clamp(min=1)  # (1,) n - 1; 1 when n == 1, whose single point is then 0
