@@ -25,7 +25,7 @@ file, under protobuf's 2 GB: ViT-L/14 in fp32 is 1.8 GB).
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "export_torch",
+    "max_difference",
 ]
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,26 @@ def export_onnx(
         )
     logger.info("Wrote %s (outputs: %s)", path, ", ".join(names))
     return path
+
+
+def max_difference(
+    model: CapiModel,
+    artifact: Callable[[Tensor], Sequence[Tensor]],
+    outputs: Sequence[str] = OUTPUTS,
+    grids: Sequence[tuple[int, int, int]] = ((1, 4, 6), (2, 3, 3)),
+) -> float:
+    """Largest absolute difference between ``artifact(images)`` and the eager model over random images of each
+    (batch, h patches, w patches) in ``grids`` (by default other sizes than the traced example's)."""
+    names = check_outputs(outputs)
+    param, p = model.patch_embed.weight, model.patch_size
+    worst = 0.0
+    with _eval_mode(model), torch.no_grad():
+        for batch, h, w in grids:
+            images = torch.randn(batch, model.config.in_chans, h * p, w * p, device=param.device, dtype=param.dtype)
+            out = model.forward_features(images, pooled="pooled" in names)
+            for name, got in zip(names, artifact(images), strict=True):
+                worst = max(worst, float((got.to(param.device) - getattr(out, name)).abs().max()))
+    return worst
 
 
 def _importable(name: str) -> bool:

@@ -4,12 +4,12 @@ import argparse
 import logging
 import sys
 
-from capi_backbones.cli import feature_commands, model_commands, train_commands, viz_commands
+from capi_backbones.cli import export_commands, feature_commands, model_commands, train_commands, viz_commands
 from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
 
 __all__ = ["main", "build_parser"]
 
-COMMAND_MODULES = (model_commands, feature_commands, viz_commands, train_commands)
+COMMAND_MODULES = (model_commands, feature_commands, viz_commands, train_commands, export_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
