@@ -1,6 +1,5 @@
 """capi-backbones: CAPI vision backbones as an installable, tested model library."""
 
-from capi_backbones import timm_models  # noqa: F401  (registers capi_vit*14 with timm.create_model)
 from capi_backbones.models import ARCHITECTURES, BackboneOutput, CapiConfig, CapiModel
 from capi_backbones.pretrained import create_model, from_pretrained, list_models
 

@@ -265,6 +265,7 @@ def test_timm_created_model_gives_the_native_features():
     import timm
     from skimage import data
 
+    import capi_backbones.timm  # noqa: F401  (registers the models with timm)
     from capi_backbones import FeatureExtractor, create_model
 
     torch.manual_seed(0)

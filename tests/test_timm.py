@@ -1,5 +1,6 @@
 """timm integration: registry and pretrained configs (spec section 6), bit-identical numbers to the native model,
-timm's forward_intermediates / features_only conventions, and pretrained loading through the strict loader."""
+timm's forward_intermediates / features_only conventions, the fine-tuning interface (layer decay, weight decay,
+grad checkpointing, img_size, heads) and pretrained loading through the strict loader."""
 
 import importlib
 import warnings
@@ -10,11 +11,10 @@ import timm.data
 import torch
 from checkpoint_files import TINY_CONFIG, tiny_model, write_official_checkpoint
 
-import capi_backbones  # noqa: F401  (registers the models)
-from capi_backbones import timm_models
+import capi_backbones.timm as capi_timm  # registers the models
 from capi_backbones.models import ARCHITECTURES, CapiModel
 from capi_backbones.pretrained import CheckpointError, DownloadError
-from capi_backbones.timm_models import CapiTimmModel
+from capi_backbones.timm import CapiTimmModel
 
 TINY_KWARGS = dict(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=64, pred_depth=2, pred_num_heads=2)
 RELEASED = {  # tag -> file name, from the spec's table (note i22k behind in22k)
@@ -27,8 +27,7 @@ RELEASED = {  # tag -> file name, from the spec's table (note i22k behind in22k)
 
 def tiny_timm(native: CapiModel, **kwargs) -> CapiTimmModel:
     model = CapiTimmModel(native.config, **kwargs).eval()
-    missing, unexpected = model.load_state_dict(native.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("head.") for k in missing)
+    model.model.load_state_dict(native.state_dict(), strict=True)
     return model
 
 
@@ -56,7 +55,7 @@ def test_vitl14_on_meta_device_has_the_spec_shape():
     assert next(model.parameters()).device.type == "meta"
     assert model.config == ARCHITECTURES["capi_vitl14"] and model.num_features == 1024 and model.num_classes == 0
     total = sum(p.numel() for p in model.parameters())
-    encoder = total - sum(p.numel() for p in model.decoder.parameters()) - model.mask_token.numel()
+    encoder = total - sum(p.numel() for p in model.model.decoder.parameters()) - model.model.mask_token.numel()
     assert round(total / 1e6, 1) == 453.7 and encoder // 10**6 == 302  # spec section 1: 453.7M, encoder 302M
 
 
@@ -80,7 +79,7 @@ def test_resolve_data_config_gives_capi_preprocessing():
 def test_reimport_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        importlib.reload(timm_models)
+        importlib.reload(capi_timm)
         assert timm.is_model("capi_vits14")
 
 
@@ -90,7 +89,7 @@ def test_vits14_from_timm_equals_native_model():
     torch.manual_seed(0)
     native = CapiModel(ARCHITECTURES["capi_vits14"]).eval()
     model = timm.create_model("capi_vits14").eval()
-    model.load_state_dict(native.state_dict(), strict=True)  # same keys, no head
+    model.load_state_dict(native.state_dict(), strict=True)  # the native keys load under model.*, no head
     x = torch.randn(2, 3, 42, 56)
     with torch.no_grad():
         pooled, registers, feature_map = native(x)
@@ -99,6 +98,30 @@ def test_vits14_from_timm_equals_native_model():
         assert torch.equal(tokens[:, :16], registers)
         assert torch.equal(tokens[:, 16:].reshape(2, 3, 4, 384), feature_map)
         assert torch.equal(model(x), pooled)  # num_classes=0, global_pool="pred": the official global_repr
+
+
+@pytest.mark.parametrize("global_pool", ["pred", "avg", "pred_avg"])
+def test_reset_classifier_and_forward_head_for_each_pooling(global_pool):
+    native = tiny_model()
+    x = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        pooled, _, feature_map = native(x)
+        expected = {
+            "pred": pooled,
+            "avg": feature_map.mean(dim=(1, 2)),
+            "pred_avg": torch.cat([pooled, feature_map.mean(dim=(1, 2))], dim=-1),
+        }[global_pool]
+        model = tiny_timm(native, global_pool=global_pool)
+        assert model.head_hidden_size == expected.shape[-1]
+        tokens = model.forward_features(x)
+        assert torch.equal(model.forward_head(tokens, grid_size=(2, 3)), expected)  # Identity head
+        model.reset_classifier(7)
+        head = model.get_classifier()
+        assert head.in_features == expected.shape[-1] and head.out_features == 7 and model.num_classes == 7
+        assert torch.equal(model.forward_head(tokens, pre_logits=True, grid_size=(2, 3)), expected)
+        torch.testing.assert_close(model(x), head(expected), rtol=0, atol=0)
+        model.reset_classifier(3, "avg" if global_pool != "avg" else "pred")
+        assert model(x).shape == (2, 3) and model.get_classifier().in_features == model.head_hidden_size
 
 
 def test_pooling_modes_and_head():
@@ -145,6 +168,31 @@ def test_forward_intermediates_follow_timm_and_equal_get_intermediate_layers(nor
         model.forward_intermediates(x, output_fmt="NHWC")
 
 
+def count_encoder_blocks(native: CapiModel) -> list[int]:
+    calls = [0]
+    for block in native.encoder.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))  # also counts recomputation
+    return calls
+
+
+def test_forward_intermediates_with_an_early_index_still_runs_the_whole_encoder():
+    native = tiny_model()
+    model = tiny_timm(native)
+    calls = count_encoder_blocks(model.model)
+    x = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert calls[0] == 2
+        final, (first,) = model.forward_intermediates(x, indices=[0])
+        assert calls[0] == 4 and torch.equal(final, tokens)  # not the output of block 0
+        expected = native.get_intermediate_layers(x, n=[0], reshape=True, norm=False)[0]
+        assert torch.equal(first, expected) and not torch.equal(first, tokens[:, 16:].mT.reshape(2, 64, 2, 3))
+        early, _ = model.forward_intermediates(x, indices=[0], stop_early=True)
+        assert not torch.equal(early, tokens) and early.shape == tokens.shape
+        assert model.forward_intermediates(x, indices=[0], intermediates_only=True)[0].shape == (2, 64, 2, 3)
+    assert calls[0] == 4 + 1 + 1  # stop_early and intermediates_only stop after block 0
+
+
 def test_features_only_and_pruning():
     model = timm.create_model("capi_vits14", features_only=True, out_indices=(-4, -1))
     assert model.feature_info.channels() == [384, 384] and model.feature_info.reduction() == [14, 14]
@@ -152,8 +200,8 @@ def test_features_only_and_pruning():
         features = model(torch.randn(1, 3, 42, 28))
     assert [tuple(f.shape) for f in features] == [(1, 384, 3, 2), (1, 384, 3, 2)]
     pruned = tiny_timm(tiny_model())
-    assert pruned.prune_intermediate_layers(indices=[-1], prune_norm=True) == [1] and len(pruned.encoder) == 2
-    assert pruned.prune_intermediate_layers(indices=[0]) == [0] and len(pruned.encoder) == 1
+    assert pruned.prune_intermediate_layers(indices=[-1], prune_norm=True) == [1] and len(pruned.model.encoder) == 2
+    assert pruned.prune_intermediate_layers(indices=[0]) == [0] and len(pruned.model.encoder) == 1
 
 
 # ---- pretrained loading through the strict loader --------------------------------------------------------------
@@ -190,7 +238,7 @@ def test_released_url_goes_through_the_capi_downloader_and_strict_loader(tmp_pat
         fetched.append((url, cache_dir))
         return small
 
-    monkeypatch.setattr(timm_models, "download_url", fake_download)
+    monkeypatch.setattr(capi_timm, "download_url", fake_download)
     with pytest.raises(CheckpointError, match="mismatched"):  # a tiny file is not a ViT-L: refused, not half-loaded
         timm.create_model("capi_vitl14.in22k", pretrained=True, device="meta", cache_dir=tmp_path)
     assert fetched == [("https://dl.fbaipublicfiles.com/capi/capi_vitl14_i22k.pth", tmp_path)]
@@ -198,7 +246,7 @@ def test_released_url_goes_through_the_capi_downloader_and_strict_loader(tmp_pat
     def offline(url, cache_dir=None):
         raise DownloadError(f"Cannot download {url}: no network")
 
-    monkeypatch.setattr(timm_models, "download_url", offline)
+    monkeypatch.setattr(capi_timm, "download_url", offline)
     with pytest.raises(DownloadError, match="capi_vitl14_lvd.pth"):
         timm.create_model("capi_vitl14", pretrained=True)
 
@@ -206,3 +254,80 @@ def test_released_url_goes_through_the_capi_downloader_and_strict_loader(tmp_pat
 def test_archs_without_weights_refuse_pretrained():
     with pytest.raises(RuntimeError, match="No pretrained weights"):
         timm.create_model("capi_vits14", pretrained=True)
+
+
+# ---- fine-tuning interface -------------------------------------------------------------------------------------
+def test_layer_decay_gives_one_group_per_block():
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("capi_vits14", num_classes=4, **{**TINY_KWARGS, "depth": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm warns "all parameters were assigned to one layer" without a matcher
+        optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(scale_of) == len(names)  # every parameter is in a group
+    assert len(set(scale_of.values())) == 3 + 2  # stem, 3 blocks, predictor + head
+    assert scale_of["model.patch_embed.weight"] == scale_of["model.registers"] == pytest.approx(0.75**4)
+    for i in range(3):
+        assert scale_of[f"model.encoder.blocks.{i}.residual2.fn.fc1.weight"] == pytest.approx(0.75 ** (3 - i))
+    assert scale_of["model.decoder.blocks.0.residual1.fn.q_proj.weight"] == scale_of["head.weight"] == 1.0
+    assert scale_of["model.mask_token"] == 1.0
+
+
+def test_no_weight_decay_follows_the_training_recipe():
+    from capi_backbones.train.param_groups import build_param_groups
+
+    model = timm.create_model("capi_vits14", **TINY_KWARGS)
+    groups = build_param_groups(model.model, weight_decay=0.1)
+    recipe = {f"model.{name}" for g in groups if g["wd_mult"] == 0 for name in g["names"]}
+    assert model.no_weight_decay() == recipe == {"model.patch_embed.bias"}
+
+
+def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients():
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = timm.create_model("capi_vits14", num_classes=3, **TINY_KWARGS).train()
+    calls = count_encoder_blocks(model.model)
+    x = torch.randn(2, 3, 28, 28)
+    loss, grads = loss_and_grads(model)
+    assert calls[0] == 2
+    model.set_grad_checkpointing()
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model)
+    assert calls[0] == 2 + 4  # forward, then each block again in the backward
+    assert torch.equal(loss, checkpointed_loss) and grads.keys() == checkpointed_grads.keys()
+    assert all(torch.equal(grads[n], checkpointed_grads[n]) for n in grads)
+    with torch.no_grad():
+        model(x)
+    assert calls[0] == 6 + 2  # no recomputation without grad
+    model.set_grad_checkpointing(False)
+    loss_and_grads(model)
+    assert calls[0] == 8 + 2
+    with pytest.raises(ValueError, match="Unknown grad checkpointing mode"):
+        model.model.set_grad_checkpointing(mode="everything")
+
+
+def test_img_size_sets_the_data_config_only():
+    model = timm.create_model("capi_vits14", img_size=112, **TINY_KWARGS).eval()
+    assert model.img_size == (112, 112)
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 112, 112)
+    wide = timm.create_model("capi_vits14", img_size=(98, 140), **TINY_KWARGS)
+    assert timm.data.resolve_data_config({}, model=wide)["input_size"] == (3, 98, 140)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 56, 84)).shape == (1, 64)  # any multiple of 14 still runs
+    with pytest.raises(ValueError, match="multiples of the patch size 14"):
+        timm.create_model("capi_vits14", img_size=100)
+
+
+def test_wrapped_model_keeps_the_native_contract():
+    native = tiny_model()
+    model = tiny_timm(native)
+    x = torch.randn(1, 3, 28, 42)
+    with torch.no_grad():
+        out = model.model.forward_features(x, pooled=False)  # what FeatureExtractor and other CapiModel code call
+        assert out.pooled is None and torch.equal(out.patch_features, native.forward_features(x).patch_features)
+        assert all(torch.equal(a, b) for a, b in zip(model.model(x), native(x), strict=True))

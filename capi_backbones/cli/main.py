@@ -4,12 +4,19 @@ import argparse
 import logging
 import sys
 
-from capi_backbones.cli import eval_commands, feature_commands, model_commands, train_commands, viz_commands
+from capi_backbones.cli import (
+    eval_commands,
+    export_commands,
+    feature_commands,
+    model_commands,
+    train_commands,
+    viz_commands,
+)
 from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
 
 __all__ = ["main", "build_parser"]
 
-COMMAND_MODULES = (model_commands, feature_commands, viz_commands, train_commands, eval_commands)
+COMMAND_MODULES = (model_commands, feature_commands, viz_commands, train_commands, eval_commands, export_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -172,6 +172,8 @@ class FeatureExtractor:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+        if isinstance(getattr(model, "model", None), CapiModel):  # a wrapper such as timm's CapiTimmModel
+            model = model.model
         given_model = isinstance(model, CapiModel)
         if device is None:
             default = "cuda" if torch.cuda.is_available() else "cpu"
@@ -470,8 +472,7 @@ class FeatureExtractor:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            # the native method, also for subclasses that redefine forward_features (the timm model)
-            out = CapiModel.forward_features(self.model, batch, pooled=pooled)
+            out = self.model.forward_features(batch, pooled=pooled)
         h, w = out.patch_features.shape[1:3]
         return FeatureOutput(
             patch_features=out.patch_features.float().cpu(),

@@ -148,17 +148,23 @@ class CapiModel(nn.Module):
         b = x.shape[0]
         h, w = self._check_input(x)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
-        all_coords = patch_coordinates(h, w, device=tokens.device, dtype=tokens.dtype)  # (h*w, 2)
-        if visible_indices is None:
-            coords = all_coords[None]  # (1, h*w, 2), shared by the batch
-        else:
+        if visible_indices is not None:
             tokens = tokens.gather(1, visible_indices[..., None].expand(-1, -1, tokens.shape[-1]))
-            coords = all_coords[visible_indices]  # (B, n_visible, 2)
-        reg_coords = edge_register_coordinates(self.n_registers, device=tokens.device, dtype=tokens.dtype)
-        reg_coords = scale_to_extent(reg_coords, coords)  # (B or 1, R, 2)
+        coords, all_coords = self.token_coordinates(h, w, visible_indices, reference=tokens)
         tokens = torch.cat([self.registers.expand(b, -1, -1), tokens], dim=1)
-        coords = torch.cat([reg_coords, coords], dim=1)
         return tokens, coords, all_coords
+
+    def token_coordinates(
+        self, h: int, w: int, visible_indices: Tensor | None = None, *, reference: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """RoPE coordinates of the token sequence of ``prepare_tokens``, (B or 1, R + n, 2): registers on the
+        border of the extent of the (visible) patches, then the patches; and of all patches (h*w, 2).
+        ``reference`` gives the device and dtype."""
+        all_coords = patch_coordinates(h, w, device=reference.device, dtype=reference.dtype)  # (h*w, 2)
+        coords = all_coords[None] if visible_indices is None else all_coords[visible_indices]  # (1 or B, n, 2)
+        reg_coords = edge_register_coordinates(self.n_registers, device=reference.device, dtype=reference.dtype)
+        reg_coords = scale_to_extent(reg_coords, coords)  # (B or 1, R, 2)
+        return torch.cat([reg_coords, coords], dim=1), all_coords
 
     def run_encoder(
         self, tokens: Tensor, coords: Tensor, *, n_blocks: int | None = None, collect: Sequence[int] = ()
@@ -190,26 +196,75 @@ class CapiModel(nn.Module):
             queries = self._run_block(block, queries, query_coords, context=context, context_coords=context_coords)
         return self.dec_norm(queries)
 
+    def pool(self, tokens: Tensor, coords: Tensor, all_coords: Tensor) -> Tensor:
+        """The official global representation (B, D_pred): predictor block 1 queried at every patch position
+        over the normed encoder ``tokens`` (B, R + h*w, D) with their ``coords``, averaged over the queries."""
+        return self.predict(tokens, coords, all_coords[None], n_blocks=1).mean(dim=1)
+
     # ---- inference API ----------------------------------------------------------------------------------------
     def forward_features(self, x: Tensor, *, pooled: bool = True) -> BackboneOutput:
         """Dense features, registers and (optionally) predictor-pooled embedding.
 
         Pooling runs only predictor block 1, which is all the official forward keeps; with
         ``pooled=False`` no predictor block runs at all."""
-        b = x.shape[0]
         h, w = self._check_input(x)
         tokens, coords, all_coords = self.encode(x)
         registers = tokens[:, : self.n_registers]
-        patches = tokens[:, self.n_registers :].reshape(b, h, w, self.embed_dim)  # (B, h, w, D)
-        pooled_out = None
-        if pooled:
-            pooled_out = self.predict(tokens, coords, all_coords[None], n_blocks=1).mean(dim=1)  # (B, D_pred)
+        patches = tokens[:, self.n_registers :].unflatten(1, (h, w))  # (B, h, w, D), a view: no size-1 special case
+        pooled_out = self.pool(tokens, coords, all_coords) if pooled else None  # (B, D_pred)
         return BackboneOutput(patch_features=patches, registers=registers, pooled=pooled_out)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Official output: ``(global_repr (B, D), registers (B, R, D), feature_map (B, h, w, D))``."""
         out = self.forward_features(x, pooled=True)
         return out.pooled, out.registers, out.patch_features
+
+    def block_indices(self, n: int | Sequence[int] | None) -> list[int]:
+        """Encoder block selection of DINOv2 and timm: None = all blocks, an int n = the last n, a sequence =
+        those 0-based indices (negative from the end). Returns non-negative indices."""
+        depth = len(self.encoder)
+        if n is None:
+            return list(range(depth))
+        if isinstance(n, int):
+            if not 0 < n <= depth:
+                raise ValueError(f"Cannot take the last {n} blocks of an encoder of depth {depth}; use 1..{depth}.")
+            return list(range(depth - n, depth))
+        bad = [i for i in n if not -depth <= i < depth]
+        if bad or not n:
+            raise ValueError(
+                f"Block indices {bad or list(n)} are out of range for an encoder of depth {depth} "
+                f"(-{depth}..{depth - 1})."
+            )
+        return [i % depth for i in n]
+
+    def intermediates(
+        self,
+        x: Tensor,
+        indices: Sequence[int],
+        *,
+        norm: bool = True,
+        reshape: bool = False,
+        return_registers: bool = False,
+        stop_early: bool = True,
+    ) -> tuple[Tensor, list]:
+        """Outputs of the encoder blocks ``indices`` (0-based, from ``block_indices``) for images x.
+
+        Returns the last encoder tokens (B, R + h*w, D), un-normed (block ``max(indices)`` with ``stop_early``,
+        else the last block), and per index the patches (B, h*w, D), or (B, D, h, w) with ``reshape``, ``enc_norm``-ed
+        with ``norm``; with ``return_registers`` each item is a ``(patches, registers (B, R, D))`` pair."""
+        b = x.shape[0]
+        h, w = self._check_input(x)
+        tokens, coords, _ = self.prepare_tokens(x)
+        n_blocks = max(indices) + 1 if stop_early else None
+        tokens, outputs = self.run_encoder(tokens, coords, n_blocks=n_blocks, collect=indices)
+        result = []
+        for i in indices:
+            out = self.enc_norm(outputs[i]) if norm else outputs[i]
+            patches, registers = out[:, self.n_registers :], out[:, : self.n_registers]  # (B, h*w, D), (B, R, D)
+            if reshape:
+                patches = patches.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+            result.append((patches, registers) if return_registers else patches)
+        return tokens, result
 
     def get_intermediate_layers(
         self,
@@ -224,23 +279,8 @@ class CapiModel(nn.Module):
 
         n: the last ``n`` blocks, or a sequence of 0-based block indices. ``norm`` applies ``enc_norm``.
         ``reshape`` returns patch maps as (B, D, h, w) instead of (B, h*w, D). With ``return_registers``
-        each item is a ``(patches, registers)`` pair.
+        each item is a ``(patches, registers)`` pair. Only the blocks up to the last one asked for run.
         """
-        depth = len(self.encoder)
-        indices = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
-        bad = [i for i in indices if not -depth <= i < depth]
-        if bad or not indices:
-            raise ValueError(f"Block indices {bad or indices} are out of range for an encoder of depth {depth}.")
-        indices = [i % depth for i in indices]
-        b = x.shape[0]
-        h, w = self._check_input(x)
-        tokens, coords, _ = self.prepare_tokens(x)
-        _, outputs = self.run_encoder(tokens, coords, n_blocks=max(indices) + 1, collect=indices)
-        result = []
-        for i in indices:
-            out = self.enc_norm(outputs[i]) if norm else outputs[i]
-            patches, registers = out[:, self.n_registers :], out[:, : self.n_registers]
-            if reshape:
-                patches = patches.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
-            result.append((patches, registers) if return_registers else patches)
+        indices = self.block_indices(n)
+        _, result = self.intermediates(x, indices, norm=norm, reshape=reshape, return_registers=return_registers)
         return tuple(result)

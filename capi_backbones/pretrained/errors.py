@@ -4,7 +4,7 @@ The hint names the fix in the caller's own interface. Callers other than Python 
 
     with loading_interface("cli"):         # capi-backbones extract/pca/info/convert
         model = from_pretrained(name)
-    # "torch.hub" (hub.py), "timm" (timm_models.py); the default is "python".
+    # "torch.hub" (hub.py), "timm" (timm.py); the default is "python".
 """
 
 from collections.abc import Iterator
