@@ -122,7 +122,7 @@ def main() -> None:
     comparison = None
     with torch.inference_mode():
         for arch in args.archs:
-            model = CapiModel(ARCHITECTURES[arch]).eval()
+            model = CapiModel(ARCHITECTURES[arch]).eval().requires_grad_(False)  # FlopCounterMode under inference_mode
             flops = count_flops(lambda model=model: model(x))
             seconds = best_time(lambda model=model: model(x), args.repeats)
             rate = flops / seconds / 1e9
