@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE, PATCH_SIZE
+from capi_backbones.constants import PATCH_SIZE
 from capi_backbones.features.folder_lock import FolderBusyError, FolderLock
 from capi_backbones.features.images import ImageSource, expand_inputs, iter_file_paths, to_rgb_tensor
 from capi_backbones.features.output import FeatureOutput
@@ -141,6 +141,8 @@ class FeatureExtractor:
             models loaded here. The model is moved there and put in eval mode.
         image_size: target resolution, a multiple of 14: the shorter side with ``keep_aspect`` (the longer side is
             rounded to a multiple of 14), or the side of the square otherwise. See ``features.preprocessing``.
+            None: the model's ``default_image_size``, the size it was trained at (224 for the released weights;
+            what ``capi-backbones export`` recorded for retrained ones).
         batch_size: images per forward pass. Results do not depend on it.
         keep_aspect: True keeps the aspect ratio (images of different shapes get different patch grids);
             False resizes every image to an ``image_size`` square.
@@ -162,7 +164,7 @@ class FeatureExtractor:
         *,
         weights: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
-        image_size: int = DEFAULT_IMAGE_SIZE,
+        image_size: int | None = None,
         batch_size: int = 16,
         keep_aspect: bool = True,
         precision: str = "auto",
@@ -182,8 +184,11 @@ class FeatureExtractor:
         self.autocast_dtype = self._autocast_dtype(precision, self.device)
         self.precision = precision
         patch_size = model.patch_size if given_model else PATCH_SIZE
-        Preprocessor(image_size=image_size, patch_size=patch_size)  # check the arguments before loading weights
+        if image_size is not None:
+            Preprocessor(image_size=image_size, patch_size=patch_size)  # check the arguments before loading weights
         model, self.model_description = resolve_model(model, weights)
+        if image_size is None:
+            image_size = model.default_image_size
         self.model = model.to(self.device).eval()
         self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
         self.batch_size = batch_size

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE
 from capi_backbones.layers import Block
 from capi_backbones.models.config import CapiConfig
 from capi_backbones.models.coordinates import edge_register_coordinates, patch_coordinates, scale_to_extent
@@ -44,6 +45,10 @@ def nearest_valid_sizes(size: int, patch_size: int) -> tuple[int, ...]:
 
 class CapiModel(nn.Module):
     """CAPI backbone. ``model(x)`` returns the official 3-tuple ``(global_repr, registers, feature_map)``."""
+
+    # Side of the square crops the weights were trained at: what FeatureExtractor resizes to by default. The
+    # loaders set it from a file that records it (capi-backbones export); the released weights were trained at 224.
+    default_image_size: int = DEFAULT_IMAGE_SIZE
 
     def __init__(self, config: CapiConfig | None = None, *, device=None, dtype=None) -> None:
         super().__init__()

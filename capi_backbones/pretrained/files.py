@@ -29,6 +29,7 @@ __all__ = [
     "CONFIG_METADATA_KEY",
     "HUB_CONFIG_FILE",
     "HUB_WEIGHTS_FILE",
+    "IMAGE_SIZE_METADATA_KEY",
     "LoadedCheckpoint",
     "check_complete",
     "folder_files",
@@ -43,6 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "capi_config"  # safetensors metadata entry holding CapiConfig as JSON
+IMAGE_SIZE_METADATA_KEY = "image_size"  # safetensors metadata: the training crop side in pixels, e.g. "224"
 HUB_WEIGHTS_FILE = "model.safetensors"  # the weights of a save_pretrained folder / Hub repo
 HUB_CONFIG_FILE = "config.json"  # CapiConfig.to_dict() as JSON, next to it
 _MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit on the JSON header
@@ -64,6 +66,7 @@ class LoadedCheckpoint:
     format: str  # "pytorch" or "safetensors"
     tensors: dict[str, Tensor]  # flat key -> tensor, as stored (nested dicts joined with ".")
     config: CapiConfig | None = None  # from safetensors metadata, when present
+    image_size: int | None = None  # the training image size, from safetensors metadata, when present
     skipped: tuple[str, ...] = field(default=())  # non-tensor entries (epoch counters, ...)
     memory_mapped: bool = False  # tensors are views of a file mapping, not private memory
 
@@ -181,7 +184,7 @@ def _read_pytorch(path: Path, mmap: bool) -> tuple[dict[str, Tensor], list[str]]
     return tensors, skipped
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], CapiConfig | None]:
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], CapiConfig | None, int | None]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -196,7 +199,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], CapiConfig | None]
             config = CapiConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path} has an invalid {CONFIG_METADATA_KEY!r} metadata entry: {error}") from error
-    return tensors, config
+    image_size = metadata.get(IMAGE_SIZE_METADATA_KEY)
+    if image_size is not None and not (image_size.isdigit() and int(image_size) > 0):
+        raise CheckpointError(f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {image_size!r}.")
+    return tensors, config, None if image_size is None else int(image_size)
 
 
 def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
@@ -206,9 +212,9 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         what = "is a directory (pass the folder to from_pretrained instead)" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"Checkpoint file {path} {what}.")
     kind = sniff_format(path)
-    config, skipped = None, []
+    config, image_size, skipped = None, None, []
     if kind == "safetensors":
-        tensors, config = _read_safetensors(path)
+        tensors, config, image_size = _read_safetensors(path)
     else:
         tensors, skipped = _read_pytorch(path, mmap=kind == "pytorch-zip")
     if not tensors:
@@ -221,6 +227,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         format=fmt,
         tensors=tensors,
         config=config,
+        image_size=image_size,
         skipped=tuple(skipped),
         memory_mapped=kind in ("safetensors", "pytorch-zip"),  # safe_open and torch.load(mmap=True) map the file
     )
@@ -256,11 +263,15 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the model's state dict as safetensors (atomic), with its ``CapiConfig`` as JSON in the metadata,
-    so that ``from_pretrained(path)`` needs no ``arch``. ``metadata``: extra string entries to store."""
+    so that ``from_pretrained(path)`` needs no ``arch``, and its ``default_image_size`` (the training image size).
+    ``metadata``: extra string entries to store."""
     metadata = {**(metadata or {}), "format": "pt", "library": "capi-backbones"}
     config = getattr(model, "config", None)
     if isinstance(config, CapiConfig):
         metadata[CONFIG_METADATA_KEY] = json.dumps(config.to_dict(), sort_keys=True)
+    image_size = getattr(model, "default_image_size", None)
+    if image_size is not None:
+        metadata[IMAGE_SIZE_METADATA_KEY] = str(image_size)
     tensors = _cpu_state_dict(model)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -54,7 +54,7 @@ def load_local(
         )
     stored = checkpoint.config or stored
     config = choose_config(arch, stored, checkpoint.tensors, str(weights_file))
-    return load_state_into_new_model(
+    model = load_state_into_new_model(
         checkpoint.tensors,
         config,
         model_cls=model_cls,
@@ -65,6 +65,9 @@ def load_local(
         memory_mapped=checkpoint.memory_mapped,
         allow_non_finite=allow_non_finite,
     )
+    if checkpoint.image_size is not None:
+        model.default_image_size = checkpoint.image_size
+    return model
 
 
 def from_pretrained(

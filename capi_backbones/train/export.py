@@ -1,9 +1,9 @@
 """Export the teacher (EMA) backbone of a training run: what the official releases are (``student_ema``).
 
-``.safetensors`` carries the architecture in its metadata, and the training image size under
-``IMAGE_SIZE_METADATA_KEY`` (``"image_size"``, a decimal string such as ``"224"``) so that feature extraction
-can default to it; ``.pth`` / ``.pt`` is the official layout (``torch.save`` of ``{"backbone." + key: tensor}``),
-which has no room for it. Both load with ``capi_backbones.from_pretrained``.
+``.safetensors`` carries the architecture and the training image size in its metadata (loaded models get it back
+as ``model.default_image_size``, which feature extraction uses by default); ``.pth`` / ``.pt`` is the official
+layout (``torch.save`` of ``{"backbone." + key: tensor}``), which has no room for the image size.
+Both load with ``capi_backbones.from_pretrained``.
 """
 
 import dataclasses
@@ -17,18 +17,15 @@ from capi_backbones.train.config import config_from_dict
 
 __all__ = [
     "EXPORT_FORMATS",
-    "IMAGE_SIZE_METADATA_KEY",
     "ExportResult",
     "TeacherCheckpoint",
     "export_teacher",
     "load_teacher",
-    "read_image_size",
 ]
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = {".safetensors": "safetensors", ".pth": "official", ".pt": "official"}
-IMAGE_SIZE_METADATA_KEY = "image_size"  # safetensors metadata: the training crop side in pixels, e.g. "224"
 
 
 @dataclass
@@ -57,6 +54,7 @@ def load_teacher(source: str | Path) -> TeacherCheckpoint:
     config = dataclasses.replace(train_config.model, drop_path_rate=0.0)
     model = CapiModel(config, device="meta")
     model.load_state_dict(state["teacher"], strict=True, assign=True)
+    model.default_image_size = train_config.data.image_size
     return TeacherCheckpoint(
         model=model.float().eval(), step=int(state["step"]), checkpoint=path, image_size=train_config.data.image_size
     )
@@ -76,7 +74,7 @@ def export_teacher(source: str | Path, out: str | Path) -> ExportResult:
 
     teacher = load_teacher(source)
     if fmt == "safetensors":
-        save_safetensors(teacher.model, out, metadata={IMAGE_SIZE_METADATA_KEY: str(teacher.image_size)})
+        save_safetensors(teacher.model, out)  # records teacher.model.default_image_size
     else:
         save_official_checkpoint(teacher.model, out)
         logger.info(
@@ -92,17 +90,3 @@ def export_teacher(source: str | Path, out: str | Path) -> ExportResult:
         checkpoint=teacher.checkpoint,
         image_size=teacher.image_size,
     )
-
-
-def read_image_size(path: str | Path) -> int | None:
-    """The training image size recorded by :func:`export_teacher` in a ``.safetensors`` file, or None when the
-    file has none (released weights, ``.pth`` files, other writers)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as file:
-        value = (file.metadata() or {}).get(IMAGE_SIZE_METADATA_KEY)
-    if value is None:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {value!r}.")
-    return int(value)

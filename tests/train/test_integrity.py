@@ -8,14 +8,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from test_loop import tiny_config
 
 from capi_backbones.atomic_files import WriteError
 from capi_backbones.cli.main import main
+from capi_backbones.features import FeatureExtractor
+from capi_backbones.pretrained import from_pretrained, save_official_checkpoint
+from capi_backbones.pretrained.files import IMAGE_SIZE_METADATA_KEY
 from capi_backbones.train import checkpointing
 from capi_backbones.train.config import ConfigError, load_config, save_config
-from capi_backbones.train.export import IMAGE_SIZE_METADATA_KEY, export_teacher, read_image_size
+from capi_backbones.train.export import export_teacher
 from capi_backbones.train.metrics import MetricsWriter, read_metrics
 from capi_backbones.train.trainer import Trainer
 
@@ -138,15 +140,19 @@ def test_progress_bar_shows_steps_rate_loss_and_eta(tmp_path, monkeypatch):
 def test_export_records_the_training_image_size(tmp_path):
     Trainer(tiny_config(tmp_path, "optim.total_steps=1")).run()
     result = export_teacher(tmp_path / "run", tmp_path / "teacher.safetensors")
-    assert result.image_size == 56 == read_image_size(tmp_path / "teacher.safetensors")
+    assert result.image_size == 56
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "teacher.safetensors"), framework="pt") as file:
         assert file.metadata()[IMAGE_SIZE_METADATA_KEY] == "56"
-    from safetensors.torch import save_file
-
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
-    assert read_image_size(tmp_path / "plain.safetensors") is None
+    loaded = from_pretrained(tmp_path / "teacher.safetensors")
+    assert loaded.default_image_size == 56
+    assert FeatureExtractor(loaded).image_size == 56  # extraction defaults to the training size
+    assert FeatureExtractor(loaded, image_size=112).image_size == 112
+    loaded.save_pretrained(tmp_path / "again")  # the size survives a save_pretrained round trip
+    assert from_pretrained(tmp_path / "again").default_image_size == 56
+    save_official_checkpoint(loaded, tmp_path / "official.pth")  # no room for it: the released default, 224
+    assert from_pretrained(tmp_path / "official.pth").default_image_size == 224
 
 
 def test_write_error_is_an_oserror_with_the_path(tmp_path):
