@@ -312,7 +312,7 @@ def test_timm_and_cli_callers_name_their_own_fix(hub_cache, monkeypatch):
     import timm
 
     import capi_backbones.pretrained.download as download
-    import capi_backbones.timm_models  # noqa: F401  (registers the capi names with timm)
+    import capi_backbones.timm  # noqa: F401  (registers the capi names with timm)
     from capi_backbones.cli.model_options import build_extractor
 
     def unreachable(url, timeout=None):
