@@ -11,7 +11,6 @@ import sys
 from importlib import import_module
 
 from capi_backbones import __version__
-from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -59,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     command = _command_in(argv)  # only its module is imported; --help and --version import none
     args = build_parser([] if command is None else [command]).parse_args(argv)
     import logging  # here rather than at the top: --help and --version have exited already
+
+    from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
