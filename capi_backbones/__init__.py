@@ -1,19 +1,44 @@
-"""capi-backbones: CAPI vision backbones as an installable, tested model library."""
+"""capi-backbones: CAPI vision backbones as an installable, tested model library.
 
-from capi_backbones.models import ARCHITECTURES, BackboneOutput, CapiConfig, CapiModel
-from capi_backbones.pretrained import create_model, from_pretrained, list_models
+The public names below are imported on first use, so ``import capi_backbones`` (and the ``capi-backbones``
+command's ``--help``) stays free of torch and of the optional integrations. timm users register the
+``capi_vit*14`` names with one line: ``import capi_backbones.timm``.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-_LAZY = {"FeatureExtractor", "FeatureOutput"}  # from capi_backbones.features, imported on first use
+# public name -> the module that defines it (imported on first attribute access, PEP 562)
+_LAZY = {
+    "ARCHITECTURES": "capi_backbones.models",
+    "BackboneOutput": "capi_backbones.models",
+    "CapiConfig": "capi_backbones.models",
+    "CapiModel": "capi_backbones.models",
+    "create_model": "capi_backbones.pretrained",
+    "from_pretrained": "capi_backbones.pretrained",
+    "list_models": "capi_backbones.pretrained",
+    "FeatureExtractor": "capi_backbones.features",
+    "FeatureOutput": "capi_backbones.features",
+}
+
+TYPE_CHECKING = False  # True for type checkers (mypy, pyright); saves importing typing at start-up
+if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
+    from capi_backbones.features import FeatureExtractor, FeatureOutput
+    from capi_backbones.models import ARCHITECTURES, BackboneOutput, CapiConfig, CapiModel
+    from capi_backbones.pretrained import create_model, from_pretrained, list_models
 
 
 def __getattr__(name: str):
-    if name in _LAZY:  # keeps `import capi_backbones.train` (and the models) free of the features stack
-        from capi_backbones import features
-
-        return getattr(features, name)
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'capi_backbones' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -11,7 +11,8 @@ from PIL import Image
 from skimage import data
 
 from capi_backbones.cli.main import main
-from capi_backbones.viz import pca_map
+from capi_backbones.viz import pca_grid, pca_map
+from capi_backbones.viz.grid import LABEL_SIZE, PADDING
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # tiny model: threads only add contention
 
@@ -96,3 +97,53 @@ def test_missing_image_and_help(workdir, capsys):
     for option in ("--joint", "--components", "--foreground-threshold", "--model", "--weights", "--device"):
         assert option in helped
     assert "--batch-size" in helped and "--image-size" in helped
+
+
+def test_unreadable_files_are_skipped_named_and_exit_1(workdir, capsys):
+    """Like extract: a corrupt file is listed on stderr and left out of the grid; the others are drawn."""
+    photos = workdir / "mixed"
+    photos.mkdir()
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.open(workdir / "photos" / "astronaut.png").save(photos / "astronaut.png")
+    out = workdir / "mixed.png"
+    args = ["pca", str(photos), "--out", str(out), "--weights", str(workdir / "tiny.pth"), "--device", "cpu"]
+    assert main([*args, "--image-size", "56", "--tile-height", "56"]) == 1
+    stderr = capsys.readouterr().err
+    assert f"failed: {photos / 'broken.jpg'}: Cannot read image" in stderr, stderr
+    assert "(1 images, per-image PCA" in stderr and "1 failed" in stderr, stderr
+    with Image.open(out) as image:
+        height = image.height
+    # one row: column titles, the file name above the row, the tiles, paddings
+    assert height == LABEL_SIZE + PADDING + LABEL_SIZE + PADDING + 56 + 2 * PADDING
+
+    (photos / "astronaut.png").unlink()
+    out.unlink()
+    assert main([*args, "--image-size", "56"]) == 1  # nothing readable: nothing written
+    assert "none of the 1 images could be read" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_file_names_are_drawn_above_the_rows(workdir):
+    maps = [np.random.default_rng(0).normal(size=(4, 4, 8)), np.random.default_rng(1).normal(size=(4, 6, 8))]
+    photos = [np.zeros((56, 56, 3), np.uint8), np.zeros((56, 84, 3), np.uint8)]
+    results = [pca_map(m) for m in maps]
+    plain = np.asarray(pca_grid(photos, results, tile_height=32))
+    named = np.asarray(pca_grid(photos, results, tile_height=32, row_labels=["astronaut.png", "coffee.jpg"]))
+    assert named.shape[0] == plain.shape[0] + 2 * (LABEL_SIZE + PADDING) and named.shape[1] == plain.shape[1]
+    header = row_header = LABEL_SIZE + PADDING  # column titles; a file name above each row
+    for row in range(2):
+        top = header + PADDING + row * (row_header + 32 + PADDING)
+        assert (named[top : top + row_header] < 128).any(), f"no text above row {row}"  # dark text on white
+    with pytest.raises(ValueError, match="one label per image"):
+        pca_grid(photos, results, row_labels=["only one"])
+
+
+def test_random_init_runs_offline_and_says_so(workdir, capsys):
+    out = workdir / "random.png"
+    photo = str(workdir / "photos" / "coffee.jpg")
+    args = ["pca", photo, "--out", str(out), "--random-init", "--model", "capi_vits14", "--device", "cpu"]
+    assert main([*args, "--image-size", "28", "--tile-height", "32", "--no-progress"]) == 0
+    assert "--random-init: capi_vits14 with random weights" in capsys.readouterr().err
+    assert out.exists()
+    assert main([*args, "--weights", str(workdir / "tiny.pth")]) == 2
+    assert "leave out --weights" in capsys.readouterr().err

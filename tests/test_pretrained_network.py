@@ -312,6 +312,7 @@ def test_timm_and_cli_callers_name_their_own_fix(hub_cache, monkeypatch):
     import timm
 
     import capi_backbones.pretrained.download as download
+    import capi_backbones.timm  # noqa: F401  (registers the capi names with timm)
     from capi_backbones.cli.model_options import build_extractor
 
     def unreachable(url, timeout=None):
@@ -320,6 +321,8 @@ def test_timm_and_cli_callers_name_their_own_fix(hub_cache, monkeypatch):
     monkeypatch.setattr(download, "check_reachable", unreachable)
     with pytest.raises(DownloadError, match=r'pretrained_cfg_overlay=dict\(file="/path/to/capi_vitl14_lvd.pth"\)'):
         timm.create_model("capi_vitl14.lvd", pretrained=True)
-    args = argparse.Namespace(model=REFUSED_URL, weights=None, device="cpu", image_size=224, batch_size=1)
+    args = argparse.Namespace(
+        model=REFUSED_URL, weights=None, random_init=False, device="cpu", image_size=224, batch_size=1
+    )
     with pytest.raises(DownloadError, match="--weights /path/to/capi_vitl14_lvd.pth"):
         build_extractor(args)

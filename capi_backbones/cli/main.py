@@ -1,36 +1,66 @@
-"""Entry point of the ``capi-backbones`` command line."""
+"""Entry point of the ``capi-backbones`` command line.
+
+``COMMANDS`` maps each subcommand to the module that registers it (its ``register(subparsers)`` function) and a
+one-line summary for ``capi-backbones --help``. Only the module of the command being run is imported, and command
+modules import torch and the other heavy libraries inside their handlers, so ``--help``, ``--version`` and ``list``
+start in a fraction of a second. A new command is one more line in ``COMMANDS``.
+"""
 
 import argparse
-import logging
 import sys
+from importlib import import_module
 
-from capi_backbones.cli import (
-    eval_commands,
-    export_commands,
-    feature_commands,
-    model_commands,
-    train_commands,
-    viz_commands,
-)
-from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
+from capi_backbones import __version__
 
-__all__ = ["main", "build_parser"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMAND_MODULES = (model_commands, feature_commands, viz_commands, train_commands, eval_commands, export_commands)
+_CLI = "capi_backbones.cli."
+COMMANDS = {  # command -> (module registering it, summary shown by --help)
+    "list": (_CLI + "model_commands", "list architectures and released weights"),
+    "info": (_CLI + "model_commands", "describe a checkpoint: architecture, parameters, keys, dtypes"),
+    "convert": (_CLI + "model_commands", "convert a checkpoint to safetensors, a folder or the official layout"),
+    "extract": (_CLI + "feature_commands", "extract features of images into shards on disk"),
+    "verify": (_CLI + "feature_commands", "check an extraction folder against its index"),
+    "pca": (_CLI + "viz_commands", "PCA picture of the feature maps of images"),
+    "train": (_CLI + "train_commands", "pretrain a CAPI model on a folder of images"),
+    "export": (_CLI + "train_commands", "export the teacher (EMA) backbone of a training run"),
+    "eval": (_CLI + "eval_commands", "evaluate frozen features with the paper's probes"),
+    "export-onnx": (_CLI + "export_commands", "export a backbone as one ONNX graph file (any resolution)"),
+    "export-torch": (_CLI + "export_commands", "export a backbone as one torch.export file (any resolution)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first argument that is not an option), if it is a known one."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full options of ``commands`` (all when None); the other commands are only listed."""
     parser = argparse.ArgumentParser(prog="capi-backbones", description="CAPI vision backbones.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        module.register(subparsers)
+    names = COMMANDS if commands is None else commands
+    for module in dict.fromkeys(COMMANDS[name][0] for name in names):
+        import_module(module).register(subparsers)
+    for name, (_, summary) in COMMANDS.items():
+        if name not in subparsers.choices:  # listed by --help; running it builds its module's parser
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)  # only its module is imported; --help and --version import none
+    args = build_parser([] if command is None else [command]).parse_args(argv)
+    import logging  # here rather than at the top: --help and --version have exited already
+
+    from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.handler(args) or 0)

@@ -62,19 +62,37 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
+def _block_size(dim: int, num_heads: int, context_dim: int, mlp_ratio: float) -> int:
+    """Tensor elements of one transformer block: 2 RMSNorms, q/proj (dim x dim), k/v (dim x context_dim),
+    RoPE frequencies (2 x head_dim), fc1/fc2 (dim x hidden); no biases."""
+    return 2 * dim + 2 * dim * dim + 2 * dim * context_dim + 2 * (dim // num_heads) + 2 * dim * int(dim * mlp_ratio)
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(encoder, predictor) tensor elements of a ``CapiModel(config)``, from the config alone (no torch, for
+    ``list``); a test checks them against ``count_parameters`` of the built model."""
+    c = config
+    encoder = c.embed_dim * (c.in_chans * c.patch_size**2 + 1) + c.n_registers * c.embed_dim  # patch_embed, registers
+    encoder += c.depth * _block_size(c.embed_dim, c.num_heads, c.embed_dim, c.mlp_ratio)
+    predictor = c.pred_embed_dim + c.pred_depth * _block_size(  # mask_token, decoder blocks (cross-attend encoder)
+        c.pred_embed_dim, c.pred_num_heads, c.embed_dim, c.mlp_ratio
+    )
+    return encoder, predictor
+
+
 def run_list(args: argparse.Namespace) -> int:
-    from capi_backbones.models import ARCHITECTURES, CapiModel
-    from capi_backbones.pretrained import WEIGHTS, count_parameters
+    from capi_backbones.models import ARCHITECTURES  # plain data: `list` does not import torch
+    from capi_backbones.weights_registry import WEIGHTS
 
     archs = []
     for name, config in ARCHITECTURES.items():
-        counts = count_parameters(CapiModel(config, device="meta").state_dict())
+        encoder_params, predictor_params = parameter_counts(config)
         archs.append(
             {
                 "name": name,
                 **config.to_dict(),
-                "encoder_params": counts.encoder,
-                "predictor_params": counts.predictor,
+                "encoder_params": encoder_params,
+                "predictor_params": predictor_params,
                 "weights": [w.name for w in WEIGHTS.values() if w.arch == name],
             }
         )

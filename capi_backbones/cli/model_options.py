@@ -1,13 +1,17 @@
-"""The options shared by commands that run a model on images: --model, --weights, --device, --batch-size,
---image-size."""
+"""The options shared by commands that run a model on images: --model, --weights, --random-init, --device,
+--batch-size, --image-size."""
 
 import argparse
+import sys
 
+from capi_backbones.cli.errors import CliError
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.models import ARCHITECTURES
 
-__all__ = ["DEFAULT_MODEL", "add_model_options", "build_extractor", "model_source"]
+__all__ = ["DEFAULT_MODEL", "RANDOM_INIT_SEED", "add_model_options", "build_extractor", "model_source"]
 
 DEFAULT_MODEL = "capi_vitl14_lvd"
+RANDOM_INIT_SEED = 0  # --random-init gives the same weights on every run
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str = "") -> None:
@@ -15,19 +19,26 @@ def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str =
         "--model",
         default=None,
         help=f"pretrained weights name (default {DEFAULT_MODEL} unless --weights is given), or an architecture "
-        "name such as capi_vits14 to go with --weights",
+        "name such as capi_vits14 to go with --weights or --random-init",
     )
     parser.add_argument(
         "--weights", default=None, metavar="PATH", help="local checkpoint (.pth/.safetensors); architecture inferred"
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use random weights (the --model architecture, default capi_vitl14) instead of loading any: to try "
+        "the command offline; the features mean nothing",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument(
         "--image-size",
         type=int,
-        default=DEFAULT_IMAGE_SIZE,
-        help=f"shorter side in pixels, a multiple of 14 (default {DEFAULT_IMAGE_SIZE}); the longer side keeps the "
-        f"aspect ratio, rounded to a multiple of 14{image_size_note}",
+        default=None,
+        help="shorter side in pixels, a multiple of 14 (default: the size the model was trained at when its file "
+        f"records it, else {DEFAULT_IMAGE_SIZE}); the longer side keeps the aspect ratio, rounded to a multiple of "
+        f"14{image_size_note}",
     )
 
 
@@ -37,17 +48,63 @@ def model_source(args: argparse.Namespace) -> str | None:
     return args.model if args.model is not None or args.weights is not None else DEFAULT_MODEL
 
 
-def build_extractor(args: argparse.Namespace, **options):
-    """A FeatureExtractor from the shared options, plus command-specific keyword ``options``."""
+def _device(args: argparse.Namespace) -> str:
+    """--device checked here, so that errors name the option rather than the Python argument."""
+    import torch
+
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device {args.device} is not a device; use --device cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device} was asked for, but CUDA is not available here; use --device cpu.")
+    return args.device
+
+
+def _random_model(args: argparse.Namespace):
+    """--random-init: the architecture of --model (or of the default weights) with seeded random weights."""
+    import torch
+
+    from capi_backbones.pretrained import create_model
+    from capi_backbones.weights_registry import get_weights
+
+    if args.weights is not None:
+        raise CliError("--random-init uses random weights; leave out --weights PATH (or leave out --random-init).")
+    name = args.model or DEFAULT_MODEL
+    try:
+        arch = name if name in ARCHITECTURES else get_weights(name).arch
+    except ValueError:
+        raise CliError(
+            f"--model {name} is unknown; with --random-init use one of {', '.join(ARCHITECTURES)}."
+        ) from None
+    print(f"--random-init: {arch} with random weights (seed {RANDOM_INIT_SEED}), not pretrained", file=sys.stderr)
+    torch.manual_seed(RANDOM_INIT_SEED)
+    return create_model(arch, pretrained=False)
+
+
+def build_extractor(args: argparse.Namespace, *, precision: str = "auto", **options):
+    """A FeatureExtractor from the shared options, plus command-specific keyword ``options``.
+
+    Without --image-size the FeatureExtractor's default applies (the model's recorded training size, else 224).
+    """
     from capi_backbones.features import FeatureExtractor
     from capi_backbones.pretrained import loading_interface
 
+    device = _device(args)
+    if precision in ("bf16", "fp16") and not device.startswith("cuda"):
+        raise CliError(
+            f"--precision {precision} is only allowed on CUDA (device is {device}): half precision is very slow on "
+            "CPUs; use --precision fp32 or auto."
+        )
+    if args.image_size is not None:
+        options["image_size"] = args.image_size
+    if args.random_init:
+        model, weights = _random_model(args), None
+    else:
+        model, weights = model_source(args), args.weights
     with loading_interface("cli"):  # offline hints name --weights PATH
         return FeatureExtractor(
-            model_source(args),
-            weights=args.weights,
-            device=args.device,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            **options,
+            model, weights=weights, device=device, batch_size=args.batch_size, precision=precision, **options
         )

@@ -25,8 +25,10 @@ def register(subparsers) -> None:
             "Fit a PCA on the patch features of each image (or, with --joint, one PCA on all images so that colours "
             "are comparable) and write a PNG grid: per image, the input | the first 3 components as RGB | each "
             "component as a coolwarm heatmap. Components are whitened and their signs fixed so that each has "
-            "positive skewness; values in [-2.3, 2.3] standard deviations fill the colour range."
+            "positive skewness; values in [-2.3, 2.3] standard deviations fill the colour range. Unreadable files "
+            "are reported and left out."
         ),
+        epilog="Exit status: 0 all images drawn, 1 some images could not be read (listed), 2 usage error.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="output PNG (written atomically)")
@@ -51,7 +53,8 @@ def register(subparsers) -> None:
         default="nearest",
         help="upsampling of the maps: nearest keeps patches crisp (default), bilinear/bicubic look smoother",
     )
-    parser.add_argument("--no-labels", action="store_true", help="leave out the column titles")
+    parser.add_argument("--no-labels", action="store_true", help="leave out the column titles and file names")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run_pca)
 
 
@@ -65,34 +68,77 @@ def _check_args(args: argparse.Namespace) -> Path:
         raise CliError(f"--components must be between 1 and {MAX_COMPONENTS}, got {args.components}.")
     if args.tile_height < 16:
         raise CliError(f"--tile-height must be at least 16 pixels, got {args.tile_height}.")
-    if args.model in ARCHITECTURES and args.weights is None:
+    if args.model in ARCHITECTURES and args.weights is None and not args.random_init:
         raise CliError(
-            f"--model {args.model} is an architecture without weights; add --weights PATH, or name released "
-            "weights such as --model capi_vitl14_lvd (see 'capi-backbones list')."
+            f"--model {args.model} is an architecture without weights; add --weights PATH (or --random-init), or "
+            "name released weights such as --model capi_vitl14_lvd (see 'capi-backbones list')."
         )
     return out
 
 
+def _row_label(source) -> str:
+    return Path(source).name if isinstance(source, str | Path) else str(source)
+
+
+def _features(args: argparse.Namespace, sources: list) -> tuple[list, list, list[str], dict[str, str]]:
+    """Read and run the model on the images, a batch at a time with a progress bar.
+
+    Returns (images, (h, w, D) feature maps, row labels, failed) where failed maps each unreadable path to why.
+    """
+    from tqdm.auto import tqdm
+
+    from capi_backbones.features import load_image
+
+    extractor = build_extractor(args)
+    images, maps, labels, failed = [], [], [], {}
+    with tqdm(total=len(sources), desc="pca", unit="img", disable=args.no_progress) as bar:
+        for start in range(0, len(sources), args.batch_size):
+            batch, batch_labels = [], []
+            for source in sources[start : start + args.batch_size]:
+                try:
+                    batch.append(load_image(source))
+                    batch_labels.append(_row_label(source))
+                except OSError as error:  # load_image names the file and the decoder's complaint
+                    failed[str(source)] = str(error)
+            if batch:
+                outputs = extractor.extract(batch, pooled=False)
+                maps.extend(output.patch_features[0].numpy() for output in outputs)  # (h, w, D) each
+                images.extend(batch)
+                labels.extend(batch_labels)
+            bar.update(len(sources[start : start + args.batch_size]))
+    return images, maps, labels, failed
+
+
 def run_pca(args: argparse.Namespace) -> int:
     out = _check_args(args)
-    from capi_backbones.features import expand_inputs, load_image
+    from capi_backbones.features import expand_inputs
     from capi_backbones.viz import joint_pca_maps, pca_grid, pca_map, save_png
 
     try:
         sources = expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
-        images = [load_image(source) for source in sources]
-        extractor = build_extractor(args)
-        outputs = extractor.extract(images, pooled=False)
-        maps = [output.patch_features[0].numpy() for output in outputs]  # (h, w, D) each
+        images, maps, labels, failed = _features(args, sources)
+        for name, message in failed.items():
+            print(f"failed: {name}: {message}", file=sys.stderr)
+        if not images:
+            print(f"none of the {len(sources)} images could be read; nothing written", file=sys.stderr)
+            return 1
         options = dict(n_components=args.components, foreground_threshold=args.foreground_threshold)
         results = joint_pca_maps(maps, **options) if args.joint else [pca_map(m, **options) for m in maps]
         grid = pca_grid(
-            images, results, tile_height=args.tile_height, resample=args.resample, labels=not args.no_labels
+            images,
+            results,
+            tile_height=args.tile_height,
+            resample=args.resample,
+            labels=not args.no_labels,
+            row_labels=labels,
         )
         save_png(grid, out)
     except USER_ERRORS as error:
         logger.debug("pca failed", exc_info=True)  # the traceback, with --verbose
         raise CliError.from_exception(error) from error
     kind = "joint PCA" if args.joint else "per-image PCA"
-    print(f"wrote {out} ({len(images)} images, {kind}, {grid.width}x{grid.height} px)", file=sys.stderr)
-    return 0
+    print(
+        f"wrote {out} ({len(images)} images, {kind}, {grid.width}x{grid.height} px), {len(failed)} failed",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0

@@ -1,8 +1,40 @@
-"""CAPI model definitions. Knows nothing of features, visualisation or training."""
+"""CAPI model definitions. Knows nothing of features, visualisation or training.
 
-from capi_backbones.models.capi import BackboneOutput, CapiModel, Transformer, nearest_valid_sizes
+``CapiConfig`` and ``ARCHITECTURES`` are plain data (no torch), so the CLI's ``list`` reads them without importing
+torch; the torch modules (``CapiModel`` and its helpers) are imported on first use.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from capi_backbones.models.config import ARCHITECTURES, CapiConfig
-from capi_backbones.models.coordinates import edge_register_coordinates, patch_coordinates, scale_to_extent
+
+_LAZY = {  # public name -> defining module, imported on first attribute access (PEP 562)
+    "BackboneOutput": "capi_backbones.models.capi",
+    "CapiModel": "capi_backbones.models.capi",
+    "Transformer": "capi_backbones.models.capi",
+    "nearest_valid_sizes": "capi_backbones.models.capi",
+    "edge_register_coordinates": "capi_backbones.models.coordinates",
+    "patch_coordinates": "capi_backbones.models.coordinates",
+    "scale_to_extent": "capi_backbones.models.coordinates",
+}
+
+if TYPE_CHECKING:
+    from capi_backbones.models.capi import BackboneOutput, CapiModel, Transformer, nearest_valid_sizes
+    from capi_backbones.models.coordinates import edge_register_coordinates, patch_coordinates, scale_to_extent
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'capi_backbones.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ARCHITECTURES",

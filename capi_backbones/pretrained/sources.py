@@ -9,14 +9,20 @@ huggingface_hub is imported only when a Hub repo is fetched.
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from capi_backbones.models import ARCHITECTURES
 from capi_backbones.pretrained.download import check_reachable, download_url
 from capi_backbones.pretrained.errors import DownloadError, local_copy_hint
 from capi_backbones.pretrained.files import HUB_CONFIG_FILE, HUB_WEIGHTS_FILE
+from capi_backbones.weights_registry import (  # re-exported: the registry is data, kept torch-free for `list`
+    WEIGHT_ALIASES,
+    WEIGHTS,
+    PretrainedWeights,
+    get_weights,
+    is_registered,
+    weights_names,
+)
 
 __all__ = [
     "HF_HUB_PREFIX",
@@ -35,71 +41,6 @@ logger = logging.getLogger(__name__)
 
 HF_HUB_PREFIX = "hf-hub:"
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-_BASE_URL = "https://dl.fbaipublicfiles.com/capi/"
-
-
-@dataclass(frozen=True)
-class PretrainedWeights:
-    name: str  # registered name, also the official torch.hub entry point
-    arch: str  # key of capi_backbones.models.ARCHITECTURES
-    tag: str  # pretraining-data tag, as in "capi_vitl14.lvd"
-    file_name: str  # file name behind the URL (and in the torch hub cache)
-    pretraining_data: str  # human-readable dataset name
-    knn_ade20k_miou: float  # paper: k-NN semantic segmentation on ADE20K (mIoU)
-    attentive_in1k_top1: float  # paper: attentive probe on ImageNet-1k (top-1 %)
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation
-    std: tuple[float, float, float] = IMAGENET_STD
-    input_size: tuple[int, int, int] = (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)  # pretraining resolution
-    interpolation: str = "bicubic"  # resize interpolation used in pretraining
-    license: str = "Apache-2.0"
-    paper: str = "https://arxiv.org/abs/2502.08769"
-    sha256: str | None = None  # hex digest of the file; downloads are checked against it when set
-
-    @property
-    def url(self) -> str:
-        return _BASE_URL + self.file_name
-
-    @property
-    def full_name(self) -> str:
-        return f"{self.arch}.{self.tag}"
-
-
-WEIGHTS: dict[str, PretrainedWeights] = {
-    w.name: w
-    for w in (
-        PretrainedWeights("capi_vitl14_lvd", "capi_vitl14", "lvd", "capi_vitl14_lvd.pth", "LVD-142M", 32.1, 83.8),
-        PretrainedWeights("capi_vitl14_p205", "capi_vitl14", "p205", "capi_vitl14_p205.pth", "Places205", 35.2, 79.2),
-        # the file behind the hub name "in22k" is called "i22k"
-        PretrainedWeights(
-            "capi_vitl14_in22k", "capi_vitl14", "in22k", "capi_vitl14_i22k.pth", "ImageNet-22k", 29.7, 83.6
-        ),
-        PretrainedWeights("capi_vitl14_in1k", "capi_vitl14", "in1k", "capi_vitl14_in1k.pth", "ImageNet-1k", 29.2, 82.9),
-    )
-}
-
-# Other accepted spellings: the architecture name means its default weights; "arch.tag" as in timm.
-WEIGHT_ALIASES: dict[str, str] = {"capi_vitl14": "capi_vitl14_lvd"} | {w.full_name: w.name for w in WEIGHTS.values()}
-
-
-def weights_names() -> list[str]:
-    """Every name ``get_weights`` accepts, sorted."""
-    return sorted(set(WEIGHTS) | set(WEIGHT_ALIASES))
-
-
-def is_registered(name: str) -> bool:
-    return name in WEIGHTS or name in WEIGHT_ALIASES
-
-
-def get_weights(name: str) -> PretrainedWeights:
-    """Look up registered weights by name, alias or ``arch.tag``."""
-    key = WEIGHT_ALIASES.get(name, name)
-    if key not in WEIGHTS:
-        raise ValueError(
-            f"Unknown pretrained weights {name!r}. Available: {', '.join(weights_names())}. "
-            "For your own checkpoint pass a file path, a URL or 'hf-hub:owner/repo'."
-        )
-    return WEIGHTS[key]
 
 
 def _looks_like_path(source: str) -> bool:

@@ -74,6 +74,18 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: float) -> str:
+    """``text``, shortened in the middle with an ellipsis until it is at most ``max_width`` pixels wide."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    keep = len(text)
+    while (
+        keep > 1 and draw.textlength(text[: keep // 2] + "..." + text[len(text) - keep // 2 :], font=font) > max_width
+    ):
+        keep -= 1
+    return text[: keep // 2] + "..." + text[len(text) - keep // 2 :]
+
+
 def _tile(values: np.ndarray, size: tuple[int, int], resample: str) -> Image.Image:
     """An (h, w, 3) RGB map in [0, 1] upsampled to ``size`` (H, W)."""
     rgb = np.clip(upsample(values, size, resample), 0.0, 1.0)
@@ -88,14 +100,18 @@ def pca_grid(
     tile_height: int = 224,
     resample: str = "nearest",
     labels: bool = True,
+    row_labels: Sequence[str] | None = None,
 ) -> Image.Image:
     """Grid picture: per row input | PCA RGB | the first ``n_heatmaps`` components (all by default).
 
     images: PIL images or (H, W, 3) arrays (uint8, or floats in [0, 1]), shown as the model saw them: each is
     resized to its row's tile, whose aspect ratio is the feature grid's (h, w).
+    labels: draw the column titles, and ``row_labels`` (e.g. file names) above each row when given.
     """
     if len(images) != len(results):
         raise ValueError(f"Got {len(images)} images but {len(results)} PCA results; pass one result per image.")
+    if row_labels is not None and len(row_labels) != len(images):
+        raise ValueError(f"Got {len(row_labels)} row labels for {len(images)} images; pass one label per image.")
     if not results:
         raise ValueError("Nothing to draw: no images given.")
     if tile_height < 16:
@@ -121,8 +137,9 @@ def pca_grid(
     col_widths = [max(row[c].width for row in rows) for c in range(n_cols)]
     font = _font(LABEL_SIZE)
     header = LABEL_SIZE + PADDING if labels else 0
+    row_header = LABEL_SIZE + PADDING if labels and row_labels is not None else 0  # a file name above each row
     width = sum(col_widths) + PADDING * (n_cols + 1)
-    height = header + tile_height * len(rows) + PADDING * (len(rows) + 1)
+    height = header + (row_header + tile_height) * len(rows) + PADDING * (len(rows) + 1)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     xs = [PADDING + sum(col_widths[:c]) + PADDING * c for c in range(n_cols)]
@@ -131,7 +148,10 @@ def pca_grid(
         for x, col_width, name in zip(xs, col_widths, names, strict=True):
             draw.text((x + col_width / 2, PADDING + LABEL_SIZE / 2), name, fill=TEXT, font=font, anchor="mm")
     for r, row in enumerate(rows):
-        y = header + PADDING + r * (tile_height + PADDING)
+        y = header + PADDING + r * (row_header + tile_height + PADDING) + row_header
+        if row_header:
+            text = _fit(draw, row_labels[r], font, width - 2 * PADDING)
+            draw.text((PADDING, y - PADDING / 2), text, fill=TEXT, font=font, anchor="ls")
         for x, col_width, tile in zip(xs, col_widths, row, strict=True):
             left = x + (col_width - tile.width) // 2
             canvas.paste(tile, (left, y))
