@@ -1,6 +1,6 @@
 """torch.hub configuration: ``torch.hub.load("<owner>/capi-backbones", "capi_vitl14")``."""
 
-dependencies = ["torch", "safetensors", "huggingface_hub", "tqdm", "timm"]
+dependencies = ["torch", "safetensors", "tqdm"]  # what the entry points import (huggingface_hub: only for hf-hub:)
 
 from capi_backbones.hub import (  # noqa: E402, F401
     capi_vitb14,

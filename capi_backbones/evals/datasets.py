@@ -76,6 +76,30 @@ def _labelled(folder: Path, classes: list[str] | None) -> tuple[list[str], list[
     return classes, [(path, index[name]) for name, files in found.items() for path in files if name in index]
 
 
+def _split_folders(root: Path) -> dict[str, Path] | None:
+    """The ``train`` and ``test`` folders (``test`` is ``val/`` when there is no ``test/``), plus ``val`` when both
+    exist, of a dataset split into folders; None for a dataset in one folder."""
+    if not root.is_dir():
+        raise ValueError(f"Dataset folder '{root}' does not exist or is not a folder.")
+    found = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
+    if "train" not in found:
+        return None
+    if len(found) == 1:
+        raise ValueError(f"'{root}' has train/ but no test/ or val/ folder to report on. Add one.")
+    folders = {"train": found["train"], "test": found.get("test", found.get("val"))}
+    if len(found) == 3:
+        folders["val"] = found["val"]
+    return folders
+
+
+def _split_note(folders: dict[str, Path]) -> str:
+    selection = f"selection: {folders['val']}" if "val" in folders else "selection: a seeded 10% of train"
+    return f"train: {folders['train']}; test: {folders['test']}; {selection}"
+
+
+ONE_FOLDER_NOTE = f"one folder: a seeded {TEST_FRACTION:.0%} is test, a seeded 10% of the rest chooses hyper-parameters"
+
+
 def read_classification_folders(root: str | os.PathLike) -> ClassificationData:
     """Read an ImageFolder-style dataset (labels from folder names, sorted).
 
@@ -84,24 +108,15 @@ def read_classification_folders(root: str | os.PathLike) -> ClassificationData:
     - ``root/<class>/...``: a seeded 20% of the images is the test set, and 10% of the rest chooses.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"Dataset folder '{root}' does not exist or is not a folder.")
-    split_dirs = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
-    if "train" in split_dirs:
-        if len(split_dirs) == 1:
-            raise ValueError(f"'{root}' has train/ but no test/ or val/ folder to report on. Add one.")
-        classes, train = _labelled(split_dirs["train"], None)
-        test_name = "test" if "test" in split_dirs else "val"
-        _, test = _labelled(split_dirs[test_name], classes)
-        val = _labelled(split_dirs["val"], classes)[1] if len(split_dirs) == 3 else None
-        note = f"train: {root}/train; test: {root}/{test_name}; " + (
-            f"selection: {root}/val" if val is not None else "selection: a seeded 10% of train"
-        )
-        return ClassificationData(root, classes, train, test, val, note)
+    folders = _split_folders(root)
+    if folders is not None:
+        classes, train = _labelled(folders["train"], None)
+        _, test = _labelled(folders["test"], classes)
+        val = _labelled(folders["val"], classes)[1] if "val" in folders else None
+        return ClassificationData(root, classes, train, test, val, _split_note(folders))
     classes, items = _labelled(root, None)
     kept, held = held_out_split(len(items), TEST_FRACTION, seed=SPLIT_SEED + 1)
-    note = f"one folder: a seeded {TEST_FRACTION:.0%} is test, a seeded 10% of the rest chooses hyper-parameters"
-    return ClassificationData(root, classes, [items[i] for i in kept], [items[i] for i in held], None, note)
+    return ClassificationData(root, classes, [items[i] for i in kept], [items[i] for i in held], None, ONE_FOLDER_NOTE)
 
 
 @dataclass
@@ -149,21 +164,12 @@ def read_segmentation_folders(root: str | os.PathLike) -> SegmentationData:
     with both, val chooses the hyper-parameters), or ``root/{images,masks}`` (a seeded 20% is the test set).
     Masks are PNG label maps (one label per pixel) named like their image."""
     root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"Dataset folder '{root}' does not exist or is not a folder.")
-    split_dirs = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
-    if "train" in split_dirs:
-        if len(split_dirs) == 1:
-            raise ValueError(f"'{root}' has train/ but no test/ or val/ folder to report on. Add one.")
-        test_name = "test" if "test" in split_dirs else "val"
-        val = _pairs(split_dirs["val"]) if len(split_dirs) == 3 else None
-        note = f"train: {root}/train; test: {root}/{test_name}; " + (
-            f"selection: {root}/val" if val is not None else "selection: a seeded 10% of train"
-        )
-        return SegmentationData(root, _pairs(split_dirs["train"]), _pairs(split_dirs[test_name]), val, note)
+    folders = _split_folders(root)
+    if folders is not None:
+        val = _pairs(folders["val"]) if "val" in folders else None
+        return SegmentationData(root, _pairs(folders["train"]), _pairs(folders["test"]), val, _split_note(folders))
     items = _pairs(root)
     if len(items) < 3:
         raise ValueError(f"'{root}' has {len(items)} image(s): too few to split into train and test.")
     kept, held = held_out_split(len(items), TEST_FRACTION, seed=SPLIT_SEED + 1)
-    note = f"one folder: a seeded {TEST_FRACTION:.0%} is test, a seeded 10% of the rest chooses hyper-parameters"
-    return SegmentationData(root, [items[i] for i in kept], [items[i] for i in held], None, note)
+    return SegmentationData(root, [items[i] for i in kept], [items[i] for i in held], None, ONE_FOLDER_NOTE)
