@@ -129,8 +129,8 @@ def export_torch(
     ``torch.export.load(path).module()``, a module that takes ``images`` and returns the outputs as a tuple."""
     path = _check_target(path, ".pt2", overwrite)
     program = export_program(model, outputs)
-    with atomic_path(path) as tmp:
-        torch.export.save(program, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: torch wants a name ending in .pt2
+        torch.export.save(program, file)
     logger.info("Wrote %s (outputs: %s)", path, ", ".join(check_outputs(outputs)))
     return path
 

@@ -49,3 +49,14 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
     assert info.value.code == 0 and "any multiples of 14" in capsys.readouterr().out
+
+
+def test_random_init_exports_offline(tmp_path, capsys):
+    out = tmp_path / "random.pt2"
+    args = ["export-torch", str(out), "--random-init", "--model", "capi_vits14", "--outputs", "registers"]
+    assert main([*args, "--no-verify"]) == 0
+    captured = capsys.readouterr()
+    assert "--random-init: capi_vits14 with random weights" in captured.err
+    assert "random weights, --random-init" in captured.out
+    (registers,) = torch.export.load(out).module()(torch.randn(1, 3, 28, 42))
+    assert registers.shape == (1, 16, 384)

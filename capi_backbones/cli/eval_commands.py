@@ -11,8 +11,6 @@ __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
 
-RANDOM_INIT_SEED = 0
-
 
 def _csv(kind):
     def parse(text: str) -> tuple:
@@ -34,9 +32,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: cached features, checkpoints, "
                         "results.json (created; a rerun reuses what is there)")  # fmt: skip
     add_model_options(parser, image_size_note="; the evaluation resolution (a square)")
-    if "--random-init" not in parser._option_string_actions:  # the shared model options may offer it already
-        parser.add_argument("--random-init", action="store_true",
-                            help="random weights of the --model architecture (a baseline; seed 0)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -100,20 +95,7 @@ def register(subparsers) -> None:
 
 
 def _extractor(args: argparse.Namespace):
-    options = {"keep_aspect": False, "num_workers": args.workers}
-    if not getattr(args, "random_init", False):
-        return build_extractor(args, **options)
-    import torch
-
-    from capi_backbones.features import FeatureExtractor
-    from capi_backbones.pretrained import create_model
-
-    if args.weights is not None:
-        raise ValueError("--random-init and --weights exclude each other.")
-    torch.manual_seed(RANDOM_INIT_SEED)
-    model = create_model(args.model or "capi_vitl14", pretrained=False)
-    return FeatureExtractor(model, device=args.device, image_size=args.image_size, batch_size=args.batch_size,
-                            **options)  # fmt: skip
+    return build_extractor(args, keep_aspect=False, num_workers=args.workers)
 
 
 def _config(args: argparse.Namespace) -> dict:

@@ -4,7 +4,7 @@ import argparse
 import logging
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.cli.model_options import model_source
+from capi_backbones.cli.model_options import add_weights_options, load_model
 
 __all__ = ["register"]
 
@@ -26,13 +26,7 @@ def register(subparsers) -> None:
             "at two other sizes and compared with the model (skip with --no-verify).",
         )
         parser.add_argument("output", metavar="OUTPUT", help=f"file to write, ending in {suffix}")
-        parser.add_argument(
-            "--model",
-            default=None,
-            help="pretrained weights name (default capi_vitl14_lvd unless --weights is given), or an architecture "
-            "name such as capi_vits14 to go with --weights",
-        )
-        parser.add_argument("--weights", default=None, metavar="PATH", help="local checkpoint (.pth/.safetensors)")
+        add_weights_options(parser)
         parser.add_argument(
             "--outputs",
             nargs="+",
@@ -54,11 +48,10 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from capi_backbones import export
-    from capi_backbones.features.extractor import resolve_model
 
     onnx = args.command == "export-onnx"
     try:
-        model, description = resolve_model(model_source(args), args.weights)
+        model, description = load_model(args)
         model = model.to(torch.device(args.device)).eval()
         if onnx:
             path = export.export_onnx(

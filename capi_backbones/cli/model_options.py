@@ -8,13 +8,22 @@ from capi_backbones.cli.errors import CliError
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE
 from capi_backbones.models import ARCHITECTURES
 
-__all__ = ["DEFAULT_MODEL", "RANDOM_INIT_SEED", "add_model_options", "build_extractor", "model_source"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "RANDOM_INIT_SEED",
+    "add_model_options",
+    "add_weights_options",
+    "build_extractor",
+    "load_model",
+    "model_source",
+]
 
 DEFAULT_MODEL = "capi_vitl14_lvd"
 RANDOM_INIT_SEED = 0  # --random-init gives the same weights on every run
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str = "") -> None:
+def add_weights_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --weights and --random-init: which weights a command uses."""
     parser.add_argument(
         "--model",
         default=None,
@@ -30,6 +39,12 @@ def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str =
         help="use random weights (the --model architecture, default capi_vitl14) instead of loading any: to try "
         "the command offline; the features mean nothing",
     )
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str = "") -> None:
+    """The weights options, plus --device, --batch-size and --image-size: for commands that run images through
+    a FeatureExtractor (see :func:`build_extractor`)."""
+    add_weights_options(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument(
@@ -84,6 +99,25 @@ def _random_model(args: argparse.Namespace):
     return create_model(arch, pretrained=False)
 
 
+def _model_and_weights(args: argparse.Namespace):
+    """FeatureExtractor's ``model`` and ``weights`` arguments from the weights options."""
+    if args.random_init:
+        return _random_model(args), None
+    return model_source(args), args.weights
+
+
+def load_model(args: argparse.Namespace):
+    """(CapiModel, description) from the weights options, for commands that use the model itself."""
+    from capi_backbones.features.extractor import resolve_model
+    from capi_backbones.pretrained import loading_interface
+
+    model, weights = _model_and_weights(args)
+    if args.random_init:
+        return model, "random weights, --random-init"
+    with loading_interface("cli"):  # offline hints name --weights PATH
+        return resolve_model(model, weights)
+
+
 def build_extractor(args: argparse.Namespace, *, precision: str = "auto", **options):
     """A FeatureExtractor from the shared options, plus command-specific keyword ``options``.
 
@@ -100,10 +134,7 @@ def build_extractor(args: argparse.Namespace, *, precision: str = "auto", **opti
         )
     if args.image_size is not None:
         options["image_size"] = args.image_size
-    if args.random_init:
-        model, weights = _random_model(args), None
-    else:
-        model, weights = model_source(args), args.weights
+    model, weights = _model_and_weights(args)
     with loading_interface("cli"):  # offline hints name --weights PATH
         return FeatureExtractor(
             model, weights=weights, device=device, batch_size=args.batch_size, precision=precision, **options
