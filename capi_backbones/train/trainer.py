@@ -332,11 +332,10 @@ class Trainer:
             **values,
         )
 
-    def _forward_backward(self, batch: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of the whole local batch in one pass; returns (loss, clustering loss, targets)."""
-        # teacher: EMA encoder on the full images, online clustering (its loss trains the clustering layer only)
+    def _run_teacher(self, compute, batch: MaskedBatch):
+        """``teacher_targets`` or ``teacher_assignments`` of the batch: the EMA encoder and the online clustering."""
         with self._autocast():
-            teacher = teacher_targets(
+            return compute(
                 self._teacher_encode,
                 self.clustering,
                 batch.images,
@@ -345,6 +344,11 @@ class Trainer:
                 all_reduce_max=self._max,
                 n_registers=self.config.model.n_registers,
             )
+
+    def _forward_backward(self, batch: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients of the whole local batch in one pass; returns (loss, clustering loss, targets)."""
+        # teacher: EMA encoder on the full images, online clustering (its loss trains the clustering layer only)
+        teacher = self._run_teacher(teacher_targets, batch)
         teacher.clustering_loss.backward()
         # student: visible patches + registers, predictor queries at the predicted positions
         with self._autocast():
@@ -362,16 +366,7 @@ class Trainer:
         the last part."""
         parts = self.config.optim.accumulation_steps
         size = batch.images.shape[0] // parts
-        with self._autocast():
-            teacher = teacher_assignments(
-                self._teacher_encode,
-                self.clustering,
-                batch.images,
-                batch.predict_indices,
-                all_reduce_sum=self._sum,
-                all_reduce_max=self._max,
-                n_registers=self.config.model.n_registers,
-            )
+        teacher = self._run_teacher(teacher_assignments, batch)
         losses, clustering_losses = [], []
         for i in range(parts):
             part = slice(i * size, (i + 1) * size)
