@@ -5,14 +5,10 @@
 2. The attentive probe grid (10 lr x 3 wd = 30 probes) over cached patch features (N tokens of D channels per image):
    images/s of training steps (batch 128), and the time of one epoch over --images images (extrapolated from
    --steps steps when that is shorter than an epoch).
-4. (--learning) The learning check: pretrain the ``tiny`` preset for --learn-steps steps on sklearn's digits
-   (rendered at --learn-size px), then k-NN (k=20) and linear-probe (lr grid 1e-3, 1e-2, 1e-1, chosen on 10% of
-   train) top-1 of the teacher's features against the same architecture at its random init (50/50 split).
 3. Peak memory of k-NN segmentation with 1M train patches of D=1024 (stored as float16, 2 GiB, as the features of a
    ViT-L would be cached to fit) and 196 pixel labels each (int16), in a fresh process: peak RSS, target < 4 GiB.
 
 Run: python benchmarks/bench_evals.py [--device cpu] [--skip-knn] [--skip-attentive] [--skip-segmentation]
-     python benchmarks/bench_evals.py --learning-only [--learn-steps 400 --learn-size 56]
 """
 
 import argparse
@@ -120,67 +116,6 @@ def segmentation_benchmark(device: str, n_train: int, n_query: int, dim: int) ->
           f"{result['seconds']:.0f} s")  # fmt: skip
 
 
-def learning_check(device: str, steps: int, size: int, batch: int) -> None:
-    import dataclasses
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from capi_backbones.evals import predict_grid, topk_accuracy
-    from capi_backbones.evals.datasets import held_out_split
-    from capi_backbones.features import FeatureExtractor
-    from capi_backbones.models import CapiModel
-    from capi_backbones.train.config import load_config
-    from capi_backbones.train.trainer import Trainer
-
-    digits = load_digits()
-    images = [
-        Image.fromarray(np.rint(d * 255 / 16).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
-        for d in digits.images
-    ]
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train_rows, test_rows = order[: len(order) // 2], order[len(order) // 2 :]
-    fit, val = (torch.from_numpy(i) for i in held_out_split(len(train_rows), 0.1))
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(images):
-            image.convert("RGB").save(Path(tmp) / f"{i:05d}.png")
-        overrides = [f"data.root={tmp}", f"train.output_dir={tmp}/run", f"data.image_size={size}",
-                     f"optim.total_steps={steps}", f"optim.batch_size={batch}", f"train.device={device}",
-                     "train.log_every=100000", "train.checkpoint_every=100000"]  # fmt: skip
-        config = load_config("tiny", overrides)
-        torch.manual_seed(0)
-        trainer = Trainer(config)
-        random_init = CapiModel(dataclasses.replace(config.model, drop_path_rate=0.0))
-        random_init.load_state_dict(trainer.teacher.state_dict())
-        start = time.perf_counter()
-        trainer.run()
-        seconds = time.perf_counter() - start
-    print(f"\n# Learning check: tiny preset, {steps} steps of batch {batch} on digits at {size} px ({seconds:.0f} s)")
-    print("features | k-NN top-1 (k=20) | linear top-1")
-    print("---|---|---")
-    lrs = (1e-3, 1e-2, 1e-1)
-    for name, model in (("random init", random_init), ("trained teacher", trainer.teacher)):
-        extractor = FeatureExtractor(model, image_size=size, keep_aspect=False, batch_size=256, device=device)
-        out = extractor([image.convert("RGB") for image in images])
-        for rep, features in (("pooled", out.pooled), ("avg_patch", out.patch_features.mean(dim=(1, 2)))):
-            train_x, train_y = features[train_rows], labels[train_rows]
-            votes = knn_classify(train_x, train_y, features[test_rows], ks=(20,))[20]
-            torch.manual_seed(0)
-            grid = ProbeGrid({"x": ("linear", features.shape[1])}, 10, learning_rates=lrs, weight_decays=(5e-4,))
-            config = ProbeTrainingConfig(
-                iterations=300, warmup_iterations=30, learning_rates=lrs, weight_decays=(5e-4,)
-            )
-            train_probe_grid(grid, CachedBatches({"x": train_x[fit]}, train_y[fit], 128), config, progress=False)
-            val_logits = predict_grid(grid, {"x": train_x[val]})
-            best = max(range(len(lrs)), key=lambda p: topk_accuracy(val_logits[..., p], train_y[val]))
-            linear = topk_accuracy(predict_grid(grid, {"x": features[test_rows]})[..., best], labels[test_rows])
-            print(f"{name}, {rep} | {topk_accuracy(votes, labels[test_rows]):.3f} | {linear:.3f}")
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--segmentation-child":
         n_train, n_query, dim, device = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -194,17 +129,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed attentive steps (an epoch of 5k is 39)")
     parser.add_argument("--seg-train", type=int, default=1_000_000, help="train patches of the segmentation run")
     parser.add_argument("--seg-queries", type=int, default=2048, help="query patches of the segmentation run")
-    parser.add_argument("--learning-only", action="store_true", help="run only the learning check (4.)")
-    parser.add_argument("--learn-steps", type=int, default=400)
-    parser.add_argument("--learn-size", type=int, default=56)
-    parser.add_argument("--learn-batch", type=int, default=32)
     parser.add_argument("--skip-knn", action="store_true")
     parser.add_argument("--skip-attentive", action="store_true")
     parser.add_argument("--skip-segmentation", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, fp32")
-    if args.learning_only:
-        return learning_check(args.device, args.learn_steps, args.learn_size, args.learn_batch)
     if not args.skip_knn:
         knn_benchmark(args.device, 60_000, 10_000, 1024, args.knn_repeats)
     if not args.skip_attentive:
