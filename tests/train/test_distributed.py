@@ -35,16 +35,16 @@ def write_config(tmp_path, run, *extra):
     return config
 
 
-def torchrun(tmp_path, parallel):
-    config_path = tmp_path / f"{parallel}.yaml"
-    config = write_config(tmp_path, parallel, f"train.parallel={parallel}")
+def torchrun(tmp_path, run, *extra):
+    config_path = tmp_path / f"{run}.yaml"
+    config = write_config(tmp_path, run, *extra)
     save_config(config, config_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "capi_backbones.train", str(config_path), "--max-steps", str(STEPS)]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "global batch 8 (4 per rank x 2 ranks)" in out.stderr
-    return tmp_path / parallel
+    return tmp_path / run
 
 
 def logged_losses(run_dir):
@@ -65,10 +65,16 @@ def single(tmp_path_factory):
 
 # fp32 sums in another order, amplified by AdamW's normalised updates. Measured after 3 steps: DDP 1e-7 (losses,
 # relative) and 2e-5 (weights); FSDP 6e-4 and 8e-5. A rank that skips the gradient average is off by ~lr = 1e-3.
-@pytest.mark.parametrize("parallel, loss_rtol, atol", [("ddp", 2e-5, 2e-5), ("fsdp", 2e-3, 3e-4)])
-def test_two_rank_steps_equal_single_process_steps(single, parallel, loss_rtol, atol):
+# With accumulation, each rank runs two passes of 2 images per step (gradients synchronised on the last pass only),
+# while the teacher's Sinkhorn-Knopp still balances over all 8 images of both ranks.
+@pytest.mark.parametrize(
+    "parallel, accumulation, loss_rtol, atol", [("ddp", 1, 2e-5, 2e-5), ("fsdp", 1, 2e-3, 3e-4), ("ddp", 2, 2e-5, 2e-5)]
+)
+def test_two_rank_steps_equal_single_process_steps(single, parallel, accumulation, loss_rtol, atol):
     tmp_path, first, states, following = single
-    run_dir = torchrun(tmp_path, parallel)
+    extra = (f"train.parallel={parallel}", f"optim.accumulation_steps={accumulation}")
+    run = f"{parallel}_accumulation{accumulation}"
+    run_dir = torchrun(tmp_path, run, *extra)
     losses = logged_losses(run_dir)
     expected = torch.tensor([[m.loss, m.clustering_loss] for m in first.history], dtype=torch.float64)
     assert losses.shape == (STEPS, 2)
@@ -79,12 +85,12 @@ def test_two_rank_steps_equal_single_process_steps(single, parallel, loss_rtol, 
     for name, reference in states.items():
         assert state[name].keys() == reference.keys()
         for key, value in reference.items():
-            torch.testing.assert_close(state[name][key], value, atol=atol, rtol=0, msg=f"{parallel} {name}.{key}")
+            torch.testing.assert_close(state[name][key], value, atol=atol, rtol=0, msg=f"{run} {name}.{key}")
 
     # the 2-rank checkpoint resumes in one process and takes the same next step
-    resumed_dir = tmp_path / f"{parallel}_resumed"
+    resumed_dir = tmp_path / f"{run}_resumed"
     shutil.copytree(run_dir, resumed_dir)
-    resumed = Trainer(write_config(tmp_path, f"{parallel}_resumed", f"train.parallel={parallel}"))
+    resumed = Trainer(write_config(tmp_path, f"{run}_resumed", *extra))
     assert resumed.step == STEPS
     result = resumed.run()
     assert result.end_step == STEPS + 1
