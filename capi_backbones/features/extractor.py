@@ -4,8 +4,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,9 @@ from capi_backbones.features.writer import (
     prepare_folder,
 )
 from capi_backbones.models import ARCHITECTURES, CapiModel
+from capi_backbones.runtime.devices import resolve_device
+from capi_backbones.runtime.distributed import process_group
+from capi_backbones.runtime.signals import Interrupted, interrupt_on_stop_signals, stop_signals_ignored
 
 __all__ = ["ExtractionInterrupted", "ExtractionSummary", "FeatureExtractor", "FolderBusyError", "resolve_model"]
 
@@ -87,16 +88,6 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
     if model is None:
         return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
     return from_pretrained(model), model
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"Unknown device {device!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device '{device}' was asked for, but CUDA is not available here. Use device='cpu'.")
-    return device
 
 
 def weights_fingerprint(model: CapiModel) -> str:
@@ -177,10 +168,9 @@ class FeatureExtractor:
         if isinstance(getattr(model, "model", None), CapiModel):  # a wrapper such as timm's CapiTimmModel
             model = model.model
         given_model = isinstance(model, CapiModel)
-        if device is None:
-            default = "cuda" if torch.cuda.is_available() else "cpu"
-            device = next(model.parameters()).device if given_model else default
-        self.device = _check_device(device)
+        if device is None and given_model:
+            device = next(model.parameters()).device
+        self.device = resolve_device(device)  # None: CUDA when available, else the CPU
         self.autocast_dtype = self._autocast_dtype(precision, self.device)
         self.precision = precision
         patch_size = model.patch_size if given_model else PATCH_SIZE
@@ -290,9 +280,9 @@ class FeatureExtractor:
         paths = list(dict.fromkeys(paths))  # a file given twice is done once
         out_dir = Path(out_dir)
         options = {"format": format, "dtype": dtype, "settings": self._settings(pooled), "root": _common_root(inputs)}
-        rank, world_size = _process_group()
+        rank, world_size = process_group()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_sigterm_as_interrupt())
+            stack.enter_context(interrupt_on_stop_signals(ExtractionInterrupted))
             if world_size == 1:
                 check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
                 make_folder(out_dir)
@@ -346,7 +336,7 @@ class FeatureExtractor:
                 len(paths),
                 len(failed_before),
             )
-        rank, world_size = _process_group()
+        rank, world_size = process_group()
         todo = todo[rank::world_size]
         failed: dict[str, str] = {}
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
@@ -361,7 +351,7 @@ class FeatureExtractor:
                 bar.set_postfix(failed=len(failed), refresh=False)
             bar.update(n_written + len(failed) - bar.n)
         except KeyboardInterrupt:
-            with _signals_ignored():
+            with stop_signals_ignored():
                 self._record_failures(writer, failed)
                 writer.finish()  # keep the finished images
             raise
@@ -488,50 +478,9 @@ class FeatureExtractor:
         )
 
 
-class ExtractionInterrupted(KeyboardInterrupt):
-    """SIGTERM during ``extract_to_disk``, handled like Ctrl-C (finished images saved). ``exit_code`` = 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by signal {signum}")
-        self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (sent by schedulers, ``kill``, torchrun) into :class:`ExtractionInterrupted` in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise ExtractionInterrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Let the final flush after an interrupt finish: a second Ctrl-C or SIGTERM would lose the finished images."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group, or (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+class ExtractionInterrupted(Interrupted):
+    """SIGTERM or SIGUSR1 during ``extract_to_disk``, handled like Ctrl-C (finished images saved).
+    ``exit_code`` = 128 + signal."""
 
 
 def _combine(summaries: list[ExtractionSummary]) -> ExtractionSummary:
