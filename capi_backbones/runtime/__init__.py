@@ -1,0 +1,1 @@
+"""Run-time settings of the package: precision (see ``capi_backbones.runtime.precision``)."""
