@@ -127,10 +127,10 @@ def build_extractor(args: argparse.Namespace, *, precision: str = "auto", **opti
     from capi_backbones.pretrained import loading_interface
 
     device = _device(args)
-    if precision in ("bf16", "fp16") and not device.startswith("cuda"):
+    if precision == "fp16" and not device.startswith("cuda"):
         raise CliError(
-            f"--precision {precision} is only allowed on CUDA (device is {device}): half precision is very slow on "
-            "CPUs; use --precision fp32 or auto."
+            f"--precision fp16 is only allowed on CUDA (device is {device}): fp16 is very slow on CPUs; use "
+            "--precision bf16, fp32 or auto."
         )
     if args.image_size is not None:
         options["image_size"] = args.image_size

@@ -30,13 +30,13 @@ from capi_backbones.features.writer import (
 from capi_backbones.models import ARCHITECTURES, CapiModel
 from capi_backbones.runtime.devices import resolve_device
 from capi_backbones.runtime.distributed import process_group
+from capi_backbones.runtime.precision import autocast_dtype, resolve_precision
 from capi_backbones.runtime.signals import Interrupted, interrupt_on_stop_signals, stop_signals_ignored
 
 __all__ = ["ExtractionInterrupted", "ExtractionSummary", "FeatureExtractor", "FolderBusyError", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a full batch of their size, in batches; then the largest runs
 
 
@@ -137,8 +137,10 @@ class FeatureExtractor:
         batch_size: images per forward pass. Results do not depend on it.
         keep_aspect: True keeps the aspect ratio (images of different shapes get different patch grids);
             False resizes every image to an ``image_size`` square.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"``
-            (autocast, CUDA only: half precision on the CPU is refused because it is far slower there).
+        precision: ``"auto"`` (bf16 autocast where the device runs bf16 natively: CUDA with bf16, CPUs with
+            AVX512-BF16 or AMX; fp32 elsewhere; logged once), ``"fp32"`` (the official numbers), ``"bf16"`` or
+            ``"fp16"`` (autocast; see ``capi_backbones.runtime.precision``). The index of ``extract_to_disk``
+            records the precision that ran.
         num_workers: DataLoader worker processes decoding and resizing images while the model runs (0: in the
             calling process).
 
@@ -180,23 +182,14 @@ class FeatureExtractor:
         if image_size is None:
             image_size = model.default_image_size
         self.model = model.to(self.device).eval()
+        resolve_precision(precision, self.device)  # says once what "auto" chose (and warns of emulated bf16)
         self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
         self.batch_size = batch_size
         self.num_workers = num_workers
 
     @staticmethod
     def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-        if precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else None
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}.")
-        dtype = PRECISIONS[precision]
-        if dtype is not None and device.type != "cuda":
-            raise ValueError(
-                f"precision '{precision}' is only allowed on CUDA (device is '{device}'): half-precision matmuls are "
-                "very slow on CPUs. Use precision='fp32' or 'auto'."
-            )
-        return dtype
+        return autocast_dtype(resolve_precision(precision, device, announce=False))  # said once the model is loaded
 
     @property
     def image_size(self) -> int:
@@ -382,6 +375,7 @@ class FeatureExtractor:
             "image_size": self.image_size,
             "keep_aspect": self.keep_aspect,
             "pooled": pooled,
+            "precision": resolve_precision(self.precision, self.device),
             "mean": list(self.preprocessor.mean),
             "std": list(self.preprocessor.std),
         }
