@@ -100,7 +100,9 @@ def test_checked_load_into_checks_keys_dtypes_and_format(tmp_path):
     path = tmp_path / "weights.bin"  # the name says nothing: the format is told by the bytes
     write_official_checkpoint(reference, path)
     assert load_checkpoint_into(model, path) is model
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
     state = reference.state_dict()
     with pytest.raises(CheckpointError, match="1 missing"):
         load_checkpoint_into(model, {k: v for k, v in state.items() if k != "registers"})
@@ -166,7 +168,7 @@ def test_random_init_spec_matches_create_model():
     a = resolve_model_spec("capi_vits14", random_init=True).load()
     torch.manual_seed(0)
     b = create_model("capi_vits14")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert resolve_model_spec("capi_vitl14_p205", random_init=True).random_init == "capi_vitl14"
 
 

@@ -17,7 +17,6 @@ from huggingface_hub import constants as hf_constants
 import capi_backbones.pretrained.sources as sources
 from capi_backbones import from_pretrained
 from capi_backbones.hub import capi_vitl14, capi_vitl14_in1k, capi_vitl14_in22k, capi_vitl14_lvd, capi_vitl14_p205
-from capi_backbones.pretrained.download import cache_file_name
 from capi_backbones.pretrained import (
     CapiHubModel,
     CheckpointError,
@@ -26,6 +25,7 @@ from capi_backbones.pretrained import (
     loading_interface,
     parse_hub_source,
 )
+from capi_backbones.pretrained.download import cache_file_name
 
 REFUSED_URL = "http://127.0.0.1:9/capi_vitl14_lvd.pth"  # discard port: nothing listens, connection refused
 
