@@ -27,6 +27,7 @@ from capi_backbones.atomic_files import atomic_path, remove_stale_temporaries
 from capi_backbones.pretrained.errors import CheckpointError, DownloadError, local_copy_hint
 from capi_backbones.pretrained.files import check_complete
 from capi_backbones.pretrained.options import DOWNLOAD_TIMEOUT_ENV
+from capi_backbones.weights_registry import WEIGHTS
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -126,7 +127,12 @@ def download_deadline(deadline_s: float | None = None) -> float:
 def cache_file_name(url: str) -> str:
     """The cache name of a URL: its file name with a hash of the whole URL (host, path, query: so also the
     revision of a ``.../resolve/<revision>/model.safetensors`` URL) before the suffix, so that two URLs sharing
-    a file name never share a cache entry: ``model.safetensors`` -> ``model-3f2a9c1b0d4e5f60.safetensors``."""
+    a file name never share a cache entry: ``model.safetensors`` -> ``model-3f2a9c1b0d4e5f60.safetensors``.
+    The registered weights' URLs keep their official file names (torch.hub's layout, shared with the official
+    hubconf), which the registry keeps unique."""
+    registered = {w.url: w.file_name for w in WEIGHTS.values()}
+    if url in registered:
+        return registered[url]
     name = os.path.basename(urlsplit(url).path) or "checkpoint.pth"
     stem, dot, suffix = name.rpartition(".")
     stem, suffix = (stem, dot + suffix) if stem else (name, "")
@@ -146,11 +152,10 @@ def download_url(
     """Download ``url`` into the cache (default: torch hub checkpoints) once; return the cached path.
 
     The cache entry is keyed by the URL (``cache_file_name``), never by its file name alone; ``file_name``
-    overrides it only for fixed URLs whose names are unique (the registered weights, cached under their official
-    names as torch.hub does). Checked before the rename (see the module docstring); any failure raises
-    ``DownloadError`` and leaves nothing under the final name, and temporaries left by killed downloads are
-    removed. ``sha256``: expected hex digest. ``deadline_s``: limit for the whole download (default
-    ``$CAPI_DOWNLOAD_TIMEOUT``, else 3600 s).
+    overrides it (callers pass it only for URLs whose names are unique: the registered weights). Checked before
+    the rename (see the module docstring); any failure raises ``DownloadError`` and leaves nothing under the final
+    name, and temporaries left by killed downloads are removed. ``sha256``: expected hex digest. ``deadline_s``:
+    limit for the whole download (default ``$CAPI_DOWNLOAD_TIMEOUT``, else 3600 s).
     """
     deadline_s = download_deadline(deadline_s)
     file_name = file_name or cache_file_name(url)
