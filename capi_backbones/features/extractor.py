@@ -27,7 +27,7 @@ from capi_backbones.features.writer import (
     merge_rank_manifests,
     prepare_folder,
 )
-from capi_backbones.models import ARCHITECTURES, CapiModel
+from capi_backbones.models import CapiModel
 from capi_backbones.runtime.devices import resolve_device
 from capi_backbones.runtime.distributed import process_group
 from capi_backbones.runtime.precision import autocast_dtype, resolve_precision
@@ -63,31 +63,10 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
     - any other name or source (``capi_vitl14_lvd``, a path, ``hf-hub:owner/repo``): ``from_pretrained(model)``;
     - ``None`` with ``weights``: ``from_pretrained(weights)`` (the architecture is read off the checkpoint).
     """
-    if isinstance(model, CapiModel):
-        if weights is not None:
-            raise ValueError("Pass either a CapiModel or weights, not both. Load weights into the model yourself.")
-        return model, "custom CapiModel"
-    if model is not None and not isinstance(model, str):
-        raise TypeError(f"model must be a CapiModel, a model name or None, got {type(model).__name__}.")
-    from capi_backbones.pretrained import from_pretrained  # the loader sits below features
+    from capi_backbones.pretrained import resolve_model_spec  # the loader sits below features; it decides
 
-    if model in ARCHITECTURES:
-        if weights is None:
-            raise ValueError(
-                f"'{model}' is an architecture, not a set of weights. Pass weights=PATH to a checkpoint, a pretrained "
-                f"name such as 'capi_vitl14_lvd', or a model you built yourself, e.g. "
-                f"FeatureExtractor(create_model('{model}', pretrained=False)) for random weights."
-            )
-        return from_pretrained(Path(weights), arch=model), f"{model} from {os.fspath(weights)}"
-    if model is not None and weights is not None:
-        raise ValueError(
-            f"weights can only go with an architecture name ({', '.join(ARCHITECTURES)}), got model='{model}'."
-        )
-    if model is None and weights is None:
-        raise ValueError("Give a model: a CapiModel, a pretrained name such as 'capi_vitl14_lvd', or weights=PATH.")
-    if model is None:
-        return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
-    return from_pretrained(model), model
+    spec = resolve_model_spec(model, weights)
+    return spec.load(), spec.description
 
 
 def weights_fingerprint(model: CapiModel) -> str:
