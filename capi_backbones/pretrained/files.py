@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from capi_backbones.atomic_files import atomic_path, atomic_write_text
 from capi_backbones.models import CapiConfig
+from capi_backbones.models.config import MAX_IMAGE_SIZE
 from capi_backbones.pretrained.errors import CheckpointError
 from capi_backbones.pretrained.matching import add_backbone_prefix
 
@@ -109,6 +110,14 @@ def sniff_format(path: str | os.PathLike) -> str:
             return "pytorch-zip"
         if _safetensors_header(f, size) is not None:
             return "safetensors"
+        length = int.from_bytes(head[:8], "little")
+        if len(head) > 8 and head[8:9] == b"{" and 2 <= length <= _MAX_SAFETENSORS_HEADER:  # safetensors' layout
+            what = (
+                f"cut inside its header (the header is {length} bytes, the file has {size - 8} after the length)"
+                if length > size - 8
+                else "damaged: its header is not a JSON object"
+            )
+            raise CheckpointError(f"{path} is a safetensors file {what}. {_fix_hint(path)}")
     if head[:1] == b"\x80":  # legacy pickle-based torch.save (pickle protocol 2+)
         return "pytorch-legacy"
     what = next((desc for magic, desc in _MAGIC if head.lstrip().lower().startswith(magic.lower())), None)
@@ -200,8 +209,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], CapiConfig | None,
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path} has an invalid {CONFIG_METADATA_KEY!r} metadata entry: {error}") from error
     image_size = metadata.get(IMAGE_SIZE_METADATA_KEY)
-    if image_size is not None and not (image_size.isdigit() and int(image_size) > 0):
-        raise CheckpointError(f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {image_size!r}.")
+    if image_size is not None and not (image_size.isdigit() and 0 < int(image_size) <= MAX_IMAGE_SIZE):
+        raise CheckpointError(
+            f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {image_size[:20]!r} (a number of "
+            f"pixels from 1 to {MAX_IMAGE_SIZE} is expected)."
+        )
     return tensors, config, None if image_size is None else int(image_size)
 
 
