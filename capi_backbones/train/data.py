@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from capi_backbones.constants import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from capi_backbones.images import find_image_files, load_image
 from capi_backbones.train.config import TRAIN_EXTRA_HINT
 from capi_backbones.train.masking import MaskedBatch, MaskingCollator
 
@@ -65,7 +66,7 @@ def find_images(root: str | Path) -> list[Path]:
             f"Image folder {str(root)!r} does not exist or is not a directory. "
             "Set data.root=/path/to/images (searched recursively)."
         )
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths = sorted(find_image_files(root))  # the package's one finder (as extraction: hidden files skipped), sorted
     if not paths:
         raise FileNotFoundError(
             f"No images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}). "
@@ -190,8 +191,7 @@ class ImageStream(Dataset):
         return int(self.epoch_order(epoch)[offset])
 
     def _load(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB")
+        return load_image(self.paths[index])  # the package's one decoder, as extraction (EXIF orientation, modes)
 
     def __getitem__(self, position: int) -> tuple[Tensor, int]:
         n = len(self.paths)
