@@ -88,7 +88,12 @@ def register(subparsers) -> None:
     segment.add_argument("--classifiers", type=_csv(str), default=("knn", "logreg"), help="knn,logreg (default both)")
     segment.add_argument("--ks", type=_csv(int), default=(1, 3, 10, 30), help="k-NN grid (default 1,3,10,30)")
     segment.add_argument("--distances", type=_csv(str), default=("cosine", "L2"), help="default cosine,L2")
-    segment.add_argument("--ignore-labels", type=_csv(int), default=(255,), help="labels not scored (default 255)")
+    segment.add_argument("--ignore-labels", type=_csv(int), default=(0, 255),
+                         help="labels not scored, and train patches mostly made of them not fitted (default 0,255, "
+                         "the official ADE20K setting; use 255 for datasets whose class 0 is a real class)")  # fmt: skip
+    segment.add_argument("--knn-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                         help="k-NN distance precision (default auto: bfloat16 as the official where the device has it "
+                         "natively, else float32)")  # fmt: skip
     segment.add_argument("--num-classes", type=int, default=None, help="classes (default: largest train label + 1)")
     segment.add_argument("--pictures", type=int, default=4, help="test images drawn in segmentation_examples.png")
     segment.set_defaults(handler=run_segment)
@@ -163,6 +168,7 @@ def run_segment(args: argparse.Namespace) -> int:
         settings = SegmentationSettings(
             classifiers=args.classifiers, ks=args.ks, distances=args.distances, ignore_labels=args.ignore_labels,
             num_classes=args.num_classes, n_pictures=args.pictures, device=str(extractor.device),
+            knn_dtype=args.knn_dtype,
         )  # fmt: skip
         payload = run_segmentation(data, extractor, args.out, settings, progress=not args.no_progress)
     except (*USER_ERRORS, FolderBusyError) as error:
