@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from torch import Tensor
 from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.evals.datasets import SegmentationData, segmentation_held_out_split
 from capi_backbones.evals.feature_cache import extract_split
+from capi_backbones.evals.figure import save_png
 from capi_backbones.evals.metrics import DEFAULT_IGNORE_LABELS, miou, pixel_accuracy
+from capi_backbones.evals.report import locked_output
 from capi_backbones.evals.segmentation import (
     DEFAULT_SEGMENTATION_KS,
     DISTANCES,
@@ -163,6 +166,14 @@ def run_segmentation(
     if not settings.ks or min(settings.ks) < 1:
         raise ValueError(f"k-NN neighbours must be positive integers, got {list(settings.ks)}.")
     knn_dtype = resolve_knn_dtype(settings.knn_dtype, settings.device)
+    started = time.perf_counter()
+    with locked_output(out_dir):
+        payload = _segment(data, extractor, out_dir, settings, knn_dtype, progress)
+    payload["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return payload
+
+
+def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn_dtype, progress: bool) -> dict:
     resolution, patch_size = extractor.image_size, extractor.model.patch_size
     splits = {"train": data.train, "test": data.test} | ({"val": data.val} if data.val is not None else {})
     features: dict[str, Tensor] = {}
@@ -279,7 +290,6 @@ def run_segmentation(
 
 def _write_picture(path: Path, pairs, truth: np.ndarray, guess: np.ndarray, resolution: int, ignore) -> Path:
     from capi_backbones.features import load_image
-    from capi_backbones.viz.grid import save_png
 
     rows = []
     for (image_path, _), t, g in zip(pairs, truth, guess, strict=True):

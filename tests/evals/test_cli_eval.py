@@ -100,12 +100,12 @@ def test_classify_reports_every_probe_skips_a_corrupt_image_and_resumes(tmp_path
     (data / "train" / "class0" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     argv = ["eval", "classify", str(data), "--out", str(out), *MODEL, "--iters", "30", "--learning-rates", "1e-3,1e-2",
-            "--weight-decays", "5e-4", "--probe-batch-size", "16"]  # fmt: skip
+            "--weight-decays", "5e-4,1e-3", "--probe-batch-size", "16"]  # fmt: skip
     code, table, err = run(capsys, *argv)
     assert code == 1  # one image could not be read: reported, skipped
     assert "broken.png" in err and "Traceback" not in err
     results = json.loads((out / "results.json").read_text())
-    assert results["dataset"]["counts"] == {"train": 36, "test": 12}
+    assert results["dataset"]["counts"] == {"train": 36, "test": 12, "fitted": 32, "selection": 4}
     seen = {(r["probe"], r["representation"]) for r in results["results"]}
     assert seen == {("knn", r) for r in ("pooled", "avg_patch", "pooled+avg_patch")} | {
         ("linear", r) for r in ("pooled", "avg_patch", "pooled+avg_patch")} | {
@@ -113,13 +113,73 @@ def test_classify_reports_every_probe_skips_a_corrupt_image_and_resumes(tmp_path
     assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in results["results"])
     assert max(r["top1"] for r in results["results"] if r["probe"] == "knn") > 0.9  # colours are easy
     assert results["settings"]["probe_training_data"] == "cached center-crop features"
-    assert "attentive" in table and "top-5" in table
+    assert "attentive" in table and "top-5" in table and "<<" in table
+
+    # at a glance: one selected setting per probe and representation, with its validation score
+    for probe, rep in seen:
+        chosen = [r for r in results["results"] if (r["probe"], r["representation"]) == (probe, rep) and r["selected"]]
+        assert len(chosen) == 1 and chosen[0]["val_top1"] is not None, (probe, rep)
+        for key, value in chosen[0]["raw"].items():
+            assert chosen[0][key] == round(value, 4)
+    training = results["probe_training"]
+    assert training["protocol"].startswith("NOT the official protocol") and "batch 16 (official 1024)" in training[
+        "protocol"]  # fmt: skip
+    assert training["global_batch_size"] == 16 and training["lr_scale"] == 16 / 256
+    linear = next(r for r in results["results"] if r["probe"] == "linear")
+    assert linear["effective_lr"] in (1e-3 * 16 / 256, 1e-2 * 16 / 256)
+    grid = results["selection_grids"]["attentive"]["patch"]
+    assert len(grid["val_top1"]) == 2 and len(grid["val_top1"][0]) == 2  # lr x wd
+    assert results["wall_time_s"] > 0
+    assert Image.open(out / "results.png").size[0] > 100
 
     checkpoint = out / "probes" / "attentive.pt"
     stamp = checkpoint.stat().st_mtime_ns
     code, _, _ = run(capsys, *argv)
     assert code == 1 and checkpoint.stat().st_mtime_ns == stamp  # finished probes are reused, not retrained
-    assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["results"] == results["results"]
+
+    # the unreadable image is fixed: the probes learn from 40 images now, the old probes must not be reused
+    Image.fromarray(np.full((60, 76, 3), COLOURS[0], dtype=np.uint8)).save(data / "train" / "class0" / "broken.png")
+    code, _, _ = run(capsys, *argv)
+    assert code == 0 and checkpoint.stat().st_mtime_ns != stamp
+    fixed = json.loads((out / "results.json").read_text())
+    assert fixed["dataset"]["counts"]["train"] == 37
+    fresh_out = tmp_path / "fresh"
+    assert run(capsys, *[a if a != str(out) else str(fresh_out) for a in argv])[0] == 0
+    assert json.loads((fresh_out / "results.json").read_text())["results"] == fixed["results"]
+
+
+def test_a_second_classify_into_a_busy_out_folder_is_refused_before_it_deletes_anything(tmp_path, capsys):
+    from capi_backbones.features.folder_lock import FolderLock
+
+    data = write_classification(tmp_path / "cls", n_train=2, n_test=1)
+    out = tmp_path / "out"
+    crops = out / "features" / "train" / "crops.tmp"
+    crops.mkdir(parents=True)
+    (crops / "00000000.png").write_bytes(b"a crop the first run is extracting")
+    with FolderLock(out):  # the first run holds the folder
+        message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(out), *MODEL, "--iters", "1")
+    assert "used by another evaluation run" in message
+    assert (crops / "00000000.png").read_bytes() == b"a crop the first run is extracting"
+
+
+def test_classify_refuses_unknown_representations_before_extracting(tmp_path, capsys):
+    data = write_classification(tmp_path / "cls", n_train=2, n_test=1)
+    message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
+                             "--representations", "cls")  # fmt: skip
+    assert "Unknown representation(s) ['cls']" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_all_unreadable_test_split_is_named(tmp_path, capsys):
+    data = write_classification(tmp_path / "cls", n_train=2, n_test=1)
+    for image in (data / "test").rglob("*.png"):
+        image.write_bytes(b"broken")
+    message = one_line_error(
+        capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL, "--iters", "1"
+    )
+    assert "None of the 3 images of the test split could be read" in message
 
 
 def one_line_error(capsys, *argv):
@@ -172,4 +232,6 @@ def test_help_lists_the_protocol_options(protocol, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", protocol, "--help"])
     assert exit_info.value.code == 0
-    assert "--random-init" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert "--random-init" in help_text and "%%" not in help_text
+    assert "20%" in " ".join(help_text.split())
