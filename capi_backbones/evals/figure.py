@@ -77,32 +77,35 @@ def _bars(rows: Sequence[dict], font) -> Image.Image:
     selected = [r for r in rows if r.get("selected")]
     representations = list(dict.fromkeys(r["representation"] for r in selected))
     probes = list(dict.fromkeys(r["probe"] for r in selected))
-    bar_w, gap, plot_h, label_h, axis_w = 22, 18, 160, 40, 34
-    width = axis_w + len(representations) * (len(probes) * bar_w + gap) + gap + 120
-    image = Image.new("RGB", (max(width, 300), plot_h + label_h + 30), "white")
+    bar_w, gap, plot_h, axis_w, top = 24, 22, 160, 34, 34
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    groups = []  # (representation, its rows, group width)
+    for representation in representations:
+        own = [r for p in probes for r in selected if r["representation"] == representation and r["probe"] == p]
+        groups.append((representation, own, max(len(own) * bar_w, _text_size(scratch, representation, font)[0])))
+    width = axis_w + sum(w + gap for _, _, w in groups) + gap + 110
+    image = Image.new("RGB", (max(width, 300), top + plot_h + 30), "white")
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, 2), "test top-1 (%) of the selected setting", fill=TEXT, font=font)
-    top = 20
     for tick in (0, 25, 50, 75, 100):
         y = top + plot_h - tick * plot_h // 100
-        draw.line((axis_w, y, width - 120, y), fill=(225, 225, 225))
+        draw.line((axis_w, y, width - 110, y), fill=(225, 225, 225))
         draw.text((2, y - 6), f"{tick}", fill=TEXT, font=font)
     x = axis_w + gap
-    for representation in representations:
-        for k, probe in enumerate(probes):
-            row = next((r for r in selected if r["representation"] == representation and r["probe"] == probe), None)
-            if row is None:
-                continue
-            left = x + k * bar_w
+    for representation, own, group_w in groups:
+        left = x + (group_w - len(own) * bar_w) // 2
+        for row in own:
             y = top + plot_h - int(round(row["top1"] * plot_h))
-            draw.rectangle((left, y, left + bar_w - 3, top + plot_h), fill=PROBE_COLOURS.get(probe, (120, 120, 120)))
+            colour = PROBE_COLOURS.get(row["probe"], (120, 120, 120))
+            draw.rectangle((left, y, left + bar_w - 3, top + plot_h), fill=colour)
             draw.text((left, y - 12), f"{100 * row['top1']:.0f}", fill=TEXT, font=font)
+            left += bar_w
         draw.text((x, top + plot_h + 4), representation, fill=TEXT, font=font)
-        x += len(probes) * bar_w + gap
+        x += group_w + gap
     for k, probe in enumerate(probes):  # legend
         y = top + 10 + 16 * k
-        draw.rectangle((width - 110, y, width - 98, y + 10), fill=PROBE_COLOURS.get(probe, (120, 120, 120)))
-        draw.text((width - 92, y - 1), probe, fill=TEXT, font=font)
+        draw.rectangle((width - 100, y, width - 88, y + 10), fill=PROBE_COLOURS.get(probe, (120, 120, 120)))
+        draw.text((width - 82, y - 1), probe, fill=TEXT, font=font)
     return image
 
 
