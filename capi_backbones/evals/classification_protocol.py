@@ -38,6 +38,7 @@ from capi_backbones.evals.representations import (
     check_representations,
     make_representations,
 )
+from capi_backbones.transforms import TrainTransform
 
 __all__ = ["PROBES", "AugmentedBatches", "ClassificationSettings", "run_classification"]
 
@@ -64,8 +65,6 @@ class AugmentedBatches:
     images, through the frozen backbone. Batch ``i`` depends only on ``seed`` and ``i`` (resumable)."""
 
     def __init__(self, paths: Sequence[Path], labels: Tensor, extractor, representations, batch_size: int, seed: int):
-        from capi_backbones.train.data import TrainTransform
-
         self.paths, self.extractor, self.representations = list(paths), extractor, tuple(representations)
         self.order = CachedBatches({"index": torch.arange(len(self.paths))}, labels, batch_size, seed)
         self.transform = TrainTransform(extractor.image_size, crop_scale=AUGMENT_CROP_SCALE, hflip=True)

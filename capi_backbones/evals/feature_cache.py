@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.features import load_image, load_index, load_saved_features
+from capi_backbones.transforms import CROP_RESIZE_RATIO, center_crop  # noqa: F401 (CROP_RESIZE_RATIO: re-exported)
 
 __all__ = ["CROP_RESIZE_RATIO", "SplitFeatures", "cache_digest", "center_crop", "extract_split"]
 
-CROP_RESIZE_RATIO = 256 / 224  # Resize(256) then CenterCrop(224), scaled to any image size
 CROP_BLOCK = 512  # crops written to disk at a time
 SOURCES_NAME = "sources.json"
 CROPS_FOLDER = "crops.tmp"
@@ -41,18 +40,6 @@ class SplitFeatures:
     registers: Tensor  # (N, R, D)
     kept: list[int]  # positions in the split of the N rows
     failed: dict[str, str] = field(default_factory=dict)  # source path -> why it was skipped
-
-
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``int(size * 256 / 224)`` (bicubic, antialiased), then crop the center
-    ``size`` x ``size`` square (torchvision's rounding)."""
-    short = int(size * CROP_RESIZE_RATIO)
-    width, height = image.size
-    new_size = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
-    image = image.resize(new_size, Image.Resampling.BICUBIC)
-    top = int(round((new_size[1] - size) / 2.0))
-    left = int(round((new_size[0] - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
 
 
 def cache_digest(folder: str | os.PathLike) -> str:
