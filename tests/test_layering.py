@@ -17,7 +17,7 @@ CONFIG = REPO / ".importlinter"
 
 def test_every_import_contract_is_kept(capsys):
     configure()
-    result = lint_imports(config_filename=str(CONFIG), cache_dir=None, no_logo=True)
+    result = lint_imports(config_filename=str(CONFIG), cache_dir=None)
     report = capsys.readouterr().out
     assert result == SUCCESS, report  # the report names each broken contract and the import chain that breaks it
     assert "4 kept, 0 broken" in report
