@@ -1,22 +1,6 @@
 """ShardWriter: collects per-image features into shards on disk and keeps the resumable index.
 
-Layout of an output folder::
-
-    out_dir/
-      index.json                  # the manifest, rewritten atomically after every shard
-      shard_00000.safetensors     # or shard_00000/ (npy format), see capi_backbones.features.shards
-      shard_00001.safetensors
-      shard_00002-r0001.safetensors  # written by rank 1 of a multi-rank (torchrun) run
-      index.rank00001.json        # rank 1's own manifest while a multi-rank run is going (merged, then deleted)
-
-``index.json``::
-
-    {"version": 1, "format": "safetensors", "dtype": "float32",
-     "root": "/abs/folder",                      # image names are POSIX paths relative to it
-     "settings": {"model": ..., "config": {...}, "weights_fingerprint": ..., "image_size": 224, ...},
-     "shards": [{"name": "shard_00000.safetensors", "count": 256, "grid_size": [16, 16],
-                 "image_size": [224, 224], "bytes": 25171224, "files": ["a/1.jpg", ...]}, ...],
-     "failed": [{"file": "b/broken.jpg", "error": "Cannot read image ...", "size": 1234, "mtime_ns": ...}]}
+The layout of the folder and of ``index.json`` is described in ``capi_backbones.features.index``.
 
 An image is done once it is listed in a shard of the index; shards are only listed after they are renamed into
 place, so a crash loses at most the images not yet in a shard.
@@ -47,15 +31,22 @@ from pathlib import Path
 import torch
 
 from capi_backbones.atomic_files import atomic_write_text
-from capi_backbones.features.output import FeatureOutput
-from capi_backbones.features.shards import FORMATS, SavedShard, read_shard, write_shard
-from capi_backbones.features.verification import (
+from capi_backbones.features.index import (
+    INDEX_NAME,
+    INDEX_VERSION,
     PART_NAME,
     SHARD_NAME,
     check_listed_shards,
+    check_shard_name,
     find_leftovers,
+    load_index,
+    load_manifest,
+    load_saved_features,
+    save_index,
     shard_bytes,
 )
+from capi_backbones.features.output import FeatureOutput
+from capi_backbones.features.shards import FORMATS, SavedShard, write_shard
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -72,8 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE = 256
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INFORMATIONAL_SETTINGS = ("model",)  # recorded, not compared on resume (the same file may be named differently)
@@ -129,10 +118,6 @@ def _check_compatible(out_dir: Path, index: dict, new_index: dict) -> None:
         )
 
 
-def _save_index(out_dir: Path, index: dict) -> None:
-    atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=1))
-
-
 def _delete(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
@@ -146,19 +131,16 @@ def merge_rank_manifests(out_dir: Path, index: dict) -> dict:
     listed = {entry["name"] for entry in index["shards"]}
     failed = {entry["file"]: entry for entry in index["failed"]}
     for part_path in parts:
-        try:
-            part = json.loads(part_path.read_text())
-        except json.JSONDecodeError as error:  # written atomically, so this is damage from outside
-            raise ValueError(f"'{part_path}' is not valid JSON ({error}). Delete it to start that rank over.") from None
+        part = load_manifest(part_path)
         for entry in part["shards"]:
-            _check_shard_name(out_dir, entry["name"])
+            check_shard_name(part_path, entry["name"])
             if entry["name"] not in listed:
                 index["shards"].append(entry)
                 listed.add(entry["name"])
         failed.update((entry["file"], entry) for entry in part["failed"])
     done = {name for entry in index["shards"] for name in entry["files"]}
     index["failed"] = [entry for name, entry in sorted(failed.items()) if name not in done]
-    _save_index(out_dir, index)
+    save_index(out_dir, index)
     for part_path in parts:
         part_path.unlink()
     logger.info("Merged %d rank manifest(s) into %s.", len(parts), out_dir / INDEX_NAME)
@@ -186,7 +168,7 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
     for path in find_leftovers(out_dir, index):
         logger.info("Deleting %s, left over by an interrupted run.", path)
         _delete(path)
-    _save_index(out_dir, index)
+    save_index(out_dir, index)
     return index
 
 
@@ -332,44 +314,3 @@ class ShardWriter:
         else:
             self._own["failed"] = [self._new_failures[name] for name in sorted(self._new_failures)]
         atomic_write_text(self.manifest_path, json.dumps(self._own, indent=1))
-
-
-def _check_shard_name(out_dir: Path, name) -> None:
-    if not isinstance(name, str) or not SHARD_NAME.match(name):
-        raise ValueError(
-            f"'{out_dir / INDEX_NAME}' lists a shard named {name!r}, which is not a shard of this folder "
-            "(names look like shard_00000.safetensors); refusing to read outside the folder. The index was edited "
-            "or damaged: delete the folder to start over."
-        )
-
-
-def load_index(out_dir: str | os.PathLike) -> dict:
-    """The parsed ``index.json`` of an extraction folder (shard names checked: never a path outside it)."""
-    path = Path(out_dir) / INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No {INDEX_NAME} in '{out_dir}': not a folder written by extract_to_disk.")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"'{path}' is not valid JSON ({error}). Delete the folder to start over.") from error
-    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
-        version = index.get("version") if isinstance(index, dict) else None
-        raise ValueError(f"'{path}' has index version {version!r}; this library reads {INDEX_VERSION}.")
-    for entry in index.get("shards", []):
-        _check_shard_name(Path(out_dir), entry.get("name") if isinstance(entry, dict) else entry)
-    return index
-
-
-def load_saved_features(out_dir: str | os.PathLike) -> list[SavedShard]:
-    """Every shard listed in ``out_dir/index.json``, in writing order (rows named by ``SavedShard.files``).
-
-    Raises a ValueError naming the shards that are missing or truncated (run ``extract`` again to redo them)."""
-    out_dir = Path(out_dir)
-    index = load_index(out_dir)
-    bad = check_listed_shards(out_dir, index, read=False)
-    if bad:
-        listing = "; ".join(f"{name}: {problem}" for name, problem in bad.items())
-        raise ValueError(
-            f"'{out_dir}' has damaged shards ({listing}). Run the same extract command again to redo their images."
-        )
-    return [read_shard(out_dir / shard["name"]) for shard in index["shards"]]
