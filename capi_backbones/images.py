@@ -35,6 +35,7 @@ __all__ = [
     "UnreadableFolder",
     "UnreadableFolderError",
     "check_regular_file",
+    "expand_path",
     "find_image_files",
     "is_hidden",
     "is_image_path",
@@ -104,6 +105,33 @@ def find_image_files(directory: str | os.PathLike, *, unreadable: list[Unreadabl
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         found.extend(Path(root) / f for f in sorted(files) if not is_hidden(f) and is_image_path(f))
     return found
+
+
+def expand_path(path: str | os.PathLike, *, unreadable: list[UnreadableFolder] | None = None) -> list[Path]:
+    """The image files a path names: a folder's (:func:`find_image_files`) or the file itself. Raises
+    FileNotFoundError for a missing path and ValueError for a folder without images or a file without an image
+    extension, each naming the path. Nothing is opened but folders."""
+    path = Path(path)
+    if path.is_dir():
+        found_unreadable: list[UnreadableFolder] = []
+        files = find_image_files(path, unreadable=found_unreadable if unreadable is not None else None)
+        if unreadable is not None:
+            unreadable.extend(found_unreadable)
+        if not files:
+            locked = f"; {len(found_unreadable)} sub-folder(s) could not be listed" if found_unreadable else ""
+            raise ValueError(
+                f"No image files found in directory '{path}' (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}{locked})."
+            )
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"Image path '{path}' does not exist.")
+    if not is_image_path(path):
+        raise ValueError(
+            f"'{path}' is not an image file: its extension '{path.suffix}' is not one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}. Convert it or leave it out."
+        )
+    return [path]
 
 
 def check_regular_file(path: str | os.PathLike) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from capi_backbones.features.folder_lock import FolderLock
 from capi_backbones.features.images import expand_inputs, iter_file_paths
-from capi_backbones.features.index import load_index
+from capi_backbones.features.index import check_output_folder, load_index
 from capi_backbones.features.writer import (
     DEFAULT_SHARD_SIZE,
     ShardWriter,
@@ -28,6 +28,7 @@ from capi_backbones.features.writer import (
     merge_rank_manifests,
     prepare_folder,
 )
+from capi_backbones.images import UnreadableFolder
 from capi_backbones.runtime.distributed import process_group
 from capi_backbones.runtime.signals import Interrupted, interrupt_on_stop_signals, stop_signals_ignored
 
@@ -92,10 +93,13 @@ def extract_to_disk(
     and one index results. Each rank returns the summary of the whole run. An interrupted run resumes with
     any number of ranks.
     """
-    paths = [p.resolve() for p in iter_file_paths(expand_inputs(inputs))]
-    paths = list(dict.fromkeys(paths))  # a file given twice is done once
-    out_dir = Path(out_dir)
-    options = {"format": format, "dtype": dtype, "settings": extractor._settings(pooled), "root": _common_root(inputs)}
+    out_dir = check_output_folder(out_dir)  # an empty path or a folder that is not ours: refused before anything
+    unreadable: list[UnreadableFolder] = []
+    # Named as given, links not resolved: two links to one file are two images, and a link's folder and name are
+    # what the index records. A path given twice is done once.
+    paths = list(dict.fromkeys(_absolute(p) for p in iter_file_paths(expand_inputs(inputs, unreadable=unreadable))))
+    root = _common_root(inputs)
+    options = {"format": format, "dtype": dtype, "settings": extractor._settings(pooled), "root": root}
     rank, world_size = process_group()
     with contextlib.ExitStack() as stack:
         stack.enter_context(interrupt_on_stop_signals(ExtractionInterrupted))
@@ -121,6 +125,10 @@ def extract_to_disk(
             writer = ShardWriter(out_dir, shard_size=shard_size, rank=rank, world_size=world_size, **options)
         summary = _extract_into(extractor, writer, paths, pooled=pooled, progress=progress, retry_failed=retry_failed)
         summary.out_dir = out_dir
+        for folder, reason in unreadable:  # named, and the run ends with "some inputs could not be used"
+            message = f"Cannot list the folder ({reason}); its images were not extracted"
+            logger.warning("Skipping the folder %s: %s", folder, reason)
+            summary.failed[writer.name_of(folder) + "/"] = message
         if world_size > 1:
             torch.distributed.barrier()  # every rank's manifest is complete
             if rank == 0:
@@ -222,8 +230,14 @@ def _combine(summaries: list[ExtractionSummary]) -> ExtractionSummary:
     )
 
 
+def _absolute(path: str | os.PathLike) -> Path:
+    """The absolute, normalised path, links not resolved (``os.path.abspath``)."""
+    return Path(os.path.abspath(path))
+
+
 def _common_root(inputs) -> Path:
-    """The deepest folder holding every input (a directory counts as itself, a file as its parent)."""
+    """The deepest folder holding every input (a directory counts as itself, a file as its parent); links are not
+    resolved, so names stay those the user sees."""
     items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    folders = [p if p.is_dir() else p.parent for p in (Path(i).resolve() for i in items)]
+    folders = [p if p.is_dir() else p.parent for p in (_absolute(i) for i in items)]
     return Path(os.path.commonpath(folders))

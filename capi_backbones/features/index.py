@@ -39,6 +39,7 @@ __all__ = [
     "PART_NAME",
     "SHARD_NAME",
     "check_listed_shards",
+    "check_output_folder",
     "find_leftovers",
     "is_ours",
     "load_index",
@@ -62,6 +63,26 @@ TEMPORARY_NAME = re.compile(
 def is_ours(name: str) -> bool:
     """Whether a file name in an output folder is one this package writes (shards, manifests, temporaries)."""
     return bool(SHARD_NAME.match(name) or PART_NAME.match(name) or TEMPORARY_NAME.match(name)) or name == INDEX_NAME
+
+
+def check_output_folder(out_dir: str | os.PathLike) -> Path:
+    """Refuse, before anything is created or deleted, an output path that is empty or a folder extract did not
+    write: one without ``index.json`` that holds files named like ours (``shard_00001/`` with a user's notes
+    inside; resuming would delete or overwrite them). Returns the path. Imports no torch: the CLI checks early."""
+    if not os.fspath(out_dir).strip():
+        raise ValueError("The output folder is an empty path; name a folder for the features (e.g. --out features).")
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Output path '{path}' exists and is not a directory.")
+    if path.is_dir() and not (path / INDEX_NAME).exists():
+        ours = sorted(p.name for p in path.iterdir() if is_ours(p.name))
+        if ours:
+            raise ValueError(
+                f"'{path}' holds {ours[0]} but no {INDEX_NAME}: it was not written by extract (or its index was "
+                "deleted), and extract would overwrite or delete such files. Choose a new or empty output folder, "
+                "or move those files out."
+            )
+    return path
 
 
 def shard_bytes(path: Path) -> int:

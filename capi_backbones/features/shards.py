@@ -25,10 +25,11 @@ from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
 
-__all__ = ["FORMATS", "SavedShard", "read_shard", "write_shard"]
+__all__ = ["FORMATS", "NPY_SHARD_FILES", "SavedShard", "read_shard", "write_shard"]
 
 FORMATS = {"safetensors": ".safetensors", "npy": ""}  # format -> shard name suffix
 ARRAY_NAMES = ("patch_features", "registers", "pooled")
+NPY_SHARD_FILES = frozenset({*(f"{name}.npy" for name in ARRAY_NAMES), "files.json"})  # all an npy shard holds
 
 
 @dataclass

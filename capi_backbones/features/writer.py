@@ -37,6 +37,7 @@ from capi_backbones.features.index import (
     PART_NAME,
     SHARD_NAME,
     check_listed_shards,
+    check_output_folder,
     check_shard_name,
     find_leftovers,
     load_index,
@@ -46,7 +47,7 @@ from capi_backbones.features.index import (
     shard_bytes,
 )
 from capi_backbones.features.output import FeatureOutput
-from capi_backbones.features.shards import FORMATS, SavedShard, write_shard
+from capi_backbones.features.shards import FORMATS, NPY_SHARD_FILES, SavedShard, write_shard
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -80,10 +81,9 @@ def check_writer_options(*, format: str, shard_size: int, dtype: str) -> None:
 
 
 def make_folder(out_dir: Path) -> None:
-    """Create the output folder (and its parents); a ValueError if the path is a file."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"Output path '{out_dir}' exists and is not a directory.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Create the output folder (and its parents) after :func:`~capi_backbones.features.index.check_output_folder`:
+    a ValueError for an empty path, a file, or a folder holding files named like ours but no index."""
+    check_output_folder(out_dir).mkdir(parents=True, exist_ok=True)
 
 
 def _new_index(*, format: str, dtype: str, settings: dict, root: Path) -> dict:
@@ -119,7 +119,16 @@ def _check_compatible(out_dir: Path, index: dict, new_index: dict) -> None:
 
 
 def _delete(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    """Delete a shard or temporary file of ours. An npy shard folder is deleted only if it holds nothing but the
+    files we write: a user's file inside is kept (with the folder) and named in a warning."""
+    if path.is_dir() and not path.is_symlink():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in NPY_SHARD_FILES)
+        if foreign:
+            logger.warning("Keeping %s: it holds files extract did not write (%s).", path, ", ".join(foreign))
+            return
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def merge_rank_manifests(out_dir: Path, index: dict) -> dict:
@@ -153,7 +162,7 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
     Refuses other settings; merges rank manifests of an interrupted multi-rank run; drops listed shards that are
     missing or truncated (their images will be extracted again); deletes unlisted shards and temporary files.
     """
-    make_folder(out_dir)
+    make_folder(out_dir)  # refuses a folder that is not ours before anything is deleted
     new_index = _new_index(format=format, dtype=dtype, settings=settings, root=root)
     if not (out_dir / INDEX_NAME).exists():
         index = new_index
@@ -162,13 +171,18 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
         _check_compatible(out_dir, index, new_index)
     index = merge_rank_manifests(out_dir, index)
     bad = check_listed_shards(out_dir, index, read=False)
-    for name, problem in bad.items():
-        logger.warning("Shard %s is %s: its images will be extracted again.", out_dir / name, problem)
     index["shards"] = [entry for entry in index["shards"] if entry["name"] not in bad]
+    save_index(out_dir, index)  # first unlisted, then deleted: a crash in between leaves a leftover, never a hole
+    for name, problem in bad.items():
+        if (out_dir / name).exists():
+            logger.warning("Deleting the listed shard %s: %s. Its images will be extracted again.", out_dir / name,
+                           problem)  # fmt: skip
+            _delete(out_dir / name)
+        else:
+            logger.warning("The listed shard %s is missing: its images will be extracted again.", out_dir / name)
     for path in find_leftovers(out_dir, index):
-        logger.info("Deleting %s, left over by an interrupted run.", path)
+        logger.info("Deleting %s, left over by an interrupted run (written but never listed).", path)
         _delete(path)
-    save_index(out_dir, index)
     return index
 
 

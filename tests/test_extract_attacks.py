@@ -1,0 +1,149 @@
+"""Extraction under the second round of attacks (issue 20): links named as given, images replaced in place,
+checksummed shards, output paths that are not ours, unreadable folders, damaged indexes, full disks."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from capi_backbones.cli.main import main
+from capi_backbones.features import FeatureExtractor, load_index, load_saved_features, verify_output
+from capi_backbones.models import CapiConfig, CapiModel
+
+TINY = CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=48, pred_depth=2, pred_num_heads=2)
+
+
+def tiny_extractor(**kwargs) -> FeatureExtractor:
+    torch.manual_seed(0)
+    return FeatureExtractor(CapiModel(TINY), image_size=28, **kwargs)
+
+
+def tiny_weights(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.manual_seed(0)
+    torch.save({f"backbone.{k}": v for k, v in CapiModel(TINY).state_dict().items()}, path)
+    return path
+
+
+def cli_extract(images, out, weights, *extra) -> int:
+    args = ["extract", images, "--out", out, "--weights", weights, "--image-size", "28", "--workers", "0"]
+    return main([*map(str, args), "--no-progress", *extra])
+
+
+def rows_by_name(out_dir) -> dict[str, torch.Tensor]:
+    return {name: shard.patch_features[i].clone() for shard in load_saved_features(out_dir) for i, name in
+            enumerate(shard.files)}  # fmt: skip
+
+
+def save(path, pixels) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    save(folder / "astronaut.png", data.astronaut()[::8, ::8])
+    save(folder / "sub" / "chelsea.png", data.chelsea()[::6, ::6])
+    return folder
+
+
+# ---- item 5: links are recorded under the names the user gave -----------------------------------------------------
+def test_links_are_recorded_under_their_own_names_and_each_is_an_entry(tmp_path):
+    blobs = tmp_path / "cache" / "blobs"
+    save(blobs / "3f2a", data.chelsea()[::6, ::6])  # content-addressed, as in Hugging Face caches and git-annex
+    save(blobs / "9b1c", data.astronaut()[::8, ::8])
+    root = tmp_path / "cache" / "data"
+    (root / "cats").mkdir(parents=True)
+    (root / "people").mkdir()
+    os.symlink("../../blobs/3f2a", root / "cats" / "cat1.png")
+    os.symlink("../../blobs/3f2a", root / "cats" / "cat2.png")  # a second link to the same file
+    os.symlink("../../blobs/9b1c", root / "people" / "astronaut.png")
+    out = tmp_path / "out"
+    summary = tiny_extractor().extract_to_disk(root, out, progress=False)
+    assert summary.n_written == 3
+    saved = rows_by_name(out)
+    assert sorted(saved) == ["cats/cat1.png", "cats/cat2.png", "people/astronaut.png"]
+    assert torch.equal(saved["cats/cat1.png"], saved["cats/cat2.png"])  # same pixels, two entries
+    assert verify_output(out).ok
+    again = tiny_extractor().extract_to_disk(root, out, progress=False)  # links are recognised as done on resume
+    assert (again.n_written, again.n_skipped) == (0, 3)
+
+
+# ---- item 10: an unreadable sub-folder is named and the run ends with exit code 1 ---------------------------------
+def lock_folders_named(monkeypatch, name: str) -> None:
+    """Folders called ``name`` cannot be listed, as with ``chmod 0`` for a user who is not root."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_sub_folder_is_named_and_gives_exit_code_1(images, tmp_path, monkeypatch, capsys):
+    save(images / "locked" / "hidden_from_us.png", data.camera()[::8, ::8])
+    lock_folders_named(monkeypatch, "locked")
+    weights = tiny_weights(tmp_path)
+    assert cli_extract(images, tmp_path / "out", weights) == 1
+    err = capsys.readouterr().err
+    assert "failed: locked/: Cannot list the folder (Permission denied)" in err
+    assert "Traceback" not in err
+    assert sorted(rows_by_name(tmp_path / "out")) == ["astronaut.png", "sub/chelsea.png"]
+
+
+# ---- item 9: nothing the package did not write is deleted --------------------------------------------------------
+def test_an_empty_output_path_is_refused_before_anything_happens(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shard_00001").mkdir()
+    (tmp_path / "shard_00001" / "notes.txt").write_text("my notes")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli_extract(images, "", tiny_weights(tmp_path)) == 2
+    assert "The output folder is an empty path" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="empty path"):
+        tiny_extractor().extract_to_disk(images, "", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "tiny.pth"])
+    assert (tmp_path / "shard_00001" / "notes.txt").read_text() == "my notes"
+
+
+def test_a_folder_extract_did_not_write_is_refused_and_left_alone(images, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "shard_00001").mkdir(parents=True)
+    (mine / "shard_00001" / "notes.txt").write_text("my notes")
+    (mine / "shard_00002.safetensors").write_text("my file, named like a shard")
+    with pytest.raises(ValueError, match=r"holds shard_00001 but no index\.json: it was not written by extract"):
+        tiny_extractor().extract_to_disk(images, mine, progress=False)
+    assert cli_extract(images, mine, tiny_weights(tmp_path)) == 2
+    assert "not written by extract" in capsys.readouterr().err
+    assert (mine / "shard_00001" / "notes.txt").read_text() == "my notes"
+    assert (mine / "shard_00002.safetensors").read_text() == "my file, named like a shard"
+    assert sorted(p.name for p in mine.iterdir()) == ["shard_00001", "shard_00002.safetensors"]
+
+
+def test_a_users_file_inside_an_unlisted_npy_shard_folder_is_kept(images, tmp_path, caplog):
+    out = tmp_path / "out"
+    tiny_extractor().extract_to_disk(images, out, format="npy", progress=False)
+    (out / "shard_00007").mkdir()
+    (out / "shard_00007" / "notes.txt").write_text("my notes")  # put there by hand, after the run
+    tiny_extractor().extract_to_disk(images, out, format="npy", progress=False)
+    assert (out / "shard_00007" / "notes.txt").read_text() == "my notes"
+    assert "Keeping" in caplog.text and "notes.txt" in caplog.text
+
+
+# ---- item 10 / issue 18: a truncated listed shard is named for what it is -------------------------------------------
+def test_a_truncated_listed_shard_is_not_called_a_leftover(images, tmp_path, caplog):
+    out = tmp_path / "out"
+    tiny_extractor().extract_to_disk(images, out, shard_size=1, progress=False)
+    first = load_index(out)["shards"][0]["name"]
+    content = (out / first).read_bytes()
+    (out / first).write_bytes(content[: len(content) // 2])
+    caplog.clear()
+    summary = tiny_extractor().extract_to_disk(images, out, shard_size=1, progress=False)
+    assert summary.n_written == 1
+    assert f"Deleting the listed shard {out / first}: {len(content) // 2} bytes on disk" in caplog.text
+    assert "left over" not in caplog.text
+    assert verify_output(out).ok
