@@ -1,6 +1,7 @@
 """Extraction under the second round of attacks (issue 20): links named as given, images replaced in place,
 checksummed shards, output paths that are not ours, unreadable folders, damaged indexes, full disks."""
 
+import json
 import os
 
 import pytest
@@ -147,3 +148,77 @@ def test_a_truncated_listed_shard_is_not_called_a_leftover(images, tmp_path, cap
     assert f"Deleting the listed shard {out / first}: {len(content) // 2} bytes on disk" in caplog.text
     assert "left over" not in caplog.text
     assert verify_output(out).ok
+
+
+# ---- item 10: a damaged index or rank manifest is one line that blames the right file ------------------------------
+def _no_failed(d):
+    del d["failed"]
+
+
+def _no_files(d):
+    del d["shards"][0]["files"]
+
+
+def _no_count(d):
+    del d["shards"][0]["count"]
+
+
+def _null_shards(d):
+    d["shards"] = None
+
+
+def _settings_list(d):
+    d["settings"] = ["not", "an", "object"]
+
+
+DAMAGES = {  # (which file, damage, what the message says)
+    "index without failed": ("index.json", _no_failed, "'failed' is missing"),
+    "index entry without files": ("index.json", _no_files, "shard entry 0: 'files' is missing"),
+    "index entry without count": ("index.json", _no_count, "shard entry 0: 'count' is missing"),
+    "index with shards null": ("index.json", _null_shards, "'shards' is null, not a list"),
+    "index with settings a list": ("index.json", _settings_list, "'settings' is a list, not an object"),
+    "manifest without failed": ("index.rank00001.json", _no_failed, "'failed' is missing"),
+    "manifest with shards null": ("index.rank00001.json", _null_shards, "'shards' is null, not a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGES))
+def test_a_damaged_index_or_manifest_is_one_line_naming_it(images, tmp_path, capsys, case):
+    name, damage, says = DAMAGES[case]
+    weights = tiny_weights(tmp_path)
+    out = tmp_path / "out"
+    assert cli_extract(images, out, weights) == 0
+    if name != "index.json":  # the manifest an interrupted 2-rank run leaves for rank 1
+        (out / name).write_text(json.dumps({"shards": [], "failed": []}))
+    document = json.loads((out / name).read_text())
+    damage(document)
+    (out / name).write_text(json.dumps(document))
+    capsys.readouterr()
+    for command in (lambda: cli_extract(images, out, weights), lambda: main(["verify", str(out)])):
+        code = command()
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        if name == "index.json" or code == 2:
+            assert code == 2 and len(err.splitlines()) == 1, err
+        else:  # verify lists a damaged manifest among the problems of the folder
+            assert code == 1, err
+        line = next(line for line in err.splitlines() if says in line)
+        assert f"'{out / name}'" in line and "is damaged" in line
+        if name != "index.json":
+            assert f"'{out / 'index.json'}'" not in line
+
+
+def test_verify_names_a_swapped_shard_for_what_it_is(images, tmp_path):
+    out = tmp_path / "out"
+    save(images / "sub" / "chelsea2.png", data.chelsea()[::6, ::6])  # same size as chelsea.png: one shard each
+    tiny_extractor().extract_to_disk(images / "sub", out, shard_size=1, progress=False)
+    first, second = (entry["name"] for entry in load_index(out)["shards"])
+    (out / first).rename(out / "swap")
+    (out / second).rename(out / first)
+    (out / "swap").rename(out / second)
+    problems = verify_output(out).problems
+    assert len(problems) == 2
+    assert problems[0] == (
+        f"{first}: holds other images than the index lists (row 0: 'chelsea2.png' in the shard, 'chelsea.png' in the "
+        "index): the shard was renamed, swapped or edited"
+    )

@@ -119,17 +119,95 @@ def load_index(out_dir: str | os.PathLike) -> dict:
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
         version = index.get("version") if isinstance(index, dict) else None
         raise ValueError(f"'{path}' has index version {version!r}; this library reads {INDEX_VERSION}.")
-    for entry in index.get("shards", []) if isinstance(index.get("shards"), list) else []:
-        check_shard_name(path, entry.get("name") if isinstance(entry, dict) else entry)
+    problem = _index_problem(index)
+    if problem is not None:
+        raise ValueError(f"'{path}' is damaged: {problem}. Delete the folder to start over.")
+    for entry in index["shards"]:
+        check_shard_name(path, entry["name"])
     return index
+
+
+def _kind(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _field_problem(entry: dict, key: str, kind: type | tuple[type, ...], where: str = "", optional: bool = False):
+    """What is wrong with ``entry[key]`` (missing, or not of ``kind``), or None. ``where`` names the entry."""
+    prefix = f"{where}: " if where else ""
+    if key not in entry:
+        return None if optional else f"{prefix}'{key}' is missing"
+    value = entry[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                 else (kind,))):  # fmt: skip
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        return f"{prefix}'{key}' is {_kind(value)}, not {' or '.join(_KIND_NAMES[k] for k in kinds)}"
+    return None
+
+
+_KIND_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", type(None): "null"}
+
+
+def _entries_problem(document: dict) -> str | None:
+    """What is wrong with the ``shards`` and ``failed`` lists of an index or manifest, or None."""
+    for key in ("shards", "failed"):
+        problem = _field_problem(document, key, list)
+        if problem is not None:
+            return problem
+    for i, entry in enumerate(document["shards"]):
+        where = f"shard entry {i}"
+        if not isinstance(entry, dict):
+            return f"{where} is {_kind(entry)}, not an object"
+        for key, kind in (("name", str), ("count", int), ("files", list), ("grid_size", list), ("image_size", list)):
+            problem = _field_problem(entry, key, kind, where)
+            if problem is not None:
+                return problem
+        if not all(isinstance(name, str) for name in entry["files"]):
+            return f"{where}: 'files' holds something other than names"
+        for key in ("grid_size", "image_size"):
+            if len(entry[key]) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[key]):
+                return f"{where}: '{key}' is not two numbers"
+        problem = _field_problem(entry, "bytes", int, where, optional=True)
+        if problem is not None:
+            return problem
+    for i, entry in enumerate(document["failed"]):
+        where = f"failed entry {i}"
+        if not isinstance(entry, dict):
+            return f"{where} is {_kind(entry)}, not an object"
+        for key in ("file", "error"):
+            problem = _field_problem(entry, key, str, where)
+            if problem is not None:
+                return problem
+        for key in ("size", "mtime_ns"):
+            problem = _field_problem(entry, key, (int, type(None)), where, optional=True)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _index_problem(index: dict) -> str | None:
+    """What is wrong with the structure of a parsed ``index.json`` (written by this library: damage from outside),
+    or None."""
+    for key, kind in (("format", str), ("dtype", str), ("root", str), ("settings", dict)):
+        problem = _field_problem(index, key, kind)
+        if problem is not None:
+            return problem
+    return _entries_problem(index)
 
 
 def load_manifest(path: Path) -> dict:
     """A rank's manifest ``index.rankNNNNN.json`` (checked like the index)."""
+    redo = "Delete it to extract that rank's images again."
     try:
         part = json.loads(path.read_text())
     except json.JSONDecodeError as error:  # written atomically, so this is damage from outside
-        raise ValueError(f"'{path}' is not valid JSON ({error}). Delete it to start that rank over.") from None
+        raise ValueError(f"'{path}' (a rank's manifest) is not valid JSON ({error}). {redo}") from None
+    problem = f"it is {_kind(part)}, not an object" if not isinstance(part, dict) else _entries_problem(part)
+    if problem is not None:
+        raise ValueError(f"'{path}' (a rank's manifest) is damaged: {problem}. {redo}")
+    for entry in part["shards"]:
+        check_shard_name(path, entry["name"])
     return part
 
 
@@ -160,8 +238,14 @@ def check_listed_shards(out_dir: Path, index: dict, *, read: bool = False) -> di
             rows = {len(shard.files), shard.patch_features.shape[0], shard.registers.shape[0]}
             if shard.pooled is not None:
                 rows.add(shard.pooled.shape[0])
-            if rows != {entry["count"]} or shard.files != entry["files"]:
+            if rows != {entry["count"]}:
                 problems[entry["name"]] = f"holds {sorted(rows)} rows for {entry['count']} listed images"
+            elif shard.files != entry["files"]:
+                row = next(i for i, (a, b) in enumerate(zip(shard.files, entry["files"], strict=True)) if a != b)
+                problems[entry["name"]] = (
+                    f"holds other images than the index lists (row {row}: '{shard.files[row]}' in the shard, "
+                    f"'{entry['files'][row]}' in the index): the shard was renamed, swapped or edited"
+                )
             elif list(shard.grid_size) != entry["grid_size"] or list(shard.image_size) != entry["image_size"]:
                 problems[entry["name"]] = "grid or image size differs from the index"
     return problems

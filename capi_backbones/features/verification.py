@@ -15,6 +15,7 @@ from capi_backbones.features.index import (
     check_listed_shards,
     find_leftovers,
     load_index,
+    load_manifest,
     shard_bytes,
 )
 
@@ -59,6 +60,11 @@ def verify_output(out_dir: str | os.PathLike) -> VerificationReport:
                 problems.append(f"{name}: listed in both {seen[name]} and {entry['name']}")
             seen[name] = entry["name"]
     parts = sorted(p.name for p in out_dir.iterdir() if PART_NAME.match(p.name))
+    for name in parts:
+        try:
+            load_manifest(out_dir / name)
+        except ValueError as error:
+            problems.append(str(error))
     return VerificationReport(
         out_dir=out_dir,
         n_shards=len(index["shards"]),
