@@ -4,6 +4,7 @@ checksummed shards, output paths that are not ours, unreadable folders, damaged 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -222,3 +223,71 @@ def test_verify_names_a_swapped_shard_for_what_it_is(images, tmp_path):
         f"{first}: holds other images than the index lists (row 0: 'chelsea2.png' in the shard, 'chelsea.png' in the "
         "index): the shard was renamed, swapped or edited"
     )
+
+
+# ---- item 6: an image replaced in place is extracted again, never "already done" -----------------------------------
+def test_an_image_replaced_in_place_is_extracted_again(images, tmp_path):
+    out = tmp_path / "out"
+    tiny_extractor().extract_to_disk(images, out, shard_size=10, progress=False)
+    before = rows_by_name(out)
+    save(images / "astronaut.png", data.coffee()[::8, ::8])  # same name, new content, size and mtime
+    summary = tiny_extractor().extract_to_disk(images, out, shard_size=10, progress=False)
+    assert (summary.n_written, summary.n_skipped) == (1, 1)
+    after = rows_by_name(out)
+    fresh_dir = tmp_path / "fresh"
+    tiny_extractor().extract_to_disk(images, fresh_dir, shard_size=10, progress=False)
+    assert sorted(after) == ["astronaut.png", "sub/chelsea.png"]  # one entry each, no stale duplicate
+    assert torch.equal(after["astronaut.png"], rows_by_name(fresh_dir)["astronaut.png"])
+    assert not torch.equal(after["astronaut.png"], before["astronaut.png"])
+    assert torch.equal(after["sub/chelsea.png"], before["sub/chelsea.png"])  # kept, not recomputed
+    assert verify_output(out).ok
+
+
+def test_a_same_size_replacement_is_caught_by_the_content_hash_and_a_touch_is_not(images, tmp_path):
+    out = tmp_path / "out"
+    path = images / "astronaut.png"
+    tiny_extractor().extract_to_disk(images, out, progress=False)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # touched: same content
+    assert tiny_extractor().extract_to_disk(images, out, progress=False).n_written == 0
+    pixels = np.asarray(Image.open(path)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    other = tmp_path / "other.png"
+    Image.fromarray(pixels).save(other, format="PNG", compress_level=0)  # stored: any pixels give the same size
+    Image.fromarray(np.asarray(Image.open(path))).save(path, format="PNG", compress_level=0)
+    tiny_extractor().extract_to_disk(images, out, progress=False)
+    assert os.path.getsize(other) == os.path.getsize(path)
+    mtime = os.stat(path).st_mtime_ns
+    os.replace(other, path)
+    os.utime(path, ns=(mtime + 5 * 10**9, mtime + 5 * 10**9))
+    summary = tiny_extractor().extract_to_disk(images, out, progress=False)
+    assert (summary.n_written, summary.n_skipped) == (1, 1)
+    assert verify_output(out).ok
+
+
+def test_a_same_size_file_fixed_after_failing_is_retried(images, tmp_path):
+    """issue 14: a behaviour no test pinned."""
+    out = tmp_path / "out"
+    good = (images / "astronaut.png").read_bytes()
+    (images / "broken.png").write_bytes(b"\x00" * len(good))
+    first = tiny_extractor().extract_to_disk(images, out, progress=False)
+    assert list(first.failed) == ["broken.png"]
+    (images / "broken.png").write_bytes(good)  # fixed, same size
+    second = tiny_extractor().extract_to_disk(images, out, progress=False)
+    assert (second.n_written, second.failed, second.failed_before) == (1, {}, {})
+
+
+# ---- item 7: verify checks the shards' checksums ------------------------------------------------------------------
+@pytest.mark.parametrize("format", ["safetensors", "npy"])
+def test_one_flipped_byte_in_a_shard_fails_verify(images, tmp_path, format):
+    out = tmp_path / "out"
+    tiny_extractor().extract_to_disk(images, out, format=format, progress=False)
+    assert verify_output(out).ok
+    entry = load_index(out)["shards"][0]
+    target = out / entry["name"] if format == "safetensors" else out / entry["name"] / "patch_features.npy"
+    content = bytearray(target.read_bytes())
+    content[-3] ^= 0x7F  # inside the last float of the data: its exponent bits, which can make it NaN
+    target.write_bytes(bytes(content))
+    report = verify_output(out)
+    assert report.problems == [
+        f"{entry['name']}: its data differs from what was written (checksum mismatch): damaged on disk"
+    ]

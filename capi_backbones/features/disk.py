@@ -170,14 +170,17 @@ def _extract_into(
     rank, world_size = process_group()
     todo = todo[rank::world_size]
     failed: dict[str, str] = {}
-    decoded = extractor._decoded(todo)  # starts the decoding workers
+    decoded = extractor._decoded(todo, stamps=True)  # starts the decoding workers
     bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
+    stamps: dict[int, dict] = {}  # input index -> identity of the file its features were made from
     try:
-        batches = extractor._iter_batches(todo, pooled=pooled, single_size=False, failures=failed, decoded=decoded)
+        batches = extractor._iter_batches(
+            todo, pooled=pooled, single_size=False, failures=failed, decoded=decoded, stamps=stamps
+        )
         n_written = 0
         for indices, output in batches:
             for k, i in enumerate(indices):
-                writer.add(todo[i], output.select(k))
+                writer.add(todo[i], output.select(k), stamp=stamps.pop(i, None))
             n_written += len(indices)
             bar.update(n_written + len(failed) - bar.n)  # written and failed images so far
             bar.set_postfix(failed=len(failed), refresh=False)

@@ -18,6 +18,7 @@ from capi_backbones.features.images import ImageSource, expand_inputs, to_rgb_te
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
 from capi_backbones.features.writer import DEFAULT_SHARD_SIZE
+from capi_backbones.images import file_stamp
 from capi_backbones.models import ARCHITECTURES, CapiModel
 from capi_backbones.runtime.devices import resolve_device
 
@@ -80,20 +81,25 @@ def weights_fingerprint(model: CapiModel) -> str:
 
 
 class _PreprocessedImages(Dataset):
-    """Decodes and preprocesses one image per item; errors are returned (not raised) so a worker survives them."""
+    """Decodes and preprocesses one image per item; errors are returned (not raised) so a worker survives them.
+    With ``stamps``, a file's identity (``capi_backbones.images.file_stamp``) is taken before it is decoded, so
+    that it never describes newer content than the features (a file replaced meanwhile is redone next time)."""
 
-    def __init__(self, sources: list[ImageSource], preprocessor: Preprocessor) -> None:
+    def __init__(self, sources: list[ImageSource], preprocessor: Preprocessor, stamps: bool = False) -> None:
         self.sources = sources
         self.preprocessor = preprocessor
+        self.stamps = stamps
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Exception | None]:
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Exception | None, dict | None]:
+        source = self.sources[index]
         try:
-            return index, self.preprocessor(to_rgb_tensor(self.sources[index])), None
+            stamp = file_stamp(source) if self.stamps and isinstance(source, str | os.PathLike) else None
+            return index, self.preprocessor(to_rgb_tensor(source)), None, stamp
         except (OSError, ValueError, TypeError) as error:
-            return index, None, error
+            return index, None, error, None
 
 
 class FeatureExtractor:
@@ -261,10 +267,11 @@ class FeatureExtractor:
         }
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _decoded(self, sources: list[ImageSource]) -> Iterator[tuple[int, Tensor | None, Exception | None]]:
-        """``(index, preprocessed pixels or None, error or None)`` per image, decoded in the worker processes."""
+    def _decoded(self, sources: list[ImageSource], *, stamps: bool = False) -> Iterator[tuple]:
+        """``(index, preprocessed pixels or None, error or None, file stamp or None)`` per image, decoded in the
+        worker processes (stamps of files only with ``stamps``)."""
         loader = DataLoader(
-            _PreprocessedImages(sources, self.preprocessor),
+            _PreprocessedImages(sources, self.preprocessor, stamps),
             batch_size=None,  # one image per item: batches are formed here, by size
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -280,15 +287,19 @@ class FeatureExtractor:
         single_size: bool,
         failures: dict[str, str] | None = None,
         decoded: Iterator | None = None,
+        stamps: dict[int, dict] | None = None,
     ) -> Iterator[tuple[list[int], FeatureOutput]]:
         """Decode (in workers, or take ``decoded`` from :meth:`_decoded`), group by processed size, run the model.
         Yields (input indices, batch output).
 
+        With ``stamps`` (a dict), the file stamps that ``decoded`` carries are stored there by input index.
         Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
         skipped. With ``single_size`` a second processed size raises a ValueError right away.
         """
         pending: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}
-        for index, pixels, error in self._decoded(sources) if decoded is None else decoded:
+        for index, pixels, error, stamp in self._decoded(sources) if decoded is None else decoded:
+            if stamps is not None and stamp is not None:
+                stamps[index] = stamp  # the identity of the file these pixels came from
             if error is not None:
                 if failures is None:
                     raise error

@@ -25,6 +25,7 @@ read (:func:`load_index`, :func:`load_manifest`): a damaged file is one ValueErr
 KeyError later.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "SHARD_NAME",
     "check_listed_shards",
     "check_output_folder",
+    "checksum_of_bytes",
     "find_leftovers",
     "is_ours",
     "load_index",
@@ -47,6 +49,7 @@ __all__ = [
     "load_saved_features",
     "save_index",
     "shard_bytes",
+    "shard_checksum",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,25 @@ def check_output_folder(out_dir: str | os.PathLike) -> Path:
                 "or move those files out."
             )
     return path
+
+
+def checksum_of_bytes(data: bytes) -> str:
+    """The checksum recorded for a shard file: ``sha256:<hex>`` of its bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def shard_checksum(path: Path) -> str:
+    """The checksum of a shard on disk: of the file, or, for an npy shard folder, of its files' names and bytes in
+    name order."""
+    if not path.is_dir():
+        with open(path, "rb") as handle:
+            return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return "sha256:" + digest.hexdigest()
 
 
 def shard_bytes(path: Path) -> int:
@@ -168,9 +190,15 @@ def _entries_problem(document: dict) -> str | None:
         for key in ("grid_size", "image_size"):
             if len(entry[key]) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in entry[key]):
                 return f"{where}: '{key}' is not two numbers"
-        problem = _field_problem(entry, "bytes", int, where, optional=True)
-        if problem is not None:
-            return problem
+        for key, kind in (("bytes", int), ("sha256", str), ("stamps", list)):
+            problem = _field_problem(entry, key, kind, where, optional=True)
+            if problem is not None:
+                return problem
+        stamps = entry.get("stamps")
+        if stamps is not None and (len(stamps) != len(entry["files"]) or not all(
+                stamp is None or (isinstance(stamp, dict) and {"size", "mtime_ns", "hash"} <= stamp.keys())
+                for stamp in stamps)):  # fmt: skip
+            return f"{where}: 'stamps' does not hold one file stamp per listed image"
     for i, entry in enumerate(document["failed"]):
         where = f"failed entry {i}"
         if not isinstance(entry, dict):
@@ -248,6 +276,8 @@ def check_listed_shards(out_dir: Path, index: dict, *, read: bool = False) -> di
                 )
             elif list(shard.grid_size) != entry["grid_size"] or list(shard.image_size) != entry["image_size"]:
                 problems[entry["name"]] = "grid or image size differs from the index"
+            elif "sha256" in entry and shard_checksum(path) != entry["sha256"]:
+                problems[entry["name"]] = "its data differs from what was written (checksum mismatch): damaged on disk"
     return problems
 
 

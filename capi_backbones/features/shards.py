@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
+from capi_backbones.features.index import checksum_of_bytes, shard_checksum
 
 __all__ = ["FORMATS", "NPY_SHARD_FILES", "SavedShard", "read_shard", "write_shard"]
 
@@ -44,19 +45,22 @@ class SavedShard:
     image_size: tuple[int, int]
 
 
-def write_shard(path: Path, shard: SavedShard, *, format: str) -> None:
-    """Write ``shard`` to ``path`` (``.../shard_00000.safetensors`` or ``.../shard_00000``) atomically."""
+def write_shard(path: Path, shard: SavedShard, *, format: str) -> str:
+    """Write ``shard`` to ``path`` (``.../shard_00000.safetensors`` or ``.../shard_00000``) atomically. Returns the
+    checksum of what was written (``capi_backbones.features.index.shard_checksum`` of the final shard)."""
     tensors = {name: getattr(shard, name).contiguous() for name in ARRAY_NAMES if getattr(shard, name) is not None}
     description = {"files": shard.files, "grid_size": list(shard.grid_size), "image_size": list(shard.image_size)}
     if format == "safetensors":
         metadata = {key: json.dumps(value) for key, value in description.items()}
+        data = save(tensors, metadata=metadata)
         with atomic_path(path) as tmp:
-            write_bytes(tmp, save(tensors, metadata=metadata))
-    elif format == "npy":
+            write_bytes(tmp, data)
+        return checksum_of_bytes(data)  # the bytes in memory: no second read of the file
+    if format == "npy":
         with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
             _write_npy_folder(tmp, tensors, description)
-    else:
-        raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
+            return shard_checksum(tmp)
+    raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

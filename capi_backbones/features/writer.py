@@ -47,7 +47,8 @@ from capi_backbones.features.index import (
     shard_bytes,
 )
 from capi_backbones.features.output import FeatureOutput
-from capi_backbones.features.shards import FORMATS, NPY_SHARD_FILES, SavedShard, write_shard
+from capi_backbones.features.shards import FORMATS, NPY_SHARD_FILES, SavedShard, read_shard, write_shard
+from capi_backbones.images import same_file_content
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -156,6 +157,70 @@ def merge_rank_manifests(out_dir: Path, index: dict) -> dict:
     return index
 
 
+def _shard_entry(out_dir: Path, name: str, shard: SavedShard, checksum: str, stamps: list) -> dict:
+    return {
+        "name": name,
+        "count": len(shard.files),
+        "grid_size": list(shard.grid_size),
+        "image_size": list(shard.image_size),
+        "bytes": shard_bytes(out_dir / name),
+        "sha256": checksum,
+        "files": shard.files,
+        "stamps": stamps,
+    }
+
+
+def _drop_changed_images(out_dir: Path, index: dict, format: str) -> None:
+    """Images replaced on disk since their features were written (same name, other content: see
+    ``capi_backbones.images.same_file_content``) are taken out of the index, so that they are extracted again:
+    their shard is rewritten without them under a new name (the other images keep their features), then the old
+    one is deleted. Images whose file is gone keep their features. Entries without stamps (older indexes) are
+    trusted."""
+    root = Path(index["root"])
+    numbers = (SHARD_NAME.match(p.name) for p in out_dir.iterdir())
+    next_number = 1 + max((int(m.group(1)) for m in numbers if m and m.group(2) is None), default=-1)
+    shards = index["shards"]
+    position = 0
+    while position < len(shards):
+        entry = shards[position]
+        changed = {
+            row
+            for row, (name, stamp) in enumerate(zip(entry["files"], entry.get("stamps") or [], strict=False))
+            if stamp is not None and same_file_content(os.path.normpath(root / name), stamp) is False
+        }
+        if not changed:
+            position += 1
+            continue
+        names = ", ".join(entry["files"][row] for row in sorted(changed)[:3]) + (", ..." if len(changed) > 3 else "")
+        logger.warning("%d image(s) changed since their features were written (%s): extracting them again.",
+                       len(changed), names)  # fmt: skip
+        keep = [row for row in range(entry["count"]) if row not in changed]
+        try:
+            old = read_shard(out_dir / entry["name"]) if keep else None
+        except Exception as error:  # damaged as well: all its images are extracted again
+            logger.warning("Shard %s is unreadable (%s): its images will be extracted again.", entry["name"], error)
+            keep, old = [], None
+        if keep:
+            rows = torch.tensor(keep)
+            shard = SavedShard(
+                files=[old.files[row] for row in keep],
+                patch_features=old.patch_features[rows].clone(),
+                registers=old.registers[rows].clone(),
+                pooled=None if old.pooled is None else old.pooled[rows].clone(),
+                grid_size=old.grid_size,
+                image_size=old.image_size,
+            )
+            name = f"shard_{next_number:05d}{FORMATS[format]}"
+            next_number += 1
+            checksum = write_shard(out_dir / name, shard, format=format)
+            shards[position] = _shard_entry(out_dir, name, shard, checksum, [entry["stamps"][row] for row in keep])
+            position += 1
+        else:
+            del shards[position]
+        save_index(out_dir, index)  # the rewritten shard listed and the old one not; then the old one goes
+        _delete(out_dir / entry["name"])
+
+
 def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, root: Path) -> dict:
     """Open (or start) the index of ``out_dir`` for a run that holds the folder's run lock, and return it.
 
@@ -183,6 +248,7 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
     for path in find_leftovers(out_dir, index):
         logger.info("Deleting %s, left over by an interrupted run (written but never listed).", path)
         _delete(path)
+    _drop_changed_images(out_dir, index, index["format"])
     return index
 
 
@@ -262,13 +328,15 @@ class ShardWriter:
             return None
         return entry["error"] if (info.st_size, info.st_mtime_ns) == (entry["size"], entry["mtime_ns"]) else None
 
-    def add(self, path: Path, output: FeatureOutput) -> None:
-        """Queue the features of one image (``output`` has batch size 1); writes a shard when a bucket fills."""
+    def add(self, path: Path, output: FeatureOutput, stamp: dict | None = None) -> None:
+        """Queue the features of one image (``output`` has batch size 1); writes a shard when a bucket fills.
+        ``stamp``: the identity of the file they were made from (``capi_backbones.images.file_stamp``), recorded
+        so that a later run redoes the image if the file is replaced."""
         name = self.name_of(path)
         self.failed_entries.pop(name, None)
         self._new_failures.pop(name, None)
         bucket = self._pending.setdefault(output.image_size, [])
-        bucket.append((name, output))
+        bucket.append((name, output, stamp))
         if len(bucket) >= self.shard_size:
             self._write(self._pending.pop(output.image_size))
         elif sum(map(len, self._pending.values())) >= MAX_PENDING_SHARDS * self.shard_size:
@@ -292,11 +360,11 @@ class ShardWriter:
             self._write(self._pending.pop(size))
         self._save()
 
-    def _write(self, bucket: list[tuple[str, FeatureOutput]]) -> None:
-        joined = FeatureOutput.concatenate([output for _, output in bucket])
+    def _write(self, bucket: list[tuple[str, FeatureOutput, dict | None]]) -> None:
+        joined = FeatureOutput.concatenate([output for _, output, _ in bucket])
         dtype = STORAGE_DTYPES[self.dtype]
         shard = SavedShard(
-            files=[name for name, _ in bucket],
+            files=[name for name, _, _ in bucket],
             patch_features=joined.patch_features.to(dtype),
             registers=joined.registers.to(dtype),
             pooled=None if joined.pooled is None else joined.pooled.to(dtype),
@@ -305,16 +373,9 @@ class ShardWriter:
         )
         shard_name = f"shard_{self._next_number:05d}{self._suffix}{FORMATS[self.format]}"
         self._next_number += 1
-        write_shard(self.out_dir / shard_name, shard, format=self.format)
+        checksum = write_shard(self.out_dir / shard_name, shard, format=self.format)
         self._own["shards"].append(
-            {
-                "name": shard_name,
-                "count": len(shard.files),
-                "grid_size": list(shard.grid_size),
-                "image_size": list(shard.image_size),
-                "bytes": shard_bytes(self.out_dir / shard_name),
-                "files": shard.files,
-            }
+            _shard_entry(self.out_dir, shard_name, shard, checksum, [stamp for _, _, stamp in bucket])
         )
         self.done.update(self._path_of(name) for name in shard.files)
         self.shards_written.append(shard_name)
