@@ -15,6 +15,7 @@ permission) are OSErrors with their errno and the file name.
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +54,11 @@ def write_shard(path: Path, shard: SavedShard, *, format: str) -> str:
     if format == "safetensors":
         metadata = {key: json.dumps(value) for key, value in description.items()}
         data = save(tensors, metadata=metadata)
-        with atomic_path(path) as tmp:
-            write_bytes(tmp, data)
-        return checksum_of_bytes(data)  # the bytes in memory: no second read of the file
+        with ThreadPoolExecutor(1) as pool:  # hashing (which frees the GIL) runs while the file is written
+            checksum = pool.submit(checksum_of_bytes, data)  # the bytes in memory: no second read of the file
+            with atomic_path(path) as tmp:
+                write_bytes(tmp, data)
+            return checksum.result()
     if format == "npy":
         with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
             _write_npy_folder(tmp, tensors, description)
