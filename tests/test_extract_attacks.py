@@ -291,3 +291,35 @@ def test_one_flipped_byte_in_a_shard_fails_verify(images, tmp_path, format):
     assert report.problems == [
         f"{entry['name']}: its data differs from what was written (checksum mismatch): damaged on disk"
     ]
+
+
+# ---- item 10: a full disk during an npy extraction is one line, exit code 3, nothing half-written ------------------
+def test_a_full_disk_while_writing_npy_shards_is_one_line_with_exit_code_3(images, tmp_path, monkeypatch, capsys):
+    """numpy's writer reports a full disk as "N requested and M written", an OSError without errno or file name
+    (seen on a 300 KiB tmpfs); the shard files go through Python's file I/O instead."""
+    import capi_backbones.features.shards as shards_module
+
+    real_save = np.save
+
+    def save_on_a_full_disk(file, array, *args, **kwargs):
+        if not hasattr(file, "getvalue"):  # a real file: what numpy does on a full disk
+            raise OSError(f"{array.nbytes} requested and {array.nbytes // 3} written")
+        return real_save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(shards_module.np, "save", save_on_a_full_disk)
+    real_write = shards_module.write_bytes
+    written = []
+
+    def write_until_full(path, data):
+        if written:
+            raise OSError(28, os.strerror(28))  # ENOSPC, as write() reports it: no file name
+        written.append(path.name)
+        return real_write(path, data)
+
+    monkeypatch.setattr(shards_module, "write_bytes", write_until_full)
+    out = tmp_path / "out"
+    assert cli_extract(images, out, tiny_weights(tmp_path), "--format", "npy") == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err
+    assert sorted(p.name for p in out.iterdir()) == ["index.json"]  # no shard folder, no temporary left
+    assert load_index(out)["shards"] == []

@@ -42,6 +42,7 @@ __all__ = [
     "check_listed_shards",
     "check_output_folder",
     "checksum_of_bytes",
+    "checksum_of_files",
     "find_leftovers",
     "is_ours",
     "load_index",
@@ -93,18 +94,23 @@ def checksum_of_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def checksum_of_files(files: dict[str, bytes]) -> str:
+    """The checksum recorded for an npy shard folder holding ``files`` (name -> bytes): SHA-256 over each file's
+    name, size and SHA-256, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode())
+        digest.update(hashlib.sha256(files[name]).digest())
+    return "sha256:" + digest.hexdigest()
+
+
 def shard_checksum(path: Path) -> str:
-    """The checksum of a shard on disk: of the file, or, for an npy shard folder, of its files' names and bytes in
-    name order."""
+    """The checksum of a shard on disk (:func:`checksum_of_bytes` of a file, :func:`checksum_of_files` of an npy
+    shard folder), to compare with the one recorded when it was written."""
     if not path.is_dir():
         with open(path, "rb") as handle:
             return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
-    digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
-        with open(file, "rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha256").digest())
-    return "sha256:" + digest.hexdigest()
+    return checksum_of_files({file.name: file.read_bytes() for file in path.iterdir()})
 
 
 def shard_bytes(path: Path) -> int:

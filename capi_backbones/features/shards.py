@@ -13,6 +13,7 @@ the file modes) and renamed into place, so a shard either exists whole or not at
 permission) are OSErrors with their errno and the file name.
 """
 
+import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
-from capi_backbones.features.index import checksum_of_bytes, shard_checksum
+from capi_backbones.features.index import checksum_of_bytes, checksum_of_files
 
 __all__ = ["FORMATS", "NPY_SHARD_FILES", "SavedShard", "read_shard", "write_shard"]
 
@@ -61,8 +62,7 @@ def write_shard(path: Path, shard: SavedShard, *, format: str) -> str:
             return checksum.result()
     if format == "npy":
         with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
-            _write_npy_folder(tmp, tensors, description)
-            return shard_checksum(tmp)
+            return _write_npy_folder(tmp, tensors, description)
     raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
 
 
@@ -78,10 +78,18 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> None:
+def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> str:
+    """Each file is serialised in memory and written by :func:`write_bytes`: numpy's own writer reports a full disk
+    as "N requested and M written", an OSError without errno or file name. Returns the folder's checksum."""
+    files = {}
     for name, tensor in tensors.items():
-        np.save(folder / f"{name}.npy", tensor.numpy())
-    (folder / "files.json").write_text(json.dumps(description))
+        buffer = io.BytesIO()
+        np.save(buffer, tensor.numpy())
+        files[f"{name}.npy"] = buffer.getvalue()
+    files["files.json"] = json.dumps(description).encode()
+    for name, data in files.items():
+        write_bytes(folder / name, data)
+    return checksum_of_files(files)
 
 
 def read_shard(path: str | os.PathLike) -> SavedShard:
