@@ -73,6 +73,9 @@ def register(subparsers) -> None:
                           help="global probe batch (default 1024, official; lr x batch/256)")  # fmt: skip
     classify.add_argument("--probe-micro-batch", type=int, default=None,
                           help="compute each probe batch in pieces of this size (same steps, less memory)")  # fmt: skip
+    classify.add_argument("--probe-dtype", choices=("float32", "bfloat16"), default="float32",
+                          help="probe training precision (default float32, official; bfloat16 autocast is faster on "
+                          "CPUs and GPUs with native bf16, NOT the official protocol)")  # fmt: skip
     classify.add_argument("--fast", action="store_true",
                           help=f"quick CPU setting, NOT the official protocol: {FAST_ITERATIONS} steps of batch "
                           f"{FAST_BATCH_SIZE} (--iters/--epochs/--probe-batch-size still override)")  # fmt: skip
@@ -174,6 +177,7 @@ def run_classify(args: argparse.Namespace) -> int:
             warmup_iterations=iters // 10,
             batch_size=batch,
             micro_batch_size=args.probe_micro_batch,
+            dtype=args.probe_dtype,
             learning_rates=args.learning_rates or OFFICIAL_LEARNING_RATES,
             weight_decays=args.weight_decays or OFFICIAL_WEIGHT_DECAYS,
             seed=args.seed,
@@ -217,5 +221,5 @@ def run_segment(args: argparse.Namespace) -> int:
     except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("eval segment failed", exc_info=True)
         raise CliError.from_exception(error) from error
-    header = ["classifier", "setting", "val mIoU", "mIoU", "pixel acc"]
-    return _finish(args, payload, header, ["classifier", "setting", "val_miou", "miou", "pixel_accuracy"])
+    header = ["classifier", "setting", "", "val mIoU", "mIoU", "pixel acc"]
+    return _finish(args, payload, header, ["classifier", "setting", "selected", "val_miou", "miou", "pixel_accuracy"])
