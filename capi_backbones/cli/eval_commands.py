@@ -163,6 +163,8 @@ def run_classify(args: argparse.Namespace) -> int:
         unknown = [p for p in args.probes if p not in PROBES]
         if unknown:
             raise ValueError(f"Unknown probe(s) {unknown}. Choose from {', '.join(PROBES)}.")
+        if min(args.knn_k) < 1 or args.head_dim < 1 or (args.probe_micro_batch or 1) < 1:
+            raise ValueError("--knn-k, --head-dim and --probe-micro-batch must be positive.")
         batch = args.probe_batch_size or (FAST_BATCH_SIZE if args.fast else OFFICIAL_BATCH_SIZE)
         if batch < 1 or (args.iters is not None and args.iters < 1):
             raise ValueError("--probe-batch-size and --iters must be positive.")

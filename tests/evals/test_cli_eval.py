@@ -172,6 +172,9 @@ def test_classify_refuses_unknown_representations_before_extracting(tmp_path, ca
     message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
                              "--representations", "cls")  # fmt: skip
     assert "Unknown representation(s) ['cls']" in message
+    message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
+                             "--knn-k", "0,20")  # fmt: skip
+    assert "--knn-k, --head-dim and --probe-micro-batch must be positive" in message
     assert not (tmp_path / "o").exists()
 
 
