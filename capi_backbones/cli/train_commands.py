@@ -43,7 +43,8 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    logger.info("Starting: loading PyTorch, then building the model and the data...")  # before the slow imports
+    if not args.print_config:
+        logger.info("Starting: loading PyTorch, then building the model and the data...")  # before the slow imports
     from capi_backbones.train.launch import quiet_other_ranks, run
 
     quiet_other_ranks()

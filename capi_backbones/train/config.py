@@ -16,8 +16,9 @@ trades compute for memory and changes no number.
 Load a YAML file (or a preset name) and apply ``section.key=value`` overrides with :func:`load_config`.
 """
 
+import contextlib
 import dataclasses
-import types
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -154,6 +155,12 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check the values that the dataclass types cannot; returns self."""
+        for section in fields(self):
+            for entry in fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), entry.name)
+                numbers = value if isinstance(value, tuple) else (value,)
+                if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                    raise ConfigError(f"{section.name}.{entry.name} must be a finite number, got {value}.")
         if self.data.image_size % self.model.patch_size:
             p = self.model.patch_size
             raise ConfigError(
@@ -223,7 +230,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# ---- dict <-> dataclass ---------------------------------------------------------------------------------------------
+# ---- dict <-> dataclass (OmegaConf structured configs type and check the values) ----------------------------------
 def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
     """Plain nested dict (tuples as lists), ready for YAML."""
 
@@ -236,6 +243,17 @@ def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+def _omegaconf():
+    """OmegaConf, imported on first use with the install hint when it is missing."""
+    try:
+        import omegaconf
+    except ImportError as error:
+        raise ImportError(
+            f"Training configs need OmegaConf and PyYAML ({error}). Install them with: {TRAIN_EXTRA_HINT}"
+        ) from None
+    return omegaconf
+
+
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
@@ -245,83 +263,73 @@ def _valid_keys() -> list[str]:
     return [f"{name}.{f.name}" for name, cls in _section_types().items() for f in fields(cls)]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the field type ``annotation``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
-            return None
-        (annotation,) = [a for a in options if a is not type(None)]
-        return _coerce(value, annotation, key)
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = _yaml().safe_load(value)
-        if not isinstance(value, list | tuple) or len(value) != len(item_types):
-            raise ConfigError(f"{key} expects a list of {len(item_types)} values like [0.6, 1.0], got {value!r}.")
-        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "yes", "on", "1"):
-                return True
-            if text in ("false", "no", "off", "0"):
-                return False
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            if isinstance(value, str):
-                number = float(value.replace("_", ""))
-                if not number.is_integer():
-                    raise ValueError
-                return int(number)
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if annotation is str:
-            if isinstance(value, dict | list):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        raise ConfigError(f"{key} expects {annotation.__name__}, got {value!r}.") from None
-    raise ConfigError(f"{key}: unsupported field type {annotation}.")
-
-
-def _check_key(section: str, key: str | None = None) -> tuple[type, dict[str, Any]]:
+def _field_type(section: str, key: str | None = None) -> Any:
+    """The annotation of ``section.key`` (the section's class when ``key`` is None); a ConfigError naming the
+    valid keys when there is no such key."""
     sections = _section_types()
     if section not in sections:
         raise ConfigError(f"Unknown config section {section!r}. Valid keys: {', '.join(_valid_keys())}.")
+    if key is None:
+        return sections[section]
     hints = typing.get_type_hints(sections[section])
-    if key is not None and key not in hints:
+    if key not in hints:
         raise ConfigError(f"Unknown config key '{section}.{key}'. Valid keys: {', '.join(_valid_keys())}.")
-    return sections[section], hints
+    return hints[key]
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return f"a list of {len(typing.get_args(annotation))} values like [0.6, 1.0]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _prepared(value: Any, annotation: Any) -> Any:
+    """The two readings OmegaConf does not do itself: an integral float for an int (``1e3``, which YAML and the
+    command line give as a float or a string), and a ``[a, b]`` string from the command line for a tuple."""
+    if annotation is int and isinstance(value, float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+    if typing.get_origin(annotation) is tuple and isinstance(value, str):
+        with contextlib.suppress(Exception):
+            return _yaml().safe_load(value)
+    return value
 
 
 def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """Apply a nested dict ``{section: {key: value}}`` on top of ``base`` (the defaults when None)."""
-    config = dataclasses.replace(base) if base is not None else TrainConfig()
+    """Apply a nested dict ``{section: {key: value}}`` on top of ``base`` (the defaults when None).
+
+    The values are typed and checked by OmegaConf against the dataclasses (a structured config); its errors
+    become one line naming the key, the expected type and the value."""
     if not isinstance(values, dict):
         raise ConfigError(f"A config must be a mapping of sections, got {type(values).__name__}.")
+    updates: dict[str, dict[str, Any]] = {}
     for section, entries in values.items():
-        _check_key(section)
+        _field_type(section)
         if not isinstance(entries, dict):
             raise ConfigError(f"Config section {section!r} must be a mapping of keys, got {entries!r}.")
-        current = getattr(config, section)
-        updates = {}
-        for key, value in entries.items():
-            _, hints = _check_key(section, key)
-            updates[key] = _coerce(value, hints[key], f"{section}.{key}")
-        try:
-            setattr(config, section, dataclasses.replace(current, **updates))
-        except ValueError as error:  # CapiConfig's own checks (head dim, registers)
-            raise ConfigError(f"{section}: {error}") from None
-    return config
+        updates[section] = {key: _prepared(value, _field_type(section, key)) for key, value in entries.items()}
+    omegaconf = _omegaconf()
+    merged = omegaconf.OmegaConf.structured(base if base is not None else TrainConfig)
+    try:
+        merged = omegaconf.OmegaConf.merge(merged, updates)
+    except omegaconf.errors.OmegaConfBaseException:
+        for section, entries in updates.items():  # find the value it refused, for a message that names it
+            for key, value in entries.items():
+                try:
+                    omegaconf.OmegaConf.merge(merged, {section: {key: value}})
+                except omegaconf.errors.OmegaConfBaseException:
+                    raise ConfigError(
+                        f"{section}.{key} expects {_type_name(_field_type(section, key))}, got {value!r}."
+                    ) from None
+        raise
+    try:
+        return omegaconf.OmegaConf.to_object(merged)
+    except omegaconf.errors.OmegaConfBaseException as error:  # an ${interpolation} that does not resolve
+        raise ConfigError(f"{error.full_key}: {str(error).splitlines()[0]}.") from None
+    except ValueError as error:  # CapiConfig's own checks (head dim, registers)
+        raise ConfigError(f"model: {error}") from None
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -335,7 +343,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
                 f"Override {item!r} is not of the form section.key=value (e.g. optim.lr=5e-4). "
                 f"Valid keys: {', '.join(_valid_keys())}."
             )
-        _check_key(section, key)
+        _field_type(section, key)
         nested.setdefault(section, {})[key] = value
     return config_from_dict(nested, config)
 

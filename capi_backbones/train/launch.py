@@ -14,9 +14,7 @@ import sys
 from capi_backbones.atomic_files import WriteError
 from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
 from capi_backbones.constants import EXIT_INPUTS_FAILED as EXIT_NON_FINITE
-from capi_backbones.train.checkpointing import CheckpointNotFoundError
 from capi_backbones.train.config import ConfigError, dump_config, load_config
-from capi_backbones.train.trainer import NonFiniteLossError, train
 
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_NON_FINITE", "EXIT_USAGE", "main", "run"]
 
@@ -43,9 +41,16 @@ def run(
         return _fail(prog, f"--max-steps must be >= 1, got {max_steps}.", EXIT_USAGE)
     try:
         config = load_config(config_source, overrides)
-        if print_config:
-            print(dump_config(config), end="")
-            return 0
+        text = dump_config(config) if print_config else None
+    except (ConfigError, ImportError) as error:
+        return _fail(prog, str(error), EXIT_ENVIRONMENT if isinstance(error, ImportError) else EXIT_USAGE)
+    if text is not None:  # before torch is imported
+        print(text, end="")
+        return 0
+    from capi_backbones.train.checkpointing import CheckpointNotFoundError
+    from capi_backbones.train.trainer import NonFiniteLossError, train
+
+    try:
         result = train(config, max_steps=max_steps)
     except NonFiniteLossError as error:
         return _fail(prog, str(error), EXIT_NON_FINITE)

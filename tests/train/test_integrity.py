@@ -114,7 +114,7 @@ def test_train_logs_its_first_line_before_the_heavy_imports(tmp_path, monkeypatc
     handler.emit = lambda record: events.append(record.getMessage())
     logging.getLogger().addHandler(handler)
     try:
-        assert main(["train", "tiny", f"train.output_dir={tmp_path}", "--print-config"]) == 0
+        assert main(["train", "tiny", f"train.output_dir={tmp_path}", f"data.root={tmp_path / 'none'}"]) == 2
     finally:
         logging.getLogger().removeHandler(handler)
     assert events[0].startswith("Starting: loading PyTorch") and events[1] == "import"
@@ -183,3 +183,7 @@ def test_missing_train_dependencies_name_the_extra(tmp_path, monkeypatch, capsys
     assert main(["train", "tiny", "--print-config"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PyYAML" in err[-1] and "pip install 'capi-backbones[train]'" in err[-1]
+    monkeypatch.setitem(sys.modules, "omegaconf", None)
+    assert main(["train", "tiny", "--print-config"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OmegaConf" in err[-1] and "pip install 'capi-backbones[train]'" in err[-1]
