@@ -24,20 +24,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.nn.parallel import DistributedDataParallel
 
 from capi_backbones.atomic_files import remove_stale_temporaries
 from capi_backbones.models import CapiModel
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
-from capi_backbones.train.config import TrainConfig, config_from_dict, config_to_dict, save_config
+from capi_backbones.train.config import TrainConfig, save_config
 from capi_backbones.train.data import (
     ImageStream,
     PositionMaskingCollate,
@@ -69,7 +62,6 @@ __all__ = ["NonFiniteLossError", "StepMetrics", "TrainResult", "Trainer", "train
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-RANK_SEED_TAG = 3  # derive_seed tag of the per-rank torch seed (stochastic depth)
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
 CONFIG_FILE = "config.yaml"
@@ -146,7 +138,6 @@ class Trainer:
             prediction_ratio=config.data.prediction_ratio,
             strategy=config.data.masking,
             roll=config.data.roll,
-            seed=config.train.seed,
         )
 
         # ---- models: identical init on every rank ----
@@ -198,7 +189,17 @@ class Trainer:
         if config.train.compile:
             self._student_forward = torch.compile(self._student_forward)
             self._teacher_encode = torch.compile(self._teacher_encode)
-        torch.manual_seed(derive_seed(config.train.seed, RANK_SEED_TAG, self.context.rank))
+        torch.manual_seed(derive_seed(config.train.seed, checkpointing.RANK_SEED_TAG, self.context.rank))
+        self.checkpoints = checkpointing.RunCheckpoints(
+            self.run_dir,
+            config,
+            self.context,
+            student=self.student,
+            teacher=self.teacher,
+            optimizer=self.optimizer,
+            clustering=self.clustering,
+            clustering_optimizer=self.clustering_optimizer,
+        )
         self.resumed_from = self._maybe_resume()
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -392,98 +393,26 @@ class Trainer:
             self.student.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------
-    def _model_states(self) -> dict[str, Any]:
-        """Full (unsharded) states keyed by parameter name, for DDP, FSDP and single-process runs alike, so a
-        checkpoint resumes under any of them. Collective under torch.distributed; only rank 0 gets the values."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=self.context.is_distributed)
-        return {
-            "student": get_model_state_dict(self.student, options=options),
-            "teacher": get_model_state_dict(self.teacher, options=options),
-            "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=options),
-        }
-
-    def _load_model_states(self, state: dict[str, Any]) -> None:
-        options = StateDictOptions(full_state_dict=True, strict=True)
-        set_model_state_dict(self.student, state["student"], options=options)
-        set_model_state_dict(self.teacher, state["teacher"], options=options)
-        set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=options)
-
+    # ---- checkpoints (their contents: checkpointing.RunCheckpoints) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The full training state (collective under torch.distributed: call it on every rank)."""
-        rng = checkpointing.capture_rng_state()
-        if self.context.is_distributed:
-            gathered: list[Any] = [None] * self.context.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_states = gathered
-        else:
-            rng_states = [rng]
-        return {
-            "format": checkpointing.CHECKPOINT_FORMAT,
-            "step": self.step,
-            "world_size": self.context.world_size,
-            "config": config_to_dict(self.config),
-            **self._model_states(),
-            "clustering": self.clustering.state_dict(),
-            "clustering_optimizer": self.clustering_optimizer.state_dict(),
-            "nan_streak": self.nan_streak,
-            "rng": rng_states,
-        }
+        return self.checkpoints.state_dict(self.step, self.nan_streak)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_compatible(state)
-        self._load_model_states(state)
-        self.clustering.load_state_dict(state["clustering"])
-        self.clustering_optimizer.load_state_dict(state["clustering_optimizer"])
-        self.step = int(state["step"])
-        self.nan_streak = int(state["nan_streak"])
-        if state["world_size"] == self.context.world_size:
-            checkpointing.restore_rng_state(state["rng"][self.context.rank])
-        else:
-            logger.warning(
-                "Checkpoint was written by %d ranks, this run has %d: data order and schedules continue exactly, "
-                "but the stochastic-depth RNG is reseeded.", state["world_size"], self.context.world_size,
-            )  # fmt: skip
-            torch.manual_seed(derive_seed(self.config.train.seed, RANK_SEED_TAG, self.step * 4096 + self.context.rank))
-
-    def _check_compatible(self, state: dict[str, Any]) -> None:
-        saved = config_from_dict(state["config"])
-        for section in ("model", "clustering"):
-            old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(self.config, section))
-            diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
-            if diff:
-                details = ", ".join(f"{section}.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-                raise ValueError(
-                    f"Cannot resume: the checkpoint's {section} settings differ ({details}). "
-                    "Use the run's own config.yaml, or a new train.output_dir."
-                )
-        for section in ("optim", "data"):
-            if getattr(saved, section) != getattr(self.config, section):
-                logger.warning("Resuming with %s settings that differ from the checkpoint's.", section)
+        self.step, self.nan_streak = self.checkpoints.load_state_dict(state)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/checkpoint-{step}.pt`` (rank 0; collective under torch.distributed)."""
-        state = self.state_dict()
-        path = checkpointing.checkpoint_path(self.run_dir, self.step)
-        if self.context.is_main:
-            checkpointing.save_checkpoint(state, path, keep_last=self.config.train.keep_checkpoints)
-            if self.config.train.plot_every_checkpoint:
-                self.draw_curves()
-        if self.context.is_distributed:
-            dist.barrier()
+        path = self.checkpoints.save(self.step, self.nan_streak)
+        if self.context.is_main and self.config.train.plot_every_checkpoint:
+            self.draw_curves()
         return path
 
     def _maybe_resume(self) -> Path | None:
-        found = checkpointing.list_checkpoints(self.run_dir)
-        if not found:
+        resumed = self.checkpoints.resume()
+        if resumed is None:
             return None
-        if not self.config.train.resume:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (newest: {found[-1][1].name}) and train.resume=false. "
-                "Set train.resume=true to continue that run, or choose another train.output_dir."
-            )
-        path, state = checkpointing.load_newest_checkpoint(self.run_dir)
-        self.load_state_dict(state)
+        path, self.step, self.nan_streak = resumed
         logger.info("Resumed from %s at step %d", path, self.step)
         return path
 
