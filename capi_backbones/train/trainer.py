@@ -12,7 +12,6 @@ so an interrupted run continues bit for bit (on CPU).
 import contextlib
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -104,13 +103,19 @@ class Trainer:
     """Builds the student, teacher, clustering layer and optimizers from a :class:`TrainConfig`, resumes
     from the run directory's newest checkpoint when ``train.resume`` is set, and runs steps."""
 
-    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, context: DistributedContext | None = None, sync_free: bool | None = None
+    ) -> None:
         self.config = config.validate()
         self.context = context or init_distributed(config.train.device)
         self.device = self.context.device
+        # sync-free steps (no host read between log steps, fused AdamW) where a host read waits for the device
+        self.sync_free = self.device.type != "cpu" if sync_free is None else sync_free
         self.run_dir = Path(config.train.output_dir)
         self.step = 0
         self.nan_streak = 0
+        self._pending: list[tuple[StepMetrics, Tensor]] = []  # steps whose values are still on the device
+        self._unreported: list[StepMetrics] = []  # flushed steps not yet handed to run()'s callbacks
         self._signal_received = False  # set by the signal handler, on this rank only
         self._stop_agreed = False  # every rank knows some rank got a signal (from the step's all-reduce)
         mc, cc, oc = config.model, config.clustering, config.optim
@@ -161,6 +166,7 @@ class Trainer:
             device=self.device,
         ).train()
         self._wrap_parallel()
+        fused = {"fused": True} if self.sync_free else {}  # only the fused kernels skip a step on the device
         self.optimizer = torch.optim.AdamW(
             build_param_groups(
                 self.student,
@@ -173,9 +179,10 @@ class Trainer:
             lr=oc.lr,
             betas=oc.betas,
             weight_decay=oc.weight_decay,
+            **fused,
         )
         self.clustering_optimizer = torch.optim.AdamW(
-            self.clustering.parameters(), lr=cc.lr, betas=cc.betas, weight_decay=cc.weight_decay
+            self.clustering.parameters(), lr=cc.lr, betas=cc.betas, weight_decay=cc.weight_decay, **fused
         )
         self._ema_pairs = (list(self.teacher.parameters()), list(self.student.backbone.parameters()))
         self._sum, self._max = reducers(self.context)
@@ -268,7 +275,12 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def train_step(self, batch: MaskedBatch) -> StepMetrics:
-        """Run step ``self.step`` on this rank's share of the global batch and advance the step counter."""
+        """Run step ``self.step`` on this rank's share of the global batch and advance the step counter.
+
+        Without host synchronisation (``sync_free``, on accelerators) the returned metrics hold NaN until
+        :meth:`flush_metrics` reads the values of the pending steps from the device (``run`` does so at log steps,
+        checkpoints and stops); the non-finite guard then skips the updates on the device. On the CPU a read costs
+        nothing, so each step reads its values at once and skips non-finite updates on the host."""
         start = time.perf_counter()
         step = self.step
         values = self.schedules(step)
@@ -288,50 +300,78 @@ class Trainer:
         n_tokens = targets.shape[0] * targets.shape[1]
         stop = 1.0 if self._signal_received else 0.0
         scalars = torch.stack([loss.detach(), clustering_loss.detach().float(), entropy]).to(usage)
-        extra = torch.tensor([stop, float(n_tokens)], device=usage.device)
+        extra = torch.tensor([stop, float(n_tokens)], dtype=usage.dtype).to(usage.device, non_blocking=True)
         packed = torch.cat([scalars, extra, usage])
         if self.context.is_distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        reduced = packed.cpu()
-        world = self.context.world_size
-        loss_value, closs_value, entropy_value = (reduced[:3] / world).tolist()
-        stop_any, total_tokens = reduced[3].item(), reduced[4].item()
-        mean_usage = reduced[5:] / total_tokens
-        prototype_entropy = float(-torch.xlogy(mean_usage, mean_usage).sum())
-        self._stop_agreed = stop_any > 0
-        finite = math.isfinite(loss_value) and math.isfinite(closs_value)
+        mean_usage = packed[5:] / packed[4]
+        record = torch.cat(
+            [packed[:3] / self.context.world_size, -torch.xlogy(mean_usage, mean_usage).sum()[None], packed[3:4]]
+        )  # loss, clustering loss, target entropy, prototype entropy, stop requests
+        finite = torch.isfinite(record[:2]).all()
 
-        if finite:
-            self.nan_streak = 0
+        if self.sync_free:  # fused AdamW skips its update where found_inf is set; the EMA keeps the teacher
+            skip = (~finite).float()
+            self.optimizer.found_inf = self.clustering_optimizer.found_inf = skip
+            self.optimizer.step()
+            ema_update_(*self._ema_pairs, torch.where(finite, values["momentum"], 1.0))
+            all_reduce_grads_mean(self.clustering.parameters(), self.context.world_size)
+            self.clustering_optimizer.step()
+        elif finite:  # a read from the CPU: free
             self.optimizer.step()
             ema_update_(*self._ema_pairs, values["momentum"])
-            all_reduce_grads_mean(self.clustering.parameters(), world)
+            all_reduce_grads_mean(self.clustering.parameters(), self.context.world_size)
             self.clustering_optimizer.step()
-        else:
-            self.nan_streak += 1
-            logger.warning(
-                "Step %d: non-finite loss (loss=%s, clustering loss=%s); skipped the update (%d in a row).",
-                step, loss_value, closs_value, self.nan_streak,
-            )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         self.clustering_optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.nan_streak >= self.config.train.nan_limit:
-            raise NonFiniteLossError(
-                f"{self.nan_streak} non-finite steps in a row (last at step {step}: loss={loss_value}, "
-                f"clustering loss={closs_value}). Lower optim.lr, check the data, or raise train.nan_limit; "
-                f"restart from the last checkpoint in {self.run_dir / checkpointing.CHECKPOINT_DIR}."
-            )
-        return StepMetrics(
+        nan = float("nan")
+        metrics = StepMetrics(
             step=step,
-            loss=loss_value,
-            clustering_loss=closs_value,
-            target_entropy=entropy_value,
-            prototype_entropy=prototype_entropy,
-            finite=finite,
+            loss=nan,
+            clustering_loss=nan,
+            target_entropy=nan,
+            prototype_entropy=nan,
+            finite=True,
             seconds=time.perf_counter() - start,
             **values,
         )
+        self._pending.append((metrics, torch.cat([record, finite[None].to(record.dtype)])))
+        if not self.sync_free:
+            self.flush_metrics()
+        return metrics
+
+    def flush_metrics(self) -> list[StepMetrics]:
+        """Read the values of the steps run since the last flush from the device (one transfer), fill in their
+        metrics, count non-finite steps in a row and agree on stop requests; returns those metrics. Raises
+        NonFiniteLossError after ``train.nan_limit`` non-finite steps in a row."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        rows = torch.stack([row for _, row in pending]).cpu().tolist()
+        done = []
+        for (metrics, _), row in zip(pending, rows, strict=True):
+            metrics.loss, metrics.clustering_loss, metrics.target_entropy, metrics.prototype_entropy = row[:4]
+            metrics.finite = row[5] > 0
+            self._stop_agreed = self._stop_agreed or row[4] > 0
+            done.append(metrics)
+            if metrics.finite:
+                self.nan_streak = 0
+                continue
+            self.nan_streak += 1
+            logger.warning(
+                "Step %d: non-finite loss (loss=%s, clustering loss=%s); skipped the update (%d in a row).",
+                metrics.step, metrics.loss, metrics.clustering_loss, self.nan_streak,
+            )  # fmt: skip
+            if self.nan_streak >= self.config.train.nan_limit:
+                folder = self.run_dir / checkpointing.CHECKPOINT_DIR
+                raise NonFiniteLossError(
+                    f"{self.nan_streak} non-finite steps in a row (last at step {metrics.step}: loss={metrics.loss}, "
+                    f"clustering loss={metrics.clustering_loss}). Lower optim.lr, check the data, or raise "
+                    f"train.nan_limit; restart from the last checkpoint in {folder}."
+                )
+        self._unreported.extend(done)
+        return done
 
     def _run_teacher(self, compute, batch: MaskedBatch):
         """``teacher_targets`` or ``teacher_assignments`` of the batch: the EMA encoder and the online clustering."""
@@ -439,7 +479,8 @@ class Trainer:
 
     def run(self, max_steps: int | None = None, callbacks: Sequence[Callable[[StepMetrics], None]] = ()) -> TrainResult:
         """Train until ``optim.total_steps`` (or ``max_steps`` more steps, then checkpoint), a stop signal, or
-        an error. ``callbacks`` are called with each step's metrics."""
+        an error. ``callbacks`` are called with each step's metrics once its values are read (at once on the CPU;
+        at the next log or checkpoint step when sync-free)."""
         tc = self.config.train
         start_step = self.step
         end_step = self.config.optim.total_steps
@@ -465,15 +506,27 @@ class Trainer:
                 metrics.seconds, tick = now - tick, now
                 result.history.append(metrics)
                 window.append(metrics)
-                if bar is not None:
-                    images_per_s = self.config.optim.batch_size / metrics.seconds if metrics.seconds > 0 else 0.0
-                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {metrics.loss:.4f}", refresh=False)
-                    bar.update(1)
-                for callback in callbacks:
-                    callback(metrics)
                 done = self.step
-                # ranks stop together: a signal seen after this step's all-reduce counts at the next step
-                stop = self._stop_agreed or (self._signal_received and not self.context.is_distributed)
+                if bar is not None:
+                    bar.update(1)
+                # sync-free: the values are read from the device at log and checkpoint steps, the same on every rank
+                alone = not self.context.is_distributed
+                if (
+                    done % tc.log_every == 0
+                    or done % tc.checkpoint_every == 0
+                    or done == end_step
+                    or (self._signal_received and alone)
+                ):
+                    self.flush_metrics()
+                flushed, self._unreported = self._unreported, []
+                if bar is not None and flushed:
+                    images_per_s = self.config.optim.batch_size / metrics.seconds if metrics.seconds > 0 else 0.0
+                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {flushed[-1].loss:.4f}", refresh=False)
+                for callback in callbacks:
+                    for step_metrics in flushed:
+                        callback(step_metrics)
+                # ranks stop together: a signal seen after this step's all-reduce counts at the next flush
+                stop = self._stop_agreed or (self._signal_received and alone)
                 if done % tc.log_every == 0 or done == end_step or stop:
                     self._log(window, writer)
                     window = []
