@@ -62,6 +62,7 @@ def _yaml():
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 RECIPE_DROP_PATH_RATE = 0.2  # batch-subset stochastic depth of the student in the official recipe
 
 
@@ -133,6 +134,7 @@ class TrainerConfig:
     output_dir: str = "runs/capi"  # run directory: config, checkpoints, metrics, loss curves
     seed: int = 0  # seeds weights, data order, augmentations and masks
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast where native: CUDA sm80+, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     parallel: str = "ddp"  # ddp | fsdp (torch.distributed.fsdp.fully_shard) when launched with torchrun
     compile: bool = False  # torch.compile the teacher and student forwards
     activation_checkpointing: str = "none"  # none | full | selective: recompute student blocks in backward
@@ -171,6 +173,8 @@ class TrainConfig:
             raise ConfigError(f"data.masking={self.data.masking!r}; allowed: uniform, block, inverse_block.")
         if self.train.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.train.device!r}; allowed: auto, cpu, cuda.")
+        if self.train.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"train.precision={self.train.precision!r}; allowed: {', '.join(TRAIN_PRECISIONS)}.")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.train.parallel!r}; allowed: ddp, fsdp.")
         if self.train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:

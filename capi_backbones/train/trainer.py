@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capi_backbones.atomic_files import remove_stale_temporaries
 from capi_backbones.models import CapiModel
+from capi_backbones.runtime.precision import native_bf16, resolve_precision
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
 from capi_backbones.train.config import TrainConfig, save_config
@@ -165,6 +166,7 @@ class Trainer:
             bias=cc.bias,
             device=self.device,
         ).train()
+        self.precision = training_precision(config.train.precision, self.device)
         self._wrap_parallel()
         fused = {"fused": True} if self.sync_free else {}  # only the fused kernels skip a step on the device
         self.optimizer = torch.optim.AdamW(
@@ -187,8 +189,8 @@ class Trainer:
         self._ema_pairs = (list(self.teacher.parameters()), list(self.student.backbone.parameters()))
         self._sum, self._max = reducers(self.context)
         self._autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if self.device.type == "cuda"
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if self.precision == "bf16"
             else contextlib.nullcontext
         )
         self._student_forward = self._student_ddp if self._student_ddp is not None else self.student
@@ -217,8 +219,8 @@ class Trainer:
         if self.config.train.parallel == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-            cuda = self.device.type == "cuda"
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+            bf16_cuda = self.device.type == "cuda" and self.precision == "bf16"
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_cuda else None
             kw = {"mp_policy": policy} if policy is not None else {}
             for model in (self.student.backbone, self.teacher):
                 for block in [*model.encoder.blocks, *model.decoder.blocks]:
@@ -598,6 +600,19 @@ class Trainer:
             last.step + 1, self.config.optim.total_steps, images_per_s, record["loss"], record["clustering_loss"],
             record["target_entropy"], record["prototype_entropy"], last.lr, last.momentum,
         )  # fmt: skip
+
+
+def training_precision(asked: str, device: torch.device) -> str:
+    """``"bf16"`` (autocast) or ``"fp32"`` for ``train.precision``: ``auto`` is bf16 where the device multiplies
+    bf16 natively (CUDA sm80+, CPUs with AVX512-BF16 or AMX), fp32 elsewhere; said once in the log."""
+    chosen = resolve_precision(asked, device, announce=False)
+    if asked == "auto":
+        native = "runs bf16 natively" if chosen == "bf16" else "has no native bf16"
+        logger.info("Training in %s on %s (%s); train.precision=%s to change it.", chosen, device, native,
+                    "fp32" if chosen == "bf16" else "bf16")  # fmt: skip
+    elif chosen == "bf16" and not native_bf16(device):
+        logger.warning("train.precision=bf16 on %s, where bf16 is emulated: likely slower than fp32.", device)
+    return chosen
 
 
 @contextlib.contextmanager
