@@ -34,6 +34,7 @@ __all__ = [
     "ClusteringConfig",
     "ConfigError",
     "DataConfig",
+    "MonitorConfig",
     "OptimConfig",
     "PRESETS",
     "TrainConfig",
@@ -63,6 +64,7 @@ def _yaml():
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+MONITOR_REPRESENTATIONS = ("pooled", "avg_patch")
 RECIPE_DROP_PATH_RATE = 0.2  # batch-subset stochastic depth of the student in the official recipe
 
 
@@ -148,12 +150,26 @@ class TrainerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """A k-NN monitor while training: the teacher's k-NN top-1 on a labelled folder every ``every`` steps."""
+
+    data: str = ""  # labelled folder: train/ + test/ (or val/) class folders, as `eval classify` reads; "" = off
+    every: int = 200  # steps between evaluations (also one before the first step of a run)
+    student: bool = False  # also the student's k-NN top-1
+    k: int = 20  # neighbours of the k-NN vote (DINOv2's k-NN)
+    representation: str = "pooled"  # pooled (the official global representation) | avg_patch
+    max_images: int = 5000  # at most this many images per split (evenly spaced), to bound time and memory
+    batch_size: int = 256  # images per forward
+
+
+@dataclass
 class TrainConfig:
     model: CapiConfig = field(default_factory=_recipe_model)  # the backbone; drop_path_rate is the student's
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> "TrainConfig":
         """Check the values that the dataclass types cannot; returns self."""
@@ -175,6 +191,9 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.train.device!r}; allowed: auto, cpu, cuda.")
         if self.train.precision not in TRAIN_PRECISIONS:
             raise ConfigError(f"train.precision={self.train.precision!r}; allowed: {', '.join(TRAIN_PRECISIONS)}.")
+        if self.monitor.representation not in MONITOR_REPRESENTATIONS:
+            allowed = ", ".join(MONITOR_REPRESENTATIONS)
+            raise ConfigError(f"monitor.representation={self.monitor.representation!r}; allowed: {allowed}.")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.train.parallel!r}; allowed: ddp, fsdp.")
         if self.train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
@@ -191,6 +210,10 @@ class TrainConfig:
             "train.checkpoint_every": self.train.checkpoint_every,
             "train.keep_checkpoints": self.train.keep_checkpoints,
             "train.nan_limit": self.train.nan_limit,
+            "monitor.every": self.monitor.every,
+            "monitor.k": self.monitor.k,
+            "monitor.max_images": self.monitor.max_images,
+            "monitor.batch_size": self.monitor.batch_size,
         }
         for name, value in positive.items():
             if value < 1:

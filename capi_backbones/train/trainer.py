@@ -137,6 +137,8 @@ class Trainer:
             "Found %d images under %s; building the student, teacher and clustering layer on %s...",
             len(self.image_paths), config.data.root, self.device,
         )  # fmt: skip
+        self.monitor = self._build_monitor()
+        self.last_knn = None  # the monitor's latest scores (KnnScores)
         self.grid = (config.data.image_size // mc.patch_size,) * 2
         self.masking = MaskingCollator(
             self.grid,
@@ -228,11 +230,34 @@ class Trainer:
             fully_shard(self.student, **kw)
             fully_shard(self.teacher, **kw)
             register_fsdp_forward_method(self.teacher, "encode")
+            register_fsdp_forward_method(self.teacher, "forward_features")  # the k-NN monitor
         else:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._student_ddp = DistributedDataParallel(self.student, device_ids=device_ids)
         # the clustering layer stays replicated: same init everywhere, gradients averaged by hand
         broadcast_parameters(self.clustering)
+
+    def _build_monitor(self):
+        """The k-NN monitor of ``monitor.data`` (None when unset), built before the models so that a bad folder
+        fails early."""
+        mc = self.config.monitor
+        if not mc.data:
+            return None
+        if mc.student and self.config.train.parallel == "fsdp" and self.context.is_distributed:
+            raise ValueError("monitor.student=true is not available with train.parallel=fsdp; use ddp or drop it.")
+        from capi_backbones.train.monitor import KnnMonitor  # reads images (features) and scores (evals)
+
+        return KnnMonitor(mc, self.config.data.image_size, self.device)
+
+    def evaluate_monitor(self, writer: MetricsWriter | None = None):
+        """Run the k-NN monitor on the current teacher (and student) and record its scores at ``self.step``."""
+        scores = self.monitor.evaluate(self.teacher, self.student.backbone, self._autocast)
+        self.last_knn = scores
+        if writer is not None and self.context.is_main:
+            writer.write({"step": self.step, **scores.record(), "time": time.time()})
+        student = "" if scores.student is None else f", student {scores.student:.3f}"
+        logger.info("step %d | k-NN top-1: teacher %.3f%s (%.1f s)", self.step, scores.teacher, student, scores.seconds)
+        return scores
 
     def _data_loader(self, start_step: int, end_step: int):
         dc = self.config.data
@@ -466,7 +491,12 @@ class Trainer:
         self._signal_received = True
 
     def draw_curves(self) -> Path:
-        return draw_curves(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / CURVES_FILE)
+        """loss_curves.png: the loss, the k-NN monitor's top-1 when there is one, the clustering loss and the
+        target entropy."""
+        records = read_metrics(self.run_dir / METRICS_FILE)
+        knn = [key for key in ("knn_top1", "knn_top1_student") if any(key in r for r in records)]
+        keys = ("loss", *knn, "clustering_loss", "target_entropy")
+        return draw_curves(records, self.run_dir / CURVES_FILE, keys)
 
     def _prepare_run_dir(self) -> MetricsWriter:
         writer = MetricsWriter(self.run_dir / METRICS_FILE)
@@ -500,6 +530,9 @@ class Trainer:
         )  # fmt: skip
         window: list[StepMetrics] = []
         last_saved = -1
+        every = self.config.monitor.every
+        if self.monitor is not None and start_step == 0:
+            self.evaluate_monitor(writer)  # the random init: the baseline of the curve
         with _stop_signals(self.request_stop), self._progress_bar(start_step, end_step) as bar:
             tick = time.perf_counter()
             for batch in self._data_loader(start_step, end_step):
@@ -523,7 +556,8 @@ class Trainer:
                 flushed, self._unreported = self._unreported, []
                 if bar is not None and flushed:
                     images_per_s = self.config.optim.batch_size / metrics.seconds if metrics.seconds > 0 else 0.0
-                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {flushed[-1].loss:.4f}", refresh=False)
+                    knn = "" if self.last_knn is None else f", k-NN {self.last_knn.teacher:.3f}"
+                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {flushed[-1].loss:.4f}{knn}", refresh=False)
                 for callback in callbacks:
                     for step_metrics in flushed:
                         callback(step_metrics)
@@ -532,6 +566,9 @@ class Trainer:
                 if done % tc.log_every == 0 or done == end_step or stop:
                     self._log(window, writer)
                     window = []
+                if self.monitor is not None and (done % every == 0 or done == self.config.optim.total_steps):
+                    self.evaluate_monitor(writer)
+                    tick = time.perf_counter()  # the next step's time leaves the evaluation out
                 if done % tc.checkpoint_every == 0 or stop:
                     result.last_checkpoint = self.save_checkpoint()
                     last_saved = done
@@ -596,9 +633,10 @@ class Trainer:
         writer.write(record)
         logger.info(
             "step %d/%d | %.1f img/s | loss %.4f | clustering %.4f | H(target) %.3f | H(usage) %.3f | "
-            "lr %.3g | mom %.5f",
+            "lr %.3g | mom %.5f%s",
             last.step + 1, self.config.optim.total_steps, images_per_s, record["loss"], record["clustering_loss"],
             record["target_entropy"], record["prototype_entropy"], last.lr, last.momentum,
+            "" if self.last_knn is None else f" | k-NN top-1 {self.last_knn.teacher:.3f}",
         )  # fmt: skip
 
 
