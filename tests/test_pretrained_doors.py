@@ -270,3 +270,23 @@ def test_pretrained_modules_import_without_cycles():
     for module in graph:
         visit(module, [])
     assert "local" in graph["hub_model"] and "local" in graph["loader"]
+
+
+PUBLIC_API = {
+    "WEIGHTS", "CapiHubModel", "CheckpointError", "CheckpointInfo", "DownloadError", "LoadOptions", "ModelSpec",
+    "ParameterCounts", "PretrainedWeights", "ResolvedSource", "StateDictDiff", "checkpoint_filter_fn",
+    "compare_state_dict", "create_model", "from_pretrained", "get_weights", "infer_config", "inspect_checkpoint",
+    "list_models", "load_checkpoint_into", "model_config", "read_checkpoint", "resolve_model_spec", "resolve_source",
+    "save_official_checkpoint", "save_safetensors",
+}  # fmt: skip
+
+
+def test_public_api_is_curated():
+    """A name joining or leaving the API is a decision: this list changes with it."""
+    import capi_backbones.pretrained as pretrained
+
+    assert set(pretrained.__all__) == PUBLIC_API
+    assert all(hasattr(pretrained, name) for name in PUBLIC_API)
+    internals = ["release_pages", "sniff_format", "download_url", "load_local", "fetch_checkpoint", "loading_interface"]
+    for name in internals:  # plumbing: out of the API, importable for compatibility
+        assert name not in pretrained.__all__ and hasattr(pretrained, name)

@@ -96,6 +96,11 @@ def run_extract(args: argparse.Namespace) -> int:
         if error.filename is None and error.errno is not None:
             raise OSError(error.errno, error.strerror, args.out) from error
         raise
+    except KeyboardInterrupt:  # the finished images are saved: a further Ctrl-C ends the exit at once, quietly
+        from capi_backbones.runtime.signals import quiet_after_stop
+
+        quiet_after_stop()
+        raise
     finally:
         if context is not None:
             from capi_backbones.runtime.distributed import shutdown_distributed

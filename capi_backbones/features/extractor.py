@@ -311,9 +311,10 @@ class FeatureExtractor:
         rank, world_size = process_group()
         todo = todo[rank::world_size]
         failed: dict[str, str] = {}
+        decoded = self._decoded(todo)  # starts the decoding workers
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
         try:
-            batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed)
+            batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed, decoded=decoded)
             n_written = 0
             for indices, output in batches:
                 for k, i in enumerate(indices):
@@ -323,9 +324,10 @@ class FeatureExtractor:
                 bar.set_postfix(failed=len(failed), refresh=False)
             bar.update(n_written + len(failed) - bar.n)
         except KeyboardInterrupt:
-            with stop_signals_ignored():
+            with stop_signals_ignored():  # a second Ctrl-C would lose the finished images or end in a traceback
                 self._record_failures(writer, failed)
                 writer.finish()  # keep the finished images
+                _stop_workers(decoded)
             raise
         finally:
             bar.close()
@@ -360,14 +362,8 @@ class FeatureExtractor:
         }
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _iter_batches(
-        self, sources: list[ImageSource], *, pooled: bool, single_size: bool, failures: dict[str, str] | None = None
-    ) -> Iterator[tuple[list[int], FeatureOutput]]:
-        """Decode (in workers), group by processed size, run the model. Yields (input indices, batch output).
-
-        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
-        skipped. With ``single_size`` a second processed size raises a ValueError right away.
-        """
+    def _decoded(self, sources: list[ImageSource]) -> Iterator[tuple[int, Tensor | None, Exception | None]]:
+        """``(index, preprocessed pixels or None, error or None)`` per image, decoded in the worker processes."""
         loader = DataLoader(
             _PreprocessedImages(sources, self.preprocessor),
             batch_size=None,  # one image per item: batches are formed here, by size
@@ -375,8 +371,25 @@ class FeatureExtractor:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 * self.batch_size if self.num_workers else None,
         )
+        return iter(loader)
+
+    def _iter_batches(
+        self,
+        sources: list[ImageSource],
+        *,
+        pooled: bool,
+        single_size: bool,
+        failures: dict[str, str] | None = None,
+        decoded: Iterator | None = None,
+    ) -> Iterator[tuple[list[int], FeatureOutput]]:
+        """Decode (in workers, or take ``decoded`` from :meth:`_decoded`), group by processed size, run the model.
+        Yields (input indices, batch output).
+
+        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
+        skipped. With ``single_size`` a second processed size raises a ValueError right away.
+        """
         pending: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}
-        for index, pixels, error in loader:
+        for index, pixels, error in self._decoded(sources) if decoded is None else decoded:
             if error is not None:
                 if failures is None:
                     raise error
@@ -454,6 +467,14 @@ class FeatureExtractor:
 class ExtractionInterrupted(Interrupted):
     """SIGTERM or SIGUSR1 during ``extract_to_disk``, handled like Ctrl-C (finished images saved).
     ``exit_code`` = 128 + signal."""
+
+
+def _stop_workers(decoded: Iterator) -> None:
+    """Stop the decoding worker processes now (the DataLoader iterator's own clean-up, which would otherwise run
+    whenever the iterator is collected, perhaps after the signals are restored)."""
+    shutdown = getattr(decoded, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _combine(summaries: list[ExtractionSummary]) -> ExtractionSummary:

@@ -43,7 +43,7 @@ class CapiHubModel(CapiModel):
     ) -> str | None:
         """Write ``model.safetensors``, ``config.json`` and a model card into ``save_directory``; with
         ``push_to_hub=True`` also upload them to ``repo_id`` (default: the folder's name)."""
-        save_pretrained_folder(self, save_directory)
+        save_pretrained_folder(self, save_directory, repo_id=repo_id)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
@@ -64,7 +64,7 @@ class CapiHubModel(CapiModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained_folder(self, tmp)
+            save_pretrained_folder(self, tmp, repo_id=repo_id)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp,
