@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     train.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.set_defaults(handler=run_train)
+    overrides_anywhere(train)
 
     export = subparsers.add_parser(
         "export",
@@ -40,6 +41,22 @@ def register(subparsers) -> None:
     export.add_argument("run", metavar="RUN", help="run directory or checkpoint file")
     export.add_argument("out", metavar="OUT", help="output file: .safetensors, .pth or .pt")
     export.set_defaults(handler=run_export)
+
+
+def overrides_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` take its KEY=VALUE overrides before, between or after its options (``train tiny --max-steps 1
+    data.root=photos``): argparse stops filling a ``*`` positional at the first option, so the overrides it leaves
+    over are collected here; anything else left over is still refused as an unrecognized argument."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, extras = parse(args, namespace)
+        late = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
+        if late:
+            namespace.overrides = [*(namespace.overrides or []), *late]
+        return namespace, [arg for arg in extras if arg not in late]
+
+    parser.parse_known_args = parse_known_args
 
 
 def run_train(args: argparse.Namespace) -> int:

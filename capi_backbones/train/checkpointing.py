@@ -93,13 +93,38 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_last: int |
     path = Path(path)
     # a file object, so that a full disk raises OSError (hence WriteError), not torch's RuntimeError
     with atomic_path(path) as tmp, tmp.open("wb") as file:
-        torch.save(state, file)
+        writer = _WriteErrorKeeper(file)
+        try:
+            torch.save(state, writer)
+        except Exception:
+            if writer.error is not None:  # torch's zip writer reports a failed write as a RuntimeError of its own
+                raise writer.error from None
+            raise
     logger.info("Saved checkpoint %s", path)
     if keep_last is not None and path.parent.name == CHECKPOINT_DIR:
         for _, old in list_checkpoints(path.parent.parent)[:-keep_last]:
             old.unlink(missing_ok=True)
             logger.debug("Deleted old checkpoint %s", old)
     return path
+
+
+class _WriteErrorKeeper:
+    """A file object for ``torch.save`` that keeps the OSError of a failed write (a full disk), which torch's zip
+    writer would otherwise replace by a RuntimeError when it unwinds."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -45,6 +45,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "load_config_text",
     "save_config",
 ]
 
@@ -406,6 +407,15 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     if overrides:
         config = apply_overrides(config, overrides)
     return config.validate()
+
+
+def load_config_text(text: str) -> TrainConfig:
+    """The config of a YAML text as ``dump_config`` writes it (a run's config.yaml)."""
+    try:
+        values = _yaml().safe_load(text) or {}
+    except _yaml().YAMLError as error:
+        raise ConfigError(f"not valid YAML: {error}".splitlines()[0]) from None
+    return config_from_dict(values)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.output_dir=runs/a")
     parser.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     quiet_other_ranks()
     return run(args.config, args.overrides, max_steps=args.max_steps, print_config=args.print_config, prog=parser.prog)

@@ -4,8 +4,9 @@ CAPI's features first get worse than at random init, then better; the loss does 
 Every ``monitor.every`` steps (and before the first step of a run) the monitor embeds the train and test images of
 ``monitor.data`` (the class-folder layout ``capi-backbones eval classify`` reads) with the current teacher and
 scores the test images by k-NN on the train ones, with the package's own k-NN (``evals.knn``, DINOv2's weighted
-vote). The images are decoded and resized once, at start, as extraction does with a square size (the training
-resolution); the monitor reads no RNG and changes no weight, so training steps are the same with or without it.
+vote). The images are decoded once, at start, and center-cropped at the training resolution as ``eval classify``
+does (``transforms.center_crop``: the official 256/224 resize and crop); the monitor reads no RNG and changes no
+weight, so training steps are the same with or without it.
 
 Imported only when ``monitor.data`` is set: it reads images with ``features`` and scores with ``evals``.
 """
@@ -23,10 +24,11 @@ from torch import Tensor
 
 from capi_backbones.evals.datasets import read_classification_folders
 from capi_backbones.evals.knn import knn_classify
-from capi_backbones.features.images import load_image
 from capi_backbones.features.preprocessing import resize_and_normalize
+from capi_backbones.images import load_image
 from capi_backbones.models import CapiModel
 from capi_backbones.train.config import MonitorConfig
+from capi_backbones.transforms import center_crop
 
 __all__ = ["KnnMonitor", "KnnScores"]
 
@@ -58,7 +60,8 @@ def _load(items: list[tuple[Path, int]], size: int, split: str) -> tuple[Tensor,
     images, labels, failed = [], [], []
     for path, label in items:
         try:
-            pixels = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)  # (3, h, w) uint8
+            image = center_crop(load_image(path), size)  # the crop of `eval classify`
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, size, size) uint8
         except (OSError, ValueError) as error:
             failed.append(str(error))
             continue

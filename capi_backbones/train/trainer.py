@@ -12,6 +12,7 @@ so an interrupted run continues bit for bit (on CPU).
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,15 +23,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from capi_backbones.atomic_files import remove_stale_temporaries
+from capi_backbones.atomic_files import atomic_write_text, remove_stale_temporaries
+from capi_backbones.images import load_image
 from capi_backbones.models import CapiModel
 from capi_backbones.runtime.precision import native_bf16, resolve_precision
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
-from capi_backbones.train.config import TrainConfig, save_config
+from capi_backbones.train.config import ConfigError, TrainConfig, config_to_dict, dump_config, load_config_text
 from capi_backbones.train.data import (
     ImageStream,
     PositionMaskingCollate,
@@ -133,6 +136,7 @@ class Trainer:
                 f"{self.local_batch}."
             )
         self.image_paths = find_images(config.data.root)  # fails early on a missing or empty folder
+        first_readable_image(self.image_paths, config.data.root)
         logger.info(
             "Found %d images under %s; building the student, teacher and clustering layer on %s...",
             len(self.image_paths), config.data.root, self.device,
@@ -498,6 +502,26 @@ class Trainer:
         keys = ("loss", *knn, "clustering_loss", "target_entropy")
         return draw_curves(records, self.run_dir / CURVES_FILE, keys)
 
+    def _save_run_config(self) -> None:
+        """Write config.yaml. A run resumed (or restarted) with other settings keeps the previous file as
+        ``config-until-step-N.yaml`` (N: the steps it was used for) and says which keys changed: the file is
+        never overwritten with settings the existing checkpoints were not made with."""
+        path = self.run_dir / CONFIG_FILE
+        text = dump_config(self.config)
+        if path.exists() and (old := path.read_text(encoding="utf-8", errors="replace")) != text:
+            changed = changed_keys(old, self.config)
+            archive = self.run_dir / f"config-until-step-{self.step:08d}.yaml"
+            copies = 1
+            while archive.exists():
+                copies += 1
+                archive = self.run_dir / f"config-until-step-{self.step:08d}-{copies}.yaml"
+            os.replace(path, archive)
+            logger.warning(
+                "The settings differ from the run's %s (%s): kept it as %s; %s now holds this run's settings.",
+                CONFIG_FILE, ", ".join(changed) or "unreadable", archive.name, CONFIG_FILE,
+            )  # fmt: skip
+        atomic_write_text(path, text)
+
     def _prepare_run_dir(self) -> MetricsWriter:
         writer = MetricsWriter(self.run_dir / METRICS_FILE)
         if self.context.is_main:
@@ -505,7 +529,7 @@ class Trainer:
             for folder in (self.run_dir, self.run_dir / checkpointing.CHECKPOINT_DIR):
                 for path in remove_stale_temporaries(folder):
                     logger.info("Removed %s, left by an interrupted write.", path)
-            save_config(self.config, self.run_dir / CONFIG_FILE)
+            self._save_run_config()
             writer.truncate_after(self.step)  # records past the checkpoint are re-done
         return writer
 
@@ -651,6 +675,33 @@ def training_precision(asked: str, device: torch.device) -> str:
     elif chosen == "bf16" and not native_bf16(device):
         logger.warning("train.precision=bf16 on %s, where bf16 is emulated: likely slower than fp32.", device)
     return chosen
+
+
+def changed_keys(old_yaml: str, config: TrainConfig) -> list[str]:
+    """The ``section.key`` names whose values differ between a saved config.yaml text and ``config`` (empty when
+    the text cannot be read as a config)."""
+    try:
+        old = config_to_dict(load_config_text(old_yaml))
+    except (ConfigError, ImportError):
+        return []
+    new = config_to_dict(config)
+    return [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+
+
+def first_readable_image(paths: Sequence[Path], root: str) -> None:
+    """Decode images of ``paths`` until one works; a ValueError of one line when none does (a folder of broken
+    or foreign files would otherwise fail in the data loader, after the models are built)."""
+    first_error = None
+    for path in paths:
+        try:
+            load_image(path)
+            return
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            first_error = first_error or error
+    raise ValueError(
+        f"None of the {len(paths)} image files under {root} can be read (first: {first_error}). "
+        "Point data.root at a folder of readable images."
+    )
 
 
 @contextlib.contextmanager
