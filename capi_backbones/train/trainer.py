@@ -1,4 +1,7 @@
-"""The CAPI pretraining loop: models, optimizers, schedules, logging, checkpoints, signals and resume.
+"""The CAPI pretraining loop: it builds the models and optimizers and runs the steps, in order.
+
+What a checkpoint holds, writing and resuming it: ``train.checkpointing``. The run directory's other files (config,
+metrics, curves) and the progress shown: ``train.run_dir``. The k-NN monitor: ``train.monitor``.
 
 One step (spec section 7): teacher forward + clustering loss backward; student forward + CAPI loss backward;
 AdamW step on the student; EMA update of the teacher; clustering optimizer step. A step whose losses are not
@@ -12,9 +15,6 @@ so an interrupted run continues bit for bit (on CPU).
 import contextlib
 import dataclasses
 import logging
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,13 +27,13 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from capi_backbones.atomic_files import atomic_write_text, remove_stale_temporaries
 from capi_backbones.images import load_image
 from capi_backbones.models import CapiModel
 from capi_backbones.runtime.precision import native_bf16, resolve_precision
+from capi_backbones.runtime.signals import handle_stop_signals
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
-from capi_backbones.train.config import ConfigError, TrainConfig, config_to_dict, dump_config, load_config_text
+from capi_backbones.train.config import TrainConfig
 from capi_backbones.train.data import (
     ImageStream,
     PositionMaskingCollate,
@@ -55,19 +55,21 @@ from capi_backbones.train.ema import ema_update_
 from capi_backbones.train.heads import L2NormLinear
 from capi_backbones.train.losses import capi_loss
 from capi_backbones.train.masking import MaskedBatch, MaskingCollator
-from capi_backbones.train.metrics import MetricsWriter, draw_curves, read_metrics
+from capi_backbones.train.metrics import MetricsWriter
 from capi_backbones.train.param_groups import apply_schedules, build_param_groups
+from capi_backbones.train.run_dir import (
+    METRICS_FILE,
+    draw_run_curves,
+    log_window,
+    prepare_run_dir,
+    progress_bar,
+)
 from capi_backbones.train.schedules import warmup_truncated_cosine
 from capi_backbones.train.step import StudentNet, assignment_entropies, teacher_assignments, teacher_targets
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "loss_curves.png"
-CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -495,42 +497,13 @@ class Trainer:
         self._signal_received = True
 
     def draw_curves(self) -> Path:
-        """loss_curves.png: the loss, the k-NN monitor's top-1 when there is one, the clustering loss and the
-        target entropy."""
-        records = read_metrics(self.run_dir / METRICS_FILE)
-        knn = [key for key in ("knn_top1", "knn_top1_student") if any(key in r for r in records)]
-        keys = ("loss", *knn, "clustering_loss", "target_entropy")
-        return draw_curves(records, self.run_dir / CURVES_FILE, keys)
-
-    def _save_run_config(self) -> None:
-        """Write config.yaml. A run resumed (or restarted) with other settings keeps the previous file as
-        ``config-until-step-N.yaml`` (N: the steps it was used for) and says which keys changed: the file is
-        never overwritten with settings the existing checkpoints were not made with."""
-        path = self.run_dir / CONFIG_FILE
-        text = dump_config(self.config)
-        if path.exists() and (old := path.read_text(encoding="utf-8", errors="replace")) != text:
-            changed = changed_keys(old, self.config)
-            archive = self.run_dir / f"config-until-step-{self.step:08d}.yaml"
-            copies = 1
-            while archive.exists():
-                copies += 1
-                archive = self.run_dir / f"config-until-step-{self.step:08d}-{copies}.yaml"
-            os.replace(path, archive)
-            logger.warning(
-                "The settings differ from the run's %s (%s): kept it as %s; %s now holds this run's settings.",
-                CONFIG_FILE, ", ".join(changed) or "unreadable", archive.name, CONFIG_FILE,
-            )  # fmt: skip
-        atomic_write_text(path, text)
+        """loss_curves.png (see ``run_dir.draw_run_curves``)."""
+        return draw_run_curves(self.run_dir)
 
     def _prepare_run_dir(self) -> MetricsWriter:
         writer = MetricsWriter(self.run_dir / METRICS_FILE)
         if self.context.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for folder in (self.run_dir, self.run_dir / checkpointing.CHECKPOINT_DIR):
-                for path in remove_stale_temporaries(folder):
-                    logger.info("Removed %s, left by an interrupted write.", path)
-            self._save_run_config()
-            writer.truncate_after(self.step)  # records past the checkpoint are re-done
+            writer = prepare_run_dir(self.run_dir, self.config, self.step)
         return writer
 
     def run(self, max_steps: int | None = None, callbacks: Sequence[Callable[[StepMetrics], None]] = ()) -> TrainResult:
@@ -557,7 +530,8 @@ class Trainer:
         every = self.config.monitor.every
         if self.monitor is not None and start_step == 0:
             self.evaluate_monitor(writer)  # the random init: the baseline of the curve
-        with _stop_signals(self.request_stop), self._progress_bar(start_step, end_step) as bar:
+        bar_on = self.config.train.progress_bar and self.context.is_main
+        with handle_stop_signals(self.request_stop), progress_bar(bar_on, start_step, end_step) as bar:
             tick = time.perf_counter()
             for batch in self._data_loader(start_step, end_step):
                 metrics = self.train_step(batch)
@@ -607,61 +581,9 @@ class Trainer:
         result.end_step = self.step
         return result
 
-    @contextlib.contextmanager
-    def _progress_bar(self, start_step: int, end_step: int):
-        """A tqdm bar over the steps (rate, ETA, img/s and loss) on rank 0 when ``train.progress_bar`` is set
-        and stderr is a terminal; log lines go above it. Yields None when there is no bar."""
-        if not (self.config.train.progress_bar and self.context.is_main):
-            yield None
-            return
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        bar = tqdm(
-            total=end_step, initial=start_step, unit="step", desc="train", disable=None,
-            dynamic_ncols=True,
-        )  # fmt: skip
-        if bar.disable:  # not a terminal: the log lines are the progress
-            bar.close()
-            yield None
-            return
-        with logging_redirect_tqdm(), bar:
-            yield bar
-
     def _log(self, window: list[StepMetrics], writer: MetricsWriter) -> None:
-        if not window or not self.context.is_main:
-            return
-        last = window[-1]
-        finite = [m for m in window if m.finite] or window
-        seconds = sum(m.seconds for m in window)
-        images_per_s = len(window) * self.config.optim.batch_size / seconds if seconds > 0 else float("nan")
-
-        def mean(key: str) -> float:
-            return sum(getattr(m, key) for m in finite) / len(finite)
-
-        record = {
-            "step": last.step + 1,  # steps done
-            "loss": mean("loss"),
-            "clustering_loss": mean("clustering_loss"),
-            "target_entropy": mean("target_entropy"),
-            "prototype_entropy": mean("prototype_entropy"),
-            "lr": last.lr,
-            "weight_decay": last.weight_decay,
-            "momentum": last.momentum,
-            "clustering_lr": last.clustering_lr,
-            "images_per_s": images_per_s,
-            "steps_per_s": len(window) / seconds if seconds > 0 else float("nan"),
-            "skipped_steps": sum(not m.finite for m in window),
-            "time": time.time(),
-        }
-        writer.write(record)
-        logger.info(
-            "step %d/%d | %.1f img/s | loss %.4f | clustering %.4f | H(target) %.3f | H(usage) %.3f | "
-            "lr %.3g | mom %.5f%s",
-            last.step + 1, self.config.optim.total_steps, images_per_s, record["loss"], record["clustering_loss"],
-            record["target_entropy"], record["prototype_entropy"], last.lr, last.momentum,
-            "" if self.last_knn is None else f" | k-NN top-1 {self.last_knn.teacher:.3f}",
-        )  # fmt: skip
+        if self.context.is_main:
+            log_window(window, writer, self.config, None if self.last_knn is None else self.last_knn.teacher)
 
 
 def training_precision(asked: str, device: torch.device) -> str:
@@ -675,17 +597,6 @@ def training_precision(asked: str, device: torch.device) -> str:
     elif chosen == "bf16" and not native_bf16(device):
         logger.warning("train.precision=bf16 on %s, where bf16 is emulated: likely slower than fp32.", device)
     return chosen
-
-
-def changed_keys(old_yaml: str, config: TrainConfig) -> list[str]:
-    """The ``section.key`` names whose values differ between a saved config.yaml text and ``config`` (empty when
-    the text cannot be read as a config)."""
-    try:
-        old = config_to_dict(load_config_text(old_yaml))
-    except (ConfigError, ImportError):
-        return []
-    new = config_to_dict(config)
-    return [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
 
 
 def first_readable_image(paths: Sequence[Path], root: str) -> None:
@@ -702,20 +613,6 @@ def first_readable_image(paths: Sequence[Path], root: str) -> None:
         f"None of the {len(paths)} image files under {root} can be read (first: {first_error}). "
         "Point data.root at a folder of readable images."
     )
-
-
-@contextlib.contextmanager
-def _stop_signals(handler: Callable):
-    """Route SIGTERM and SIGUSR1 to ``handler`` for the duration (main thread only), then restore."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def train(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult:
