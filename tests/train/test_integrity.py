@@ -271,6 +271,10 @@ def test_overrides_after_the_options(tmp_path, capsys):
     assert main(["train", "--print-config", "tiny", "optim.lr=0.25", "--max-steps", "2", "data.hflip=false"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.25 and printed["data"]["hflip"] is False
+    from capi_backbones.train.launch import main as module_main  # python -m capi_backbones.train (torchrun's)
+
+    assert module_main(["tiny", "--print-config", "optim.lr=0.125"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.125
     with pytest.raises(SystemExit) as stopped:  # not an override: still refused, as argparse does
         main(["train", "tiny", "--max-steps", "1", "stray"])
     assert stopped.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
