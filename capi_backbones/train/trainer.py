@@ -333,7 +333,8 @@ class Trainer:
         n_tokens = targets.shape[0] * targets.shape[1]
         stop = 1.0 if self._signal_received else 0.0
         scalars = torch.stack([loss.detach(), clustering_loss.detach().float(), entropy]).to(usage)
-        extra = torch.tensor([stop, float(n_tokens)], dtype=usage.dtype).to(usage.device, non_blocking=True)
+        extra = usage.new_full((2,), float(n_tokens))  # made on the device: a host copy would wait for it
+        extra[0] = stop
         packed = torch.cat([scalars, extra, usage])
         if self.context.is_distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
