@@ -294,7 +294,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.precision or args.monitor:  # only these
