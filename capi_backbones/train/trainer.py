@@ -565,7 +565,11 @@ class Trainer:
                 if done % tc.log_every == 0 or done == end_step or stop:
                     self._log(window, writer)
                     window = []
-                if self.monitor is not None and (done % every == 0 or done == self.config.optim.total_steps):
+                if (
+                    self.monitor is not None
+                    and not stop
+                    and (done % every == 0 or done == self.config.optim.total_steps)
+                ):
                     self.evaluate_monitor(writer)
                     tick = time.perf_counter()  # the next step's time leaves the evaluation out
                 if done % tc.checkpoint_every == 0 or stop:
