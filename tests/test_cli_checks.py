@@ -39,6 +39,11 @@ MISTAKES = [
         "capi_vitx is unknown; with --random",
     ),
     (["export-torch", "x.pt2", "--random-init", "--device", "gpu"], "--device gpu is not a device"),
+    (["info", "missing.pth"], "CHECKPOINT missing.pth does not exist"),
+    (["info", "a.png", "--model", "vit_small"], "--model vit_small is not an architecture; use one of capi_vits14"),
+    (["convert", "missing.pth", "out.safetensors"], "CHECKPOINT missing.pth does not exist"),
+    (["convert", "a.png", "notes.txt"], "notes.txt already exists; add --overwrite to replace it"),
+    (["convert", "a.png", "a.png", "--overwrite"], "CHECKPOINT and OUTPUT are the same path"),
 ]
 
 SCRIPT = textwrap.dedent(

@@ -16,10 +16,12 @@ from pathlib import Path
 from capi_backbones.cli.errors import CliError
 from capi_backbones.constants import IMAGE_EXTENSIONS, PATCH_SIZE
 from capi_backbones.models.config import ARCHITECTURES
-from capi_backbones.weights_registry import get_weights, is_registered
+from capi_backbones.weights_registry import get_weights, is_registered, weights_names
 
 __all__ = [
     "SMALLEST_ARCHITECTURE",
+    "architecture_of",
+    "check_architecture",
     "check_common_options",
     "check_device",
     "check_image_size",
@@ -27,6 +29,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "check_positive",
+    "check_source",
     "cuda_is_certainly_missing",
     "plural",
 ]
@@ -149,6 +152,26 @@ def check_output_dir(name: str, flag: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise CliError(f"{flag} '{name}' is a file, not a folder; give a folder name.")
     return path
+
+
+def check_source(value: str, what: str = "CHECKPOINT") -> None:
+    """Anything ``from_pretrained`` takes: a file or folder that exists, released weights, a URL or hf-hub:."""
+    if is_registered(value) or "://" in value or value.startswith("hf-hub:") or Path(value).exists():
+        return
+    if not Path(value).suffix and os.sep not in value:  # meant as a name
+        raise CliError(
+            f"Unknown model or weights '{value}' for {what}: use released weights ({', '.join(weights_names())}; "
+            "see 'capi-backbones list') or a checkpoint file, folder, URL or hf-hub:owner/repo."
+        )
+    raise CliError(
+        f"{what} {value} does not exist: give a .pth or .safetensors file, a folder written by save_pretrained, "
+        "released weights (see 'capi-backbones list'), a URL or hf-hub:owner/repo."
+    )
+
+
+def check_architecture(value: str | None, flag: str = "--model") -> None:
+    if value is not None and value not in ARCHITECTURES:
+        raise CliError(f"{flag} {value} is not an architecture; use one of {', '.join(ARCHITECTURES)}.")
 
 
 def _check_weights_options(args: argparse.Namespace) -> None:
