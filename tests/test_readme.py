@@ -23,6 +23,7 @@ NEEDS_MARK = "# needs"  # first line of a block that needs the network, a GPU, .
 INSTALL = "pip install"  # first line of a shell block that installs: syntax-checked only
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 SHELLS = ("bash", "sh", "shell", "console")
+BLOCK_TIMEOUT = 600  # seconds: a block that starts a server or waits for input fails instead of hanging
 DOTTED_NAME = re.compile(r"\bcapi_backbones(?:\.[A-Za-z_]\w*)+")
 
 
@@ -64,9 +65,18 @@ def run_block(where: str, language: str, code: str, folder: Path) -> None:
     assert check.returncode == 0, f"{where}: not valid bash:\n{check.stderr}"
     if marked:
         return
-    result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail"], input=code, text=True, capture_output=True, cwd=folder, env=_shell_env()
-    )
+    try:
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail"],
+            input=code,
+            text=True,
+            capture_output=True,
+            cwd=folder,
+            env=_shell_env(),
+            timeout=BLOCK_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{where}: still running after {BLOCK_TIMEOUT} s (a block must finish; mark it '# needs ...')")
     assert result.returncode == 0, (
         f"{where}: exit status {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n"
         f"{result.stderr[-3000:]}"
