@@ -7,6 +7,8 @@ starts with ``pip install`` installs (the README's install and development block
 (Python) or syntax-checked (``bash -n``). Every dotted ``capi_backbones.…`` name written in the pages must resolve.
 """
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -54,12 +56,14 @@ def run_block(where: str, language: str, code: str, folder: Path) -> None:
     if language == "python":
         compiled = compile(code, where, "exec")
         if not marked:
-            cwd = os.getcwd()
+            cwd, printed = os.getcwd(), io.StringIO()
             os.chdir(folder)
             try:
-                exec(compiled, {"__name__": "__docs__"})
+                with contextlib.redirect_stdout(printed):
+                    exec(compiled, {"__name__": "__docs__"})
             finally:
                 os.chdir(cwd)
+            check_printed(where, code, printed.getvalue())
         return
     check = subprocess.run(["bash", "-n"], input=code, text=True, capture_output=True)
     assert check.returncode == 0, f"{where}: not valid bash:\n{check.stderr}"
@@ -81,6 +85,16 @@ def run_block(where: str, language: str, code: str, folder: Path) -> None:
         f"{where}: exit status {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n"
         f"{result.stderr[-3000:]}"
     )
+
+
+PRINT_WITH_OUTPUT = re.compile(r"^\s*print\(.*\)\s+#\s*([^:]+)", re.M)  # print(x.shape)  # (1, 16, 384): note
+
+
+def check_printed(where: str, code: str, stdout: str) -> None:
+    """What a ``print(...)  # output`` line of a block says it prints is what it printed (shapes as tuples)."""
+    shown = re.sub(r"torch\.Size\(\[([^\]]*)\]\)", r"(\1)", stdout)
+    for expected in PRINT_WITH_OUTPUT.findall(code):
+        assert expected.strip() in shown, f"{where}: the comment says {expected.strip()!r}; it printed:\n{stdout}"
 
 
 def _runs_commands(page: Path) -> bool:
@@ -106,6 +120,9 @@ def test_a_failing_block_is_reported(tmp_path):
         run_block("x.md:1", "python", "import capi_backbones.no_such_module\n", tmp_path)
     with pytest.raises(SyntaxError):
         run_block("x.md:1", "python", "# needs the network\nimport (\n", tmp_path)
+    with pytest.raises(AssertionError, match="the comment says '\\(2, 3\\)'"):
+        run_block("x.md:1", "python", "import torch\nprint(torch.zeros(2, 4).shape)  # (2, 3)\n", tmp_path)
+    run_block("x.md:1", "python", "import torch\nprint(torch.zeros(2, 4).shape)  # (2, 4): a note\n", tmp_path)
     with pytest.raises(AssertionError, match="not valid bash"):
         run_block("x.md:1", "bash", "# needs GPUs\nif then\n", tmp_path)
 
