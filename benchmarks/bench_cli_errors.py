@@ -30,6 +30,8 @@ MISTAKES = [  # (what the issue calls it, arguments)
         "pca: --weights of another --model",
         ["pca", "photos", "--out", "x.png", "--weights", "v.pth", "--model", "capi_vitb14"],
     ),
+    ("info: a missing file", ["info", "missing.pth"]),
+    ("convert: an existing output", ["convert", "v.pth", "exists.onnx"]),
     ("export-onnx: an existing output", ["export-onnx", "exists.onnx", *RANDOM]),
     ("export-onnx: a wrong extension", ["export-onnx", "v.pt2", *RANDOM]),
     ("export-torch: --device cuda without CUDA", ["export-torch", "x.pt2", *RANDOM, "--device", "cuda"]),
