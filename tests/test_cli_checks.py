@@ -204,3 +204,18 @@ def test_logging_is_not_set_on_the_root_logger_by_main(folder):
     )
     assert output.returncode == 0, output.stderr
     assert int(output.stdout.strip().splitlines()[-1]) == logging.WARNING
+
+
+def test_progress_bars_on_terminals_only(monkeypatch):
+    import argparse
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
+    assert not checks.progress_wanted(argparse.Namespace(no_progress=False))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert checks.progress_wanted(argparse.Namespace(no_progress=False))
+    assert not checks.progress_wanted(argparse.Namespace(no_progress=True))

@@ -32,6 +32,7 @@ __all__ = [
     "check_source",
     "cuda_is_certainly_missing",
     "plural",
+    "progress_wanted",
 ]
 
 SMALLEST_ARCHITECTURE = "capi_vits14"  # what --random-init uses without --model
@@ -64,6 +65,11 @@ _DEVICE_TYPES = {  # torch's device types (torch.device refuses others)
 def plural(count: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """Progress bars on terminals only (a bar written into a log file is noise), unless --no-progress."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
 def check_positive(value: int | None, flag: str, *, minimum: int = 1) -> None:

@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from capi_backbones.cli.checks import check_output_file, plural
+from capi_backbones.cli.checks import check_output_file, plural, progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
 
@@ -87,8 +87,7 @@ def _features(args: argparse.Namespace, sources: list) -> tuple[list, list, list
 
     extractor = build_extractor(args, keep_aspect=not args.square)
     images, maps, labels, failed = [], [], [], {}
-    hidden = args.no_progress or not sys.stderr.isatty()  # a bar written into a log file is noise
-    with tqdm(total=len(sources), desc="pca", unit="img", disable=hidden) as bar:
+    with tqdm(total=len(sources), desc="pca", unit="img", disable=not progress_wanted(args)) as bar:
         for start in range(0, len(sources), args.batch_size):
             batch, batch_labels = [], []
             for source in sources[start : start + args.batch_size]:
