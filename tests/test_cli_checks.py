@@ -21,12 +21,13 @@ MISTAKES = [
     (["extract", "nophotos", "--out", "f"], "Image path 'nophotos' does not exist"),
     (["extract", "empty", "--out", "f"], "No image files found in directory 'empty'"),
     (["extract", "notes.txt", "--out", "f"], "'notes.txt' is not an image file"),
+    (["extract", "hidden", "--out", "f"], "No image files found in directory 'hidden'"),  # ._a.jpg, .cache/b.jpg
     (["extract", "a.png", "--out", "f", "--model", "capi_vits14"], "--model capi_vits14 is an architecture, not a set"),
     (["extract", "a.png", "--out", "f", "--random-init", "--weights", "a.png"], "leave out --weights PATH"),
     (["extract", "a.png", "--out", "f", "--image-size", "100"], "--image-size 100 is not a multiple of the patch size"),
     (["extract", "a.png", "--out", "f", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["extract", "a.png", "--out", "f", "--workers", "-1"], "--workers must be at least 0, got -1"),
-    (["extract", "a.png", "--out", "f", "--device", "cpu", "--precision", "bf16"], "--precision bf16 is only allowed"),
+    (["extract", "a.png", "--out", "f", "--device", "cpu", "--precision", "fp16"], "--precision fp16 is only allowed"),
     (["pca", "a.png", "--out", "x.jpg"], "--out must be a .png file, got 'x.jpg'"),
     (["pca", "a.png", "--out", "empty"], "--out must be a .png file"),
     (["pca", "a.png", "--out", "a.png/x.png"], "'a.png' is a file, not a folder"),
@@ -76,6 +77,10 @@ def folder(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")  # never read: the arguments fail first
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "hidden" / ".cache").mkdir(parents=True)  # what the finder skips: hidden names
+    (tmp_path / "hidden" / "._a.jpg").write_bytes(b"")
+    (tmp_path / "hidden" / ".cache" / "b.jpg").write_bytes(b"")
+    (tmp_path / "hidden" / "loop").symlink_to(tmp_path / "hidden")  # a link cycle is searched once
     return tmp_path
 
 

@@ -3,6 +3,7 @@ architecture inferred by the loader), resuming, and one-line user errors without
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
         capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
     )
     assert "only allowed on CUDA" in error_line(
-        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "bf16"
+        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "fp16"
     )
     assert not (tmp_path / "o").exists()
 
@@ -143,3 +144,34 @@ def test_failed_images_give_exit_code_1_and_are_listed(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 images written" in err and "1 failed" in err and "failed: broken.jpg: Cannot read image" in err
     assert [f["file"] for f in load_index(tmp_path / "o")["failed"]] == ["broken.jpg"]
+
+
+def test_extract_imports_no_training_code(setup, tmp_path):
+    """Extraction gets ranks, signals and devices from capi_backbones.runtime, never from another command."""
+    _, weights, images = setup
+    code = (
+        "import sys\n"
+        "from capi_backbones.cli.main import main\n"
+        f"code = main(['extract', {str(images)!r}, '--out', {str(tmp_path / 'o')!r}, '--weights', {str(weights)!r},"
+        " '--image-size', '28', '--workers', '0', '--no-progress'])\n"
+        "assert code == 0, code\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('capi_backbones.train', 'capi_backbones.evals'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    # also the imports made only under torchrun (inside functions), read off the source
+    import ast
+    import importlib
+
+    for module in ["capi_backbones.cli.feature_commands", *FEATURE_MODULES]:
+        tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.startswith(("capi_backbones.train", "capi_backbones.evals"))], module
+
+
+FEATURE_MODULES = [
+    "capi_backbones.features." + info.name
+    for info in __import__("pkgutil").iter_modules(__import__("capi_backbones.features").features.__path__)
+]

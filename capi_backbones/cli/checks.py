@@ -106,8 +106,11 @@ def check_device(value: str | None, flag: str = "--device") -> None:
 
 
 def check_input_paths(paths: Iterable[str], what: str = "IMAGES") -> None:
-    """Each image file or folder given exists, files have an image extension, folders hold at least one image
-    file somewhere. (The image finder applies its finer rules later: hidden files, symlinks, ...)"""
+    """Each image file or folder given exists, files have an image extension, folders hold at least one image file
+    that the finder would take (``capi_backbones.images``: hidden names skipped). The search stops at the first one;
+    the finder lists them all later."""
+    from capi_backbones.images import is_image_path  # no torch (numpy and Pillow)
+
     extensions = ", ".join(IMAGE_EXTENSIONS)
     for name in paths:
         path = Path(name)
@@ -119,7 +122,7 @@ def check_input_paths(paths: Iterable[str], what: str = "IMAGES") -> None:
                 )
         elif not path.exists():
             raise CliError(f"Image path '{path}' does not exist; check the {what} you gave.")
-        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+        elif not is_image_path(path):
             raise CliError(
                 f"'{path}' is not an image file: its extension '{path.suffix}' is not one of {extensions}. "
                 "Convert it or leave it out."
@@ -127,8 +130,21 @@ def check_input_paths(paths: Iterable[str], what: str = "IMAGES") -> None:
 
 
 def _has_image_file(folder: Path) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
+    from capi_backbones.images import is_hidden, is_image_path
+
+    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders searched: a link cycle is searched once
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        if any(not is_hidden(f) and is_image_path(f) for f in files):
             return True
     return False
 
@@ -233,12 +249,11 @@ def check_common_options(args: argparse.Namespace) -> None:
         check_positive(args.workers, "--workers", minimum=0)
     if hasattr(args, "image_size"):
         check_image_size(args.image_size)
-    precision = getattr(args, "precision", None)
-    if precision in ("bf16", "fp16"):
+    if getattr(args, "precision", None) == "fp16":  # bf16 runs on CPUs too (natively or not: the library says)
         device = getattr(args, "device", None)
         on_cpu = device is not None and device.split(":")[0] != "cuda"
         if on_cpu or (device is None and cuda_is_certainly_missing()):
             raise CliError(
-                f"--precision {precision} is only allowed on CUDA (device is {device or 'cpu'}): half precision is "
-                "very slow on CPUs; use --precision fp32 or auto."
+                f"--precision fp16 is only allowed on CUDA (device is {device or 'cpu'}): fp16 is very slow on CPUs; "
+                "use --precision bf16, fp32 or auto."
             )

@@ -3,7 +3,6 @@ verify``: check such a folder against its index."""
 
 import argparse
 import logging
-import os
 import sys
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
@@ -48,7 +47,7 @@ def register(subparsers) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16/fp16 need CUDA",
+        help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
     )
     parser.add_argument("--no-pooled", action="store_true", help="skip the predictor: patch features and registers")
     parser.add_argument("--retry-failed", action="store_true", help="try again images that failed in earlier runs")
@@ -97,9 +96,14 @@ def run_extract(args: argparse.Namespace) -> int:
         if error.filename is None and error.errno is not None:
             raise OSError(error.errno, error.strerror, args.out) from error
         raise
+    except KeyboardInterrupt:  # the finished images are saved: a further Ctrl-C ends the exit at once, quietly
+        from capi_backbones.runtime.signals import quiet_after_stop
+
+        quiet_after_stop()
+        raise
     finally:
         if context is not None:
-            from capi_backbones.train.distributed import shutdown_distributed
+            from capi_backbones.runtime.distributed import shutdown_distributed
 
             shutdown_distributed(context)
     if context is not None and context.rank != 0:
@@ -119,11 +123,13 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def _join_process_group(args: argparse.Namespace):
     """Under torchrun (WORLD_SIZE > 1): join the process group and pick this rank's device. Else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from capi_backbones.train.distributed import init_distributed
+    from capi_backbones.runtime.ranks import env_world_size
 
-    context = init_distributed("cpu" if args.device == "cpu" else "auto")
+    if env_world_size() <= 1:
+        return None
+    from capi_backbones.runtime.distributed import init_distributed
+
+    context = init_distributed("cpu" if args.device == "cpu" else "auto", option="--device ")
     if args.device is None or args.device == "cuda":
         args.device = str(context.device)  # one GPU per rank
     return context

@@ -83,19 +83,21 @@ def _random_model(args: argparse.Namespace):
     """--random-init: the architecture of --model (or of the default weights) with seeded random weights."""
     import torch
 
-    from capi_backbones.pretrained import create_model
+    from capi_backbones.pretrained import resolve_model_spec
 
     if args.weights is not None:
         raise CliError("--random-init uses random weights; leave out --weights PATH (or leave out --random-init).")
-    arch = architecture_of(args.model or SMALLEST_ARCHITECTURE)
-    if arch is None:
-        raise CliError(f"--model {args.model} is unknown; with --random-init use an architecture such as capi_vits14.")
+    name = args.model or SMALLEST_ARCHITECTURE
+    try:
+        arch = resolve_model_spec(name, random_init=True).random_init
+    except ValueError:
+        raise CliError(f"--model {name} is unknown; with --random-init use e.g. --model capi_vits14.") from None
     chosen = "; the smallest architecture, as no --model was given" if getattr(args, "model_by_default", False) else ""
     print(
         f"--random-init: {arch} with random weights (seed {RANDOM_INIT_SEED}), not pretrained{chosen}", file=sys.stderr
     )
     torch.manual_seed(RANDOM_INIT_SEED)
-    return create_model(arch, pretrained=False)
+    return resolve_model_spec(arch, random_init=True).load()
 
 
 def _check_weights_match_model(args: argparse.Namespace) -> None:
@@ -146,10 +148,10 @@ def build_extractor(args: argparse.Namespace, *, precision: str = "auto", **opti
     from capi_backbones.pretrained import loading_interface
 
     device = _device(args)
-    if precision in ("bf16", "fp16") and not device.startswith("cuda"):
+    if precision == "fp16" and not device.startswith("cuda"):
         raise CliError(
-            f"--precision {precision} is only allowed on CUDA (device is {device}): half precision is very slow on "
-            "CPUs; use --precision fp32 or auto."
+            f"--precision fp16 is only allowed on CUDA (device is {device}): fp16 is very slow on CPUs; use "
+            "--precision bf16, fp32 or auto."
         )
     if args.image_size is not None:
         options["image_size"] = args.image_size

@@ -47,6 +47,12 @@ def register(subparsers) -> None:
     )
     add_model_options(parser, image_size_note=". Larger sizes give finer maps (448: 32 patches on the shorter side)")
     parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
+    )
+    parser.add_argument(
         "--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead of keeping its shape"
     )
     parser.add_argument("--tile-height", type=int, default=224, help="height of each picture in pixels (default 224)")
@@ -85,7 +91,7 @@ def _features(args: argparse.Namespace, sources: list) -> tuple[list, list, list
     from capi_backbones.features import load_image
     from capi_backbones.features.preprocessing import MAX_ASPECT_RATIO
 
-    extractor = build_extractor(args, keep_aspect=not args.square)
+    extractor = build_extractor(args, keep_aspect=not args.square, precision=args.precision)
     images, maps, labels, failed = [], [], [], {}
     with tqdm(total=len(sources), desc="pca", unit="img", disable=not progress_wanted(args)) as bar:
         for start in range(0, len(sources), args.batch_size):

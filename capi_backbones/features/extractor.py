@@ -4,8 +4,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +27,16 @@ from capi_backbones.features.writer import (
     merge_rank_manifests,
     prepare_folder,
 )
-from capi_backbones.models import ARCHITECTURES, CapiModel
+from capi_backbones.models import CapiModel
+from capi_backbones.runtime.devices import resolve_device
+from capi_backbones.runtime.distributed import process_group
+from capi_backbones.runtime.precision import autocast_dtype, resolve_precision
+from capi_backbones.runtime.signals import Interrupted, interrupt_on_stop_signals, stop_signals_ignored
 
 __all__ = ["ExtractionInterrupted", "ExtractionSummary", "FeatureExtractor", "FolderBusyError", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a full batch of their size, in batches; then the largest runs
 
 
@@ -62,41 +63,10 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
     - any other name or source (``capi_vitl14_lvd``, a path, ``hf-hub:owner/repo``): ``from_pretrained(model)``;
     - ``None`` with ``weights``: ``from_pretrained(weights)`` (the architecture is read off the checkpoint).
     """
-    if isinstance(model, CapiModel):
-        if weights is not None:
-            raise ValueError("Pass either a CapiModel or weights, not both. Load weights into the model yourself.")
-        return model, "custom CapiModel"
-    if model is not None and not isinstance(model, str):
-        raise TypeError(f"model must be a CapiModel, a model name or None, got {type(model).__name__}.")
-    from capi_backbones.pretrained import from_pretrained  # the loader sits below features
+    from capi_backbones.pretrained import resolve_model_spec  # the loader sits below features; it decides
 
-    if model in ARCHITECTURES:
-        if weights is None:
-            raise ValueError(
-                f"'{model}' is an architecture, not a set of weights. Pass weights=PATH to a checkpoint, a pretrained "
-                f"name such as 'capi_vitl14_lvd', or a model you built yourself, e.g. "
-                f"FeatureExtractor(create_model('{model}', pretrained=False)) for random weights."
-            )
-        return from_pretrained(Path(weights), arch=model), f"{model} from {os.fspath(weights)}"
-    if model is not None and weights is not None:
-        raise ValueError(
-            f"weights can only go with an architecture name ({', '.join(ARCHITECTURES)}), got model='{model}'."
-        )
-    if model is None and weights is None:
-        raise ValueError("Give a model: a CapiModel, a pretrained name such as 'capi_vitl14_lvd', or weights=PATH.")
-    if model is None:
-        return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
-    return from_pretrained(model), model
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"Unknown device {device!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device '{device}' was asked for, but CUDA is not available here. Use device='cpu'.")
-    return device
+    spec = resolve_model_spec(model, weights)
+    return spec.load(), spec.description
 
 
 def weights_fingerprint(model: CapiModel) -> str:
@@ -146,8 +116,10 @@ class FeatureExtractor:
         batch_size: images per forward pass. Results do not depend on it.
         keep_aspect: True keeps the aspect ratio (images of different shapes get different patch grids);
             False resizes every image to an ``image_size`` square.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"``
-            (autocast, CUDA only: half precision on the CPU is refused because it is far slower there).
+        precision: ``"auto"`` (bf16 autocast where the device runs bf16 natively: CUDA with bf16, CPUs with
+            AVX512-BF16 or AMX; fp32 elsewhere; logged once), ``"fp32"`` (the official numbers), ``"bf16"`` or
+            ``"fp16"`` (autocast; see ``capi_backbones.runtime.precision``). The index of ``extract_to_disk``
+            records the precision that ran.
         num_workers: DataLoader worker processes decoding and resizing images while the model runs (0: in the
             calling process).
 
@@ -177,10 +149,9 @@ class FeatureExtractor:
         if isinstance(getattr(model, "model", None), CapiModel):  # a wrapper such as timm's CapiTimmModel
             model = model.model
         given_model = isinstance(model, CapiModel)
-        if device is None:
-            default = "cuda" if torch.cuda.is_available() else "cpu"
-            device = next(model.parameters()).device if given_model else default
-        self.device = _check_device(device)
+        if device is None and given_model:
+            device = next(model.parameters()).device
+        self.device = resolve_device(device)  # None: CUDA when available, else the CPU
         self.autocast_dtype = self._autocast_dtype(precision, self.device)
         self.precision = precision
         patch_size = model.patch_size if given_model else PATCH_SIZE
@@ -190,23 +161,14 @@ class FeatureExtractor:
         if image_size is None:
             image_size = model.default_image_size
         self.model = model.to(self.device).eval()
+        resolve_precision(precision, self.device)  # says once what "auto" chose (and warns of emulated bf16)
         self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
         self.batch_size = batch_size
         self.num_workers = num_workers
 
     @staticmethod
     def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-        if precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else None
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}.")
-        dtype = PRECISIONS[precision]
-        if dtype is not None and device.type != "cuda":
-            raise ValueError(
-                f"precision '{precision}' is only allowed on CUDA (device is '{device}'): half-precision matmuls are "
-                "very slow on CPUs. Use precision='fp32' or 'auto'."
-            )
-        return dtype
+        return autocast_dtype(resolve_precision(precision, device, announce=False))  # said once the model is loaded
 
     @property
     def image_size(self) -> int:
@@ -290,9 +252,9 @@ class FeatureExtractor:
         paths = list(dict.fromkeys(paths))  # a file given twice is done once
         out_dir = Path(out_dir)
         options = {"format": format, "dtype": dtype, "settings": self._settings(pooled), "root": _common_root(inputs)}
-        rank, world_size = _process_group()
+        rank, world_size = process_group()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_sigterm_as_interrupt())
+            stack.enter_context(interrupt_on_stop_signals(ExtractionInterrupted))
             if world_size == 1:
                 check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
                 make_folder(out_dir)
@@ -346,12 +308,13 @@ class FeatureExtractor:
                 len(paths),
                 len(failed_before),
             )
-        rank, world_size = _process_group()
+        rank, world_size = process_group()
         todo = todo[rank::world_size]
         failed: dict[str, str] = {}
+        decoded = self._decoded(todo)  # starts the decoding workers
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
         try:
-            batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed)
+            batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed, decoded=decoded)
             n_written = 0
             for indices, output in batches:
                 for k, i in enumerate(indices):
@@ -361,9 +324,10 @@ class FeatureExtractor:
                 bar.set_postfix(failed=len(failed), refresh=False)
             bar.update(n_written + len(failed) - bar.n)
         except KeyboardInterrupt:
-            with _signals_ignored():
+            with stop_signals_ignored():  # a second Ctrl-C would lose the finished images or end in a traceback
                 self._record_failures(writer, failed)
                 writer.finish()  # keep the finished images
+                _stop_workers(decoded)
             raise
         finally:
             bar.close()
@@ -392,19 +356,14 @@ class FeatureExtractor:
             "image_size": self.image_size,
             "keep_aspect": self.keep_aspect,
             "pooled": pooled,
+            "precision": resolve_precision(self.precision, self.device),
             "mean": list(self.preprocessor.mean),
             "std": list(self.preprocessor.std),
         }
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _iter_batches(
-        self, sources: list[ImageSource], *, pooled: bool, single_size: bool, failures: dict[str, str] | None = None
-    ) -> Iterator[tuple[list[int], FeatureOutput]]:
-        """Decode (in workers), group by processed size, run the model. Yields (input indices, batch output).
-
-        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
-        skipped. With ``single_size`` a second processed size raises a ValueError right away.
-        """
+    def _decoded(self, sources: list[ImageSource]) -> Iterator[tuple[int, Tensor | None, Exception | None]]:
+        """``(index, preprocessed pixels or None, error or None)`` per image, decoded in the worker processes."""
         loader = DataLoader(
             _PreprocessedImages(sources, self.preprocessor),
             batch_size=None,  # one image per item: batches are formed here, by size
@@ -412,8 +371,25 @@ class FeatureExtractor:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 * self.batch_size if self.num_workers else None,
         )
+        return iter(loader)
+
+    def _iter_batches(
+        self,
+        sources: list[ImageSource],
+        *,
+        pooled: bool,
+        single_size: bool,
+        failures: dict[str, str] | None = None,
+        decoded: Iterator | None = None,
+    ) -> Iterator[tuple[list[int], FeatureOutput]]:
+        """Decode (in workers, or take ``decoded`` from :meth:`_decoded`), group by processed size, run the model.
+        Yields (input indices, batch output).
+
+        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
+        skipped. With ``single_size`` a second processed size raises a ValueError right away.
+        """
         pending: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}
-        for index, pixels, error in loader:
+        for index, pixels, error in self._decoded(sources) if decoded is None else decoded:
             if error is not None:
                 if failures is None:
                     raise error
@@ -488,50 +464,17 @@ class FeatureExtractor:
         )
 
 
-class ExtractionInterrupted(KeyboardInterrupt):
-    """SIGTERM during ``extract_to_disk``, handled like Ctrl-C (finished images saved). ``exit_code`` = 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by signal {signum}")
-        self.exit_code = 128 + signum
+class ExtractionInterrupted(Interrupted):
+    """SIGTERM or SIGUSR1 during ``extract_to_disk``, handled like Ctrl-C (finished images saved).
+    ``exit_code`` = 128 + signal."""
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (sent by schedulers, ``kill``, torchrun) into :class:`ExtractionInterrupted` in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise ExtractionInterrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Let the final flush after an interrupt finish: a second Ctrl-C or SIGTERM would lose the finished images."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group, or (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _stop_workers(decoded: Iterator) -> None:
+    """Stop the decoding worker processes now (the DataLoader iterator's own clean-up, which would otherwise run
+    whenever the iterator is collected, perhaps after the signals are restored)."""
+    shutdown = getattr(decoded, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _combine(summaries: list[ExtractionSummary]) -> ExtractionSummary:

@@ -33,6 +33,7 @@ class Attention(nn.Module):
         """x: (b, n_q, d), coords: (b or 1, n_q, 2); context: (b, n_k, d_k) or None for self-attention."""
         if context is None:
             context, context_coords = x, coords
+        assert context_coords is not None, "cross-attention needs context_coords"  # also refines the type for jit
         b, n_q, d = x.shape
         n_k = context.shape[1]
         h, hd = self.num_heads, self.head_dim
