@@ -128,18 +128,43 @@ def _load_photos(sources: list) -> tuple[list, list[str], dict[str, str]]:
     return images, labels, failed
 
 
-def _check_patches(images: list, image_size: int, n_photos: int) -> None:
+def _known_width(model: str | None, weights: str | None) -> int | None:
+    """The feature dimension of --model NAME without loading it (None for --weights PATH: read off the file)."""
+    from capi_backbones.cli.model_options import DEFAULT_MODEL
+    from capi_backbones.weights_registry import get_weights
+
+    if weights is not None:
+        return None
+    name = model or DEFAULT_MODEL
+    try:
+        return ARCHITECTURES[name if name in ARCHITECTURES else get_weights(name).arch].embed_dim
+    except ValueError:
+        return None  # an unknown name: the loader says so
+
+
+def _check_before_loading(args: argparse.Namespace, images: list) -> None:
+    """The page limits with the sizes known before any model loads: --image-size (else the default) and, for
+    named models, their feature width."""
+    from capi_backbones.constants import DEFAULT_IMAGE_SIZE
     from capi_backbones.features import Preprocessor
     from capi_backbones.viz.explore import check_limits
 
-    preprocessor = Preprocessor(image_size=image_size)
+    preprocessor = Preprocessor(image_size=args.image_size or DEFAULT_IMAGE_SIZE)
     sizes = [preprocessor.output_size(image.height, image.width) for image in images]
-    check_limits(n_photos, sum(h * w for h, w in sizes) // preprocessor.patch_size**2)
+    n_patches = sum(h * w for h, w in sizes) // preprocessor.patch_size**2
+    check_limits(len(images), n_patches)
+    widths = [_known_width(args.model, args.weights)]
+    if _comparing(args):
+        second = _second_model_args(args)
+        widths.append(_known_width(second.model, second.weights))
+    if args.dims is not None:
+        widths = [args.dims] * len(widths)
+    if None not in widths:
+        check_limits(len(images), n_patches, n_patches * sum(widths))
 
 
 def run_explore(args: argparse.Namespace) -> int:
     out = _check_args(args)
-    from capi_backbones.constants import DEFAULT_IMAGE_SIZE
     from capi_backbones.features import expand_inputs
     from capi_backbones.viz.explore import (
         build_explorer,
@@ -157,7 +182,7 @@ def run_explore(args: argparse.Namespace) -> int:
         if not images:
             print(f"none of the {len(sources)} images could be read; nothing written", file=sys.stderr)
             return 1
-        _check_patches(images, args.image_size or DEFAULT_IMAGE_SIZE, len(images))  # before any model loads
+        _check_before_loading(args, images)
         extractors = [build_extractor(args)]
         if _comparing(args):
             second = _second_model_args(args)

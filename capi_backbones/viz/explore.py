@@ -19,8 +19,9 @@ of all unit-normalised patch features of the model (the best rank-K approximatio
 then grows with what the dropped directions hold, and the page states the error measured on sample query patches.
 
 Limits (:func:`check_limits`, checked before any model loads where the inputs allow it): at most
-:data:`MAX_PHOTOS` photos, :data:`MAX_PATCHES` patches per model over all photos (64 photos at 224 px, 16 at 448)
-and :data:`MAX_STORED_VALUES` feature values over all models (patches x stored dimensions).
+:data:`MAX_PHOTOS` photos, :data:`MAX_PATCHES` patches per model over all photos (64 photos of 3:2 aspect at 224 px)
+and :data:`MAX_STORED_VALUES` feature values over all models (patches x stored dimensions): the click-to-heatmap
+time grows with the latter (docs/explorer.md gives the figures measured by benchmarks/bench_explore.py).
 
 Python: ``build_explorer(images, extractor_or_features, ...)`` returns the page as a string, ``write_explorer(path,
 ...)`` writes it atomically. Command line: ``capi-backbones explore IMAGES... --out explore.html``.
@@ -34,6 +35,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,8 +63,8 @@ __all__ = [
 ]
 
 MAX_PHOTOS = 64  # cards in one page
-MAX_PATCHES = 64 * 16 * 16  # patches per model over all photos: 64 photos at 224 px, 16 at 448
-MAX_STORED_VALUES = 2**24  # feature values over all models: 32 MiB of float16, about 45 MB of page
+MAX_PATCHES = 96 * 16 * 16  # patches per model over all photos: 64 photos of 3:2 aspect at 224 px (21504)
+MAX_STORED_VALUES = 2**25  # feature values over all models: 64 MiB of float16, about 90 MB of page
 MAX_MODELS = 2  # side by side
 FLOAT16_COSINE_BOUND = 2.0**-10  # |cos(fp16(a), fp16(b)) - cos(a, b)| for unit a, b (2 x 2**-11, plus rounding)
 FOREGROUND_THRESHOLDS = tuple(round(-0.5 + 0.25 * i, 2) for i in range(11))  # -0.5 .. 2.0 standard deviations
@@ -98,7 +100,7 @@ def check_limits(n_photos: int, n_patches: int | None = None, stored_values: int
     if n_patches is not None and n_patches > MAX_PATCHES:
         raise ExplorerLimitError(
             f"{n_photos} photos make {n_patches} patches, over the limit of {MAX_PATCHES} patches per page "
-            f"({MAX_PATCHES // 256} photos at 224 px); use fewer photos or a smaller --image-size."
+            "; use fewer photos or a smaller --image-size."
         )
     if stored_values is not None and stored_values > MAX_STORED_VALUES:
         raise ExplorerLimitError(
@@ -167,33 +169,43 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def _pca_layers(feature_maps: list[np.ndarray]) -> dict:
+def _pca_result(feature_maps: list[np.ndarray], photo: int | None, threshold: float | None):
+    """viz's PCA map(s) of one photo (``photo``) or of all photos jointly (None), or the message of its ValueError."""
+    try:
+        if photo is None:
+            return joint_pca_maps(feature_maps, foreground_threshold=threshold)
+        return pca_map(feature_maps[photo], foreground_threshold=threshold)
+    except ValueError as error:  # e.g. the threshold keeps too few patches
+        return str(error)
+
+
+def _pca_layers(feature_maps: list[np.ndarray], workers: int | None = None) -> dict:
     """Per mode ('image', 'joint') and threshold (None first, then FOREGROUND_THRESHOLDS): the PCA RGB of every
-    photo as one base64 uint8 (sum h*w, 3) array, and why a photo (or the joint fit) has no map."""
+    photo as one base64 uint8 (sum h*w, 3) array, and why a photo (or the joint fit) has no map.
+
+    The fits run in ``workers`` threads (default: one per CPU), each with single-threaded BLAS."""
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    thresholds = (None, *FOREGROUND_THRESHOLDS)
+    tasks = [(None, t) for t in thresholds] + [(i, t) for t in thresholds for i in range(len(feature_maps))]
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None):
+        results = dict(zip(tasks, pool.map(lambda task: _pca_result(feature_maps, *task), tasks), strict=True))
     sizes = [m.shape[0] * m.shape[1] for m in feature_maps]
+    starts = np.cumsum([0, *sizes])
     layers = {"image": [], "joint": []}
-    for threshold in (None, *FOREGROUND_THRESHOLDS):
+    for threshold in thresholds:
         for mode in layers:
-            rgb = np.zeros((sum(sizes), 3), dtype=np.uint8)
-            errors: list[str | None] = [None] * len(feature_maps)
-            try:
-                if mode == "joint":
-                    results = joint_pca_maps(feature_maps, foreground_threshold=threshold)
-                else:
-                    results = []
-                    for i, m in enumerate(feature_maps):
-                        try:
-                            results.append(pca_map(m, foreground_threshold=threshold))
-                        except ValueError as error:
-                            results.append(None)
-                            errors[i] = str(error)
-            except ValueError as error:
-                results, errors = [None] * len(feature_maps), [str(error)] * len(feature_maps)
-            offset = 0
-            for result, size in zip(results, sizes, strict=True):
-                if result is not None:
-                    rgb[offset : offset + size] = np.rint(result.rgb.reshape(-1, 3) * 255).astype(np.uint8)
-                offset += size
+            if mode == "joint":
+                joint = results[None, threshold]
+                per_photo = [joint] * len(sizes) if isinstance(joint, str) else joint
+            else:
+                per_photo = [results[i, threshold] for i in range(len(sizes))]
+            rgb = np.zeros((starts[-1], 3), dtype=np.uint8)
+            for i, result in enumerate(per_photo):
+                if not isinstance(result, str):
+                    rgb[starts[i] : starts[i + 1]] = np.rint(result.rgb.reshape(-1, 3) * 255).astype(np.uint8)
+            errors = [result if isinstance(result, str) else None for result in per_photo]
             layers[mode].append({"rgb": _b64(rgb), "errors": errors})
     return layers
 
