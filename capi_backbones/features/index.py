@@ -17,8 +17,17 @@ Layout of an output folder::
      "root": "/abs/folder",                      # image names are POSIX paths relative to it
      "settings": {"model": ..., "config": {...}, "weights_fingerprint": ..., "image_size": 224, ...},
      "shards": [{"name": "shard_00000.safetensors", "count": 256, "grid_size": [16, 16],
-                 "image_size": [224, 224], "bytes": 25171224, "files": ["a/1.jpg", ...]}, ...],
+                 "image_size": [224, 224], "bytes": 25171224, "sha256": "sha256:...",
+                 "files": ["a/1.jpg", ...],
+                 "stamps": [{"size": 53211, "mtime_ns": ..., "hash": "blake2b:..."}, ...]}, ...],
      "failed": [{"file": "b/broken.jpg", "error": "Cannot read image ...", "size": 1234, "mtime_ns": ...}]}
+
+- ``sha256``: the checksum of the shard as written (:func:`shard_checksum`), checked by ``verify``;
+- ``stamps``: per listed image, the identity of the file its features were made from
+  (:func:`capi_backbones.images.file_stamp`); a resume extracts an image again when its file was replaced;
+- image names are the paths the user gave, links not resolved (two links to one file are two entries).
+
+Indexes written before ``sha256`` and ``stamps`` existed are read as before (those checks are skipped).
 
 A rank manifest holds ``{"shards": [...], "failed": [...]}`` with entries of the same form. Both are checked when
 read (:func:`load_index`, :func:`load_manifest`): a damaged file is one ValueError naming it and what is wrong, never a
