@@ -115,7 +115,7 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
         capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
     )
     assert "only allowed on CUDA" in error_line(
-        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "bf16"
+        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "fp16"
     )
     assert not (tmp_path / "o").exists()
 

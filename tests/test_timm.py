@@ -27,7 +27,7 @@ RELEASED = {  # tag -> file name, from the spec's table (note i22k behind in22k)
 
 def tiny_timm(native: CapiModel, **kwargs) -> CapiTimmModel:
     model = CapiTimmModel(native.config, **kwargs).eval()
-    model.model.load_state_dict(native.state_dict(), strict=True)
+    model.load_state_dict(native.state_dict(), strict=True)  # the native keys, unused predictor blocks dropped
     return model
 
 
@@ -47,6 +47,9 @@ def test_pretrained_cfg_of_each_tag(tag):
     assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 0
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
     assert model.default_cfg is model.pretrained_cfg
+    state = model.state_dict()
+    assert cfg["first_conv"] + ".weight" in state and cfg["classifier"] == "head"
+    assert cfg["fixed_input_size"] is True  # sides must be multiples of 14: tooling uses input_size
 
 
 def test_vitl14_on_meta_device_has_the_spec_shape():
@@ -54,9 +57,14 @@ def test_vitl14_on_meta_device_has_the_spec_shape():
     assert model.pretrained_cfg["tag"] == "lvd"  # the default weights
     assert next(model.parameters()).device.type == "meta"
     assert model.config == ARCHITECTURES["capi_vitl14"] and model.num_features == 1024 and model.num_classes == 0
+    native = CapiModel(ARCHITECTURES["capi_vitl14"], device="meta")
+    native_total = sum(p.numel() for p in native.parameters())
+    assert round(native_total / 1e6, 1) == 453.7  # spec section 1: 453.7M, encoder 302M
+    block = sum(p.numel() for p in native.decoder.blocks[0].parameters())
     total = sum(p.numel() for p in model.parameters())
-    encoder = total - sum(p.numel() for p in model.model.decoder.parameters()) - model.model.mask_token.numel()
-    assert round(total / 1e6, 1) == 453.7 and encoder // 10**6 == 302  # spec section 1: 453.7M, encoder 302M
+    assert len(model.model.decoder.blocks) == 1 and total == native_total - 11 * block  # predictor block 1 only
+    encoder = total - block - model.model.mask_token.numel()
+    assert encoder // 10**6 == 302
 
 
 def test_resolve_data_config_gives_capi_preprocessing():
@@ -120,8 +128,14 @@ def test_reset_classifier_and_forward_head_for_each_pooling(global_pool):
         assert head.in_features == expected.shape[-1] and head.out_features == 7 and model.num_classes == 7
         assert torch.equal(model.forward_head(tokens, pre_logits=True, grid_size=(2, 3)), expected)
         torch.testing.assert_close(model(x), head(expected), rtol=0, atol=0)
-        model.reset_classifier(3, "avg" if global_pool != "avg" else "pred")
-        assert model(x).shape == (2, 3) and model.get_classifier().in_features == model.head_hidden_size
+        if global_pool == "avg":  # built without the predictor: it cannot come back
+            with pytest.raises(ValueError, match="needs the predictor, which this model was built without"):
+                model.reset_classifier(3, "pred")
+        else:
+            model.reset_classifier(3, "avg")
+            assert model.model.mask_token is None and len(model.model.decoder.blocks) == 0
+        assert model(x).shape == (2, 3 if global_pool != "avg" else 7)
+        assert model.get_classifier().in_features == model.head_hidden_size
 
 
 def test_pooling_modes_and_head():

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16/fp16 need CUDA",
+        help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
     )
     parser.add_argument("--no-pooled", action="store_true", help="skip the predictor: patch features and registers")
     parser.add_argument("--retry-failed", action="store_true", help="try again images that failed in earlier runs")

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,8 +18,9 @@ from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
 from capi_backbones.features.writer import DEFAULT_SHARD_SIZE
 from capi_backbones.images import file_stamp
-from capi_backbones.models import ARCHITECTURES, CapiModel
+from capi_backbones.models import CapiModel
 from capi_backbones.runtime.devices import resolve_device
+from capi_backbones.runtime.precision import autocast_dtype, resolve_precision
 
 if TYPE_CHECKING:
     from capi_backbones.features.disk import ExtractionSummary
@@ -29,7 +29,6 @@ __all__ = ["FeatureExtractor", "resolve_model", "weights_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a full batch of their size, in batches; then the largest runs
 
 
@@ -42,31 +41,10 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
     - any other name or source (``capi_vitl14_lvd``, a path, ``hf-hub:owner/repo``): ``from_pretrained(model)``;
     - ``None`` with ``weights``: ``from_pretrained(weights)`` (the architecture is read off the checkpoint).
     """
-    if isinstance(model, CapiModel):
-        if weights is not None:
-            raise ValueError("Pass either a CapiModel or weights, not both. Load weights into the model yourself.")
-        return model, "custom CapiModel"
-    if model is not None and not isinstance(model, str):
-        raise TypeError(f"model must be a CapiModel, a model name or None, got {type(model).__name__}.")
-    from capi_backbones.pretrained import from_pretrained  # the loader sits below features
+    from capi_backbones.pretrained import resolve_model_spec  # the loader sits below features; it decides
 
-    if model in ARCHITECTURES:
-        if weights is None:
-            raise ValueError(
-                f"'{model}' is an architecture, not a set of weights. Pass weights=PATH to a checkpoint, a pretrained "
-                f"name such as 'capi_vitl14_lvd', or a model you built yourself, e.g. "
-                f"FeatureExtractor(create_model('{model}', pretrained=False)) for random weights."
-            )
-        return from_pretrained(Path(weights), arch=model), f"{model} from {os.fspath(weights)}"
-    if model is not None and weights is not None:
-        raise ValueError(
-            f"weights can only go with an architecture name ({', '.join(ARCHITECTURES)}), got model='{model}'."
-        )
-    if model is None and weights is None:
-        raise ValueError("Give a model: a CapiModel, a pretrained name such as 'capi_vitl14_lvd', or weights=PATH.")
-    if model is None:
-        return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
-    return from_pretrained(model), model
+    spec = resolve_model_spec(model, weights)
+    return spec.load(), spec.description
 
 
 def weights_fingerprint(model: CapiModel) -> str:
@@ -121,8 +99,10 @@ class FeatureExtractor:
         batch_size: images per forward pass. Results do not depend on it.
         keep_aspect: True keeps the aspect ratio (images of different shapes get different patch grids);
             False resizes every image to an ``image_size`` square.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"``
-            (autocast, CUDA only: half precision on the CPU is refused because it is far slower there).
+        precision: ``"auto"`` (bf16 autocast where the device runs bf16 natively: CUDA with bf16, CPUs with
+            AVX512-BF16 or AMX; fp32 elsewhere; logged once), ``"fp32"`` (the official numbers), ``"bf16"`` or
+            ``"fp16"`` (autocast; see ``capi_backbones.runtime.precision``). The index of ``extract_to_disk``
+            records the precision that ran.
         num_workers: DataLoader worker processes decoding and resizing images while the model runs (0: in the
             calling process).
 
@@ -164,23 +144,14 @@ class FeatureExtractor:
         if image_size is None:
             image_size = model.default_image_size
         self.model = model.to(self.device).eval()
+        resolve_precision(precision, self.device)  # says once what "auto" chose (and warns of emulated bf16)
         self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
         self.batch_size = batch_size
         self.num_workers = num_workers
 
     @staticmethod
     def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-        if precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else None
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}.")
-        dtype = PRECISIONS[precision]
-        if dtype is not None and device.type != "cuda":
-            raise ValueError(
-                f"precision '{precision}' is only allowed on CUDA (device is '{device}'): half-precision matmuls are "
-                "very slow on CPUs. Use precision='fp32' or 'auto'."
-            )
-        return dtype
+        return autocast_dtype(resolve_precision(precision, device, announce=False))  # said once the model is loaded
 
     @property
     def image_size(self) -> int:
@@ -262,6 +233,7 @@ class FeatureExtractor:
             "image_size": self.image_size,
             "keep_aspect": self.keep_aspect,
             "pooled": pooled,
+            "precision": resolve_precision(self.precision, self.device),
             "mean": list(self.preprocessor.mean),
             "std": list(self.preprocessor.std),
         }

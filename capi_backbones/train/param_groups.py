@@ -1,6 +1,7 @@
 """Optimizer parameter groups with CAPI's per-parameter multipliers, and the per-step schedule update.
 
-Rules, as in the official ``get_params_groups`` (applied to the student: backbone and head):
+The rules live in ``capi_backbones.models.param_rules`` (the timm door reads them too); applied to the student
+(backbone and head), as in the official ``get_params_groups``:
 
 - biases (and LayerScale ``gamma``): weight decay x0;
 - weights of normalization layers: weight decay x ``norm_wd_mult`` (0.1);
@@ -17,38 +18,12 @@ left out, as officially. Norm layers are found by module type, the other rules b
 import logging
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from capi_backbones.layers.rope import Rope
+from capi_backbones.models.param_rules import NORM_LAYERS, param_multipliers
 
 __all__ = ["NORM_LAYERS", "apply_schedules", "build_param_groups", "param_multipliers"]
 
 logger = logging.getLogger(__name__)
-
-NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _BatchNorm)
-
-
-def param_multipliers(
-    name: str,
-    owner: nn.Module,
-    *,
-    patch_embed_lr_mult: float = 0.2,
-    rope_lr_mult: float = 0.0,
-    norm_wd_mult: float = 0.1,
-) -> tuple[float, float]:
-    """(lr_mult, wd_mult) of the parameter ``name`` (dotted, as in ``named_parameters``) held by ``owner``."""
-    segments = name.split(".")
-    leaf = segments[-1]
-    lr_mult, wd_mult = 1.0, 1.0
-    if leaf == "bias" or leaf == "gamma":
-        wd_mult = 0.0
-    elif isinstance(owner, NORM_LAYERS) and leaf == "weight":
-        wd_mult = norm_wd_mult
-    if "patch_embed" in segments:
-        lr_mult *= patch_embed_lr_mult
-    if "rope" in segments or isinstance(owner, Rope):
-        lr_mult *= rope_lr_mult
-    return lr_mult, wd_mult
 
 
 def build_param_groups(

@@ -7,14 +7,17 @@ from capi_backbones.layers import Residual
 
 
 class _Branch(nn.Module):
-    """A branch whose output is nonzero for every sample and depends on a per-sample kwarg."""
+    """A branch whose output is nonzero for every sample and depends on a per-sample argument (``context``) and a
+    broadcast one (``coords``)."""
 
-    def forward(self, x: Tensor, context: Tensor | None = None, shared: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, coords: Tensor | None = None, context: Tensor | None = None, context_coords=None
+    ) -> Tensor:
         out = torch.tanh(x) + 1.0
         if context is not None:
             out = out * context.mean(dim=(1, 2), keepdim=True)  # (b, 1, 1) per-sample scale
-        if shared is not None:
-            out = out + shared  # broadcast (1, n, d)
+        if coords is not None:
+            out = out + coords  # broadcast (1, n, d)
         return out
 
 
@@ -77,8 +80,8 @@ def test_per_sample_kwargs_follow_the_subset():
     x = _x(b)
     context = torch.rand(b, 3, 2) + 0.5  # per sample
     shared = torch.randn(1, 5, 4)  # broadcast over the batch
-    full = _Branch()(x, context=context, shared=shared)
-    out = res(x, context=context, shared=shared)
+    full = _Branch()(x, coords=shared, context=context)
+    out = res(x, coords=shared, context=context)
     changed = [i for i in range(b) if not torch.equal(out[i], x[i])]
     assert len(changed) == 3
     for i in changed:
