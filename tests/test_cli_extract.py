@@ -111,7 +111,7 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
     assert "architecture, not a set of weights" in error_line(
         capsys, images, "--out", tmp_path / "o", "--model", "capi_vits14"
     )
-    assert "--image-size must be a multiple of 14" in error_line(
+    assert "--image-size 100 is not a multiple of the patch size 14" in error_line(
         capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
     )
     assert "only allowed on CUDA" in error_line(
@@ -180,9 +180,9 @@ FEATURE_MODULES = [
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nophotos", "--out", "o"], "Image path 'nophotos' does not exist."),
+        (["nophotos", "--out", "o"], "Image path 'nophotos' does not exist"),
         (["photos", "--out", ""], "The output folder is an empty path"),
-        (["photos", "--out", "o", "--image-size", "99999998"], "--image-size must be a multiple of 14 between 14"),
+        (["photos", "--out", "o", "--image-size", "99999998"], "--image-size 99999998 is larger than 7168"),
         (["photos", "--out", "o", "--shard-size", "0"], "--shard-size must be at least 1, got 0."),
         (["photos", "--out", "notes.txt"], "Output path 'notes.txt' exists and is not a directory."),
     ],
@@ -192,6 +192,7 @@ def test_mistakes_are_reported_before_torch_is_imported(tmp_path, args, message)
     (tmp_path / "photos").mkdir()
     Image.fromarray(data.camera()[::8, ::8]).save(tmp_path / "photos" / "camera.png")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "w.pth").write_bytes(b"")  # exists: the weights are read only after the checks
     code = (
         "import sys, time\n"
         "from capi_backbones.cli.main import main\n"

@@ -323,3 +323,14 @@ def test_a_full_disk_while_writing_npy_shards_is_one_line_with_exit_code_3(image
     assert len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err
     assert sorted(p.name for p in out.iterdir()) == ["index.json"]  # no shard folder, no temporary left
     assert load_index(out)["shards"] == []
+
+
+def test_a_folder_with_only_our_temporary_index_is_ours(images, tmp_path):
+    """A crash during the first index write leaves only ``.index.json.<pid>.<random>.tmp``, and a multi-rank run's
+    other ranks can look while rank 0 writes it: such a folder is not taken for a foreign one."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".index.json.123.abcdef01.tmp").write_text("{half")
+    summary = tiny_extractor().extract_to_disk(images, out, progress=False)
+    assert summary.n_written == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the temporary deleted

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from capi_backbones.cli.checks import progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
 
@@ -54,7 +55,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar (shown only when stderr is a terminal)"
     )
-    parser.set_defaults(handler=run_extract)
+    parser.set_defaults(handler=run_extract, check=check_extract_arguments)
 
     verify = subparsers.add_parser(
         "verify",
@@ -70,34 +71,24 @@ def register(subparsers) -> None:
 
 
 def check_extract_arguments(args: argparse.Namespace) -> None:
-    """Every check that needs no model and no torch, so that a mistake is reported at once: the image paths, the
-    output folder (never one extract did not write), and the numbers. Raises CliError."""
-    from capi_backbones.constants import MAX_IMAGE_SIZE, PATCH_SIZE
+    """extract's own checks, run by ``main`` before torch is imported (after ``cli.checks.check_common_options``,
+    which checks the image paths and the shared numbers): the largest image size, and the output folder (an empty
+    path, a file, or a folder extract did not write are refused before anything is created or deleted)."""
+    from capi_backbones.constants import MAX_IMAGE_SIZE
     from capi_backbones.features.index import check_output_folder
-    from capi_backbones.images import expand_path
 
-    for flag, value, low in (("--shard-size", args.shard_size, 1), ("--workers", args.workers, 0),
-                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
-        if value < low:
-            raise CliError(f"{flag} must be at least {low}, got {value}.")
-    size = args.image_size
-    if size is not None and (size < PATCH_SIZE or size % PATCH_SIZE or size > MAX_IMAGE_SIZE):
-        low, high = max(PATCH_SIZE, size // PATCH_SIZE * PATCH_SIZE), (size // PATCH_SIZE + 1) * PATCH_SIZE
-        nearest = f"nearest: {low} or {high}" if PATCH_SIZE <= size <= MAX_IMAGE_SIZE else f"e.g. {224}"
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
         raise CliError(
-            f"--image-size must be a multiple of {PATCH_SIZE} between {PATCH_SIZE} and {MAX_IMAGE_SIZE}, got {size} "
-            f"({nearest})."
+            f"--image-size {args.image_size} is larger than {MAX_IMAGE_SIZE} (512 patches a side), the largest "
+            "accepted; use a smaller --image-size."
         )
     try:
-        for image in args.images:
-            expand_path(image, unreadable=[])  # unreadable sub-folders are reported by the run (exit 1)
         check_output_folder(args.out)
-    except (*USER_ERRORS, FileExistsError) as error:
+    except ValueError as error:
         raise CliError.from_exception(error) from error
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    check_extract_arguments(args)  # before torch is imported or a model loaded
     from capi_backbones.features import FolderBusyError
 
     context = _join_process_group(args)
@@ -115,7 +106,7 @@ def run_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             pooled=not args.no_pooled,
             dtype=args.dtype,
-            progress=not args.no_progress and sys.stderr.isatty(),  # no bars written into logs
+            progress=progress_wanted(args),  # terminals only: no bars written into logs
             retry_failed=args.retry_failed,
         )
     except (*USER_ERRORS, FolderBusyError) as error:

@@ -12,14 +12,14 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from capi_backbones.features.folder_lock import FolderLock
 from capi_backbones.features.images import expand_inputs, iter_file_paths
-from capi_backbones.features.index import check_output_folder, load_index
+from capi_backbones.features.index import check_output_path, load_index
 from capi_backbones.features.writer import (
     DEFAULT_SHARD_SIZE,
     ShardWriter,
@@ -31,9 +31,6 @@ from capi_backbones.features.writer import (
 from capi_backbones.images import UnreadableFolder
 from capi_backbones.runtime.distributed import process_group
 from capi_backbones.runtime.signals import Interrupted, interrupt_on_stop_signals, stop_signals_ignored
-
-if TYPE_CHECKING:
-    from capi_backbones.features.extractor import FeatureExtractor
 
 __all__ = ["ExtractionInterrupted", "ExtractionSummary", "extract_to_disk"]
 
@@ -60,7 +57,7 @@ class ExtractionInterrupted(Interrupted):
 
 
 def extract_to_disk(
-    extractor: "FeatureExtractor",
+    extractor: Any,  # a FeatureExtractor (not imported: the extractor imports this module)
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
@@ -93,7 +90,7 @@ def extract_to_disk(
     and one index results. Each rank returns the summary of the whole run. An interrupted run resumes with
     any number of ranks.
     """
-    out_dir = check_output_folder(out_dir)  # an empty path or a folder that is not ours: refused before anything
+    out_dir = check_output_path(out_dir)  # the folder itself is checked by make_folder (rank 0), before any deletion
     unreadable: list[UnreadableFolder] = []
     # Named as given, links not resolved: two links to one file are two images, and a link's folder and name are
     # what the index records. A path given twice is done once.
@@ -140,7 +137,7 @@ def extract_to_disk(
 
 
 def _extract_into(
-    extractor: "FeatureExtractor",
+    extractor: Any,  # a FeatureExtractor (not imported: the extractor imports this module)
     writer: ShardWriter,
     paths: list[Path],
     *,

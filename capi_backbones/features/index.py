@@ -17,15 +17,23 @@ Layout of an output folder::
      "root": "/abs/folder",                      # image names are POSIX paths relative to it
      "settings": {"model": ..., "config": {...}, "weights_fingerprint": ..., "image_size": 224, ...},
      "shards": [{"name": "shard_00000.safetensors", "count": 256, "grid_size": [16, 16],
-                 "image_size": [224, 224], "bytes": 25171224, "files": ["a/1.jpg", ...]}, ...],
+                 "image_size": [224, 224], "bytes": 25171224, "sha256": "sha256:...",
+                 "files": ["a/1.jpg", ...],
+                 "stamps": [{"size": 53211, "mtime_ns": ..., "hash": "blake2b:..."}, ...]}, ...],
      "failed": [{"file": "b/broken.jpg", "error": "Cannot read image ...", "size": 1234, "mtime_ns": ...}]}
+
+- ``sha256``: the checksum of the shard as written (``features.shards.shard_checksum``), checked by ``verify``;
+- ``stamps``: per listed image, the identity of the file its features were made from
+  (:func:`capi_backbones.images.file_stamp`); a resume extracts an image again when its file was replaced;
+- image names are the paths the user gave, links not resolved (two links to one file are two entries).
+
+Indexes written before ``sha256`` and ``stamps`` existed are read as before (those checks are skipped).
 
 A rank manifest holds ``{"shards": [...], "failed": [...]}`` with entries of the same form. Both are checked when
 read (:func:`load_index`, :func:`load_manifest`): a damaged file is one ValueError naming it and what is wrong, never a
 KeyError later.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -41,8 +49,7 @@ __all__ = [
     "SHARD_NAME",
     "check_listed_shards",
     "check_output_folder",
-    "checksum_of_bytes",
-    "checksum_of_files",
+    "check_output_path",
     "find_leftovers",
     "is_ours",
     "load_index",
@@ -50,7 +57,6 @@ __all__ = [
     "load_saved_features",
     "save_index",
     "shard_bytes",
-    "shard_checksum",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,17 +75,23 @@ def is_ours(name: str) -> bool:
     return bool(SHARD_NAME.match(name) or PART_NAME.match(name) or TEMPORARY_NAME.match(name)) or name == INDEX_NAME
 
 
+def check_output_path(out_dir: str | os.PathLike) -> Path:
+    """A ValueError for an empty output path (``--out ''`` would mean the current folder)."""
+    if not os.fspath(out_dir).strip():
+        raise ValueError("The output folder is an empty path; name a folder for the features (e.g. --out features).")
+    return Path(out_dir)
+
+
 def check_output_folder(out_dir: str | os.PathLike) -> Path:
     """Refuse, before anything is created or deleted, an output path that is empty or a folder extract did not
     write: one without ``index.json`` that holds files named like ours (``shard_00001/`` with a user's notes
     inside; resuming would delete or overwrite them). Returns the path. Imports no torch: the CLI checks early."""
-    if not os.fspath(out_dir).strip():
-        raise ValueError("The output folder is an empty path; name a folder for the features (e.g. --out features).")
-    path = Path(out_dir)
+    path = check_output_path(out_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"Output path '{path}' exists and is not a directory.")
     if path.is_dir() and not (path / INDEX_NAME).exists():
-        ours = sorted(p.name for p in path.iterdir() if is_ours(p.name))
+        # our temporaries (random suffixes) are left by a crash during the first index write: not suspicious
+        ours = sorted(p.name for p in path.iterdir() if SHARD_NAME.match(p.name) or PART_NAME.match(p.name))
         if ours:
             raise ValueError(
                 f"'{path}' holds {ours[0]} but no {INDEX_NAME}: it was not written by extract (or its index was "
@@ -87,30 +99,6 @@ def check_output_folder(out_dir: str | os.PathLike) -> Path:
                 "or move those files out."
             )
     return path
-
-
-def checksum_of_bytes(data: bytes) -> str:
-    """The checksum recorded for a shard file: ``sha256:<hex>`` of its bytes."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def checksum_of_files(files: dict[str, bytes]) -> str:
-    """The checksum recorded for an npy shard folder holding ``files`` (name -> bytes): SHA-256 over each file's
-    name, size and SHA-256, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(f"{name}\0{len(files[name])}\0".encode())
-        digest.update(hashlib.sha256(files[name]).digest())
-    return "sha256:" + digest.hexdigest()
-
-
-def shard_checksum(path: Path) -> str:
-    """The checksum of a shard on disk (:func:`checksum_of_bytes` of a file, :func:`checksum_of_files` of an npy
-    shard folder), to compare with the one recorded when it was written."""
-    if not path.is_dir():
-        with open(path, "rb") as handle:
-            return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
-    return checksum_of_files({file.name: file.read_bytes() for file in path.iterdir()})
 
 
 def shard_bytes(path: Path) -> int:
@@ -251,7 +239,7 @@ def check_listed_shards(out_dir: Path, index: dict, *, read: bool = False) -> di
     Cheap (``read=False``, what every resume runs): every listed shard exists and has the size in bytes recorded
     when it was written (indexes written before sizes were recorded: presence only). Full (``read=True``, what
     ``verify`` runs): also reads each shard and checks its rows against the index."""
-    from capi_backbones.features.shards import read_shard
+    from capi_backbones.features.shards import read_shard, shard_checksum  # torch: only when shards are read
 
     problems = {}
     for entry in index["shards"]:

@@ -13,6 +13,7 @@ the file modes) and renamed into place, so a shard either exists whole or not at
 permission) are OSErrors with their errno and the file name.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -26,9 +27,17 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
-from capi_backbones.features.index import checksum_of_bytes, checksum_of_files
 
-__all__ = ["FORMATS", "NPY_SHARD_FILES", "SavedShard", "read_shard", "write_shard"]
+__all__ = [
+    "FORMATS",
+    "NPY_SHARD_FILES",
+    "SavedShard",
+    "checksum_of_bytes",
+    "checksum_of_files",
+    "read_shard",
+    "shard_checksum",
+    "write_shard",
+]
 
 FORMATS = {"safetensors": ".safetensors", "npy": ""}  # format -> shard name suffix
 ARRAY_NAMES = ("patch_features", "registers", "pooled")
@@ -64,6 +73,30 @@ def write_shard(path: Path, shard: SavedShard, *, format: str) -> str:
         with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
             return _write_npy_folder(tmp, tensors, description)
     raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
+
+
+def checksum_of_bytes(data: bytes) -> str:
+    """The checksum recorded for a shard file: ``sha256:<hex>`` of its bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def checksum_of_files(files: dict[str, bytes]) -> str:
+    """The checksum recorded for an npy shard folder holding ``files`` (name -> bytes): SHA-256 over each file's
+    name, size and SHA-256, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode())
+        digest.update(hashlib.sha256(files[name]).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+def shard_checksum(path: Path) -> str:
+    """The checksum of a shard on disk (:func:`checksum_of_bytes` of a file, :func:`checksum_of_files` of an npy
+    shard folder), to compare with the one recorded when it was written."""
+    if not path.is_dir():
+        with open(path, "rb") as handle:
+            return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+    return checksum_of_files({file.name: file.read_bytes() for file in path.iterdir()})
 
 
 def write_bytes(path: Path, data: bytes) -> None:
