@@ -55,6 +55,7 @@ def register(subparsers) -> None:
         "pages over the stored-values limit",
     )
     parser.add_argument("--title", default="CAPI feature explorer", help="page title")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run_explore)
 
 
@@ -191,8 +192,8 @@ def run_explore(args: argparse.Namespace) -> int:
         check_extractor_limits(images, extractors, args.dims)  # with the model's default size and width
         models = []
         for extractor, name in zip(extractors, _names(args)[: len(extractors)], strict=True):
-            print(f"features of {len(images)} photos with {name}", file=sys.stderr)
-            models.append(extract_model_features(images, extractor, name=name))
+            models.append(extract_model_features(images, extractor, name=name, progress=not args.no_progress))
+        print("building the page (PCA maps at every threshold, features as float16)", file=sys.stderr)
         page = build_explorer(images, models, labels=labels, dims=args.dims, title=args.title)
         from capi_backbones.atomic_files import atomic_write_text
 

@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -99,8 +99,8 @@ def check_limits(n_photos: int, n_patches: int | None = None, stored_values: int
         )
     if n_patches is not None and n_patches > MAX_PATCHES:
         raise ExplorerLimitError(
-            f"{n_photos} photos make {n_patches} patches, over the limit of {MAX_PATCHES} patches per page "
-            "; use fewer photos or a smaller --image-size."
+            f"{n_photos} photos make {n_patches} patches, over the limit of {MAX_PATCHES} patches per page; "
+            "use fewer photos or a smaller --image-size."
         )
     if stored_values is not None and stored_values > MAX_STORED_VALUES:
         raise ExplorerLimitError(
@@ -118,9 +118,20 @@ def check_extractor_limits(images: Sequence[Image.Image], extractors: Sequence, 
     check_limits(len(images), n_patches, n_patches * sum(dims or e.model.embed_dim for e in extractors))
 
 
-def extract_model_features(images: Sequence, extractor, *, name: str | None = None) -> ModelFeatures:
-    """Patch features and pooled embeddings of ``images`` (PIL images or paths) from a ``FeatureExtractor``."""
-    outputs = extractor.extract(list(images), pooled=True)
+def extract_model_features(
+    images: Sequence, extractor, *, name: str | None = None, progress: bool = False
+) -> ModelFeatures:
+    """Patch features and pooled embeddings of ``images`` (PIL images or paths) from a ``FeatureExtractor``, a batch
+    at a time (with a progress bar if ``progress``)."""
+    from tqdm.auto import tqdm
+
+    images = list(images)
+    outputs = []
+    with tqdm(total=len(images), desc=name or "features", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), extractor.batch_size):
+            batch = images[start : start + extractor.batch_size]
+            outputs.extend(extractor.extract(batch, pooled=True))
+            bar.update(len(batch))
     return ModelFeatures(
         name=name or getattr(extractor, "model_description", "model"),
         feature_maps=[output.patch_features[0].numpy() for output in outputs],
@@ -351,7 +362,7 @@ def build_explorer(
         if not isinstance(model, ModelFeatures):
             model = extract_model_features(images, model)
         if names is not None:
-            model.name = names[i]
+            model = replace(model, name=names[i])
         features.append(model)
     return _page(_explorer_data(images, features, labels, dims, title))
 
