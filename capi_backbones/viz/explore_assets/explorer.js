@@ -8,6 +8,7 @@
   const models = data.models;
   const nModels = models.length;
   const letters = ["A", "B"];
+  const NO_MAP_GREY = 96; // PCA tiles without a map (the threshold keeps too few patches)
 
   // ---- decoding --------------------------------------------------------------------------------------------------
   function base64Bytes(text) {
@@ -312,15 +313,15 @@
         const error = layer.errors[photoIndex];
         const image = t.context.createImageData(photo.w, photo.h);
         const base = offsets[photoIndex] * 3;
-        for (let p = 0; p < photo.w * photo.h; p++) {
-          image.data[p * 4] = layer.rgb[base + p * 3];
-          image.data[p * 4 + 1] = layer.rgb[base + p * 3 + 1];
-          image.data[p * 4 + 2] = layer.rgb[base + p * 3 + 2];
-          image.data[p * 4 + 3] = error ? 0 : 255;
+        for (let p = 0; p < photo.w * photo.h; p++) { // no map: the tile is grey, and its note says why
+          image.data[p * 4] = error ? NO_MAP_GREY : layer.rgb[base + p * 3];
+          image.data[p * 4 + 1] = error ? NO_MAP_GREY : layer.rgb[base + p * 3 + 1];
+          image.data[p * 4 + 2] = error ? NO_MAP_GREY : layer.rgb[base + p * 3 + 2];
+          image.data[p * 4 + 3] = 255;
         }
         t.context.putImageData(image, 0, 0);
         t.note.hidden = !error;
-        t.note.textContent = error ? "no map: " + error.split(/(?<=[.;])\s/)[0] : "";
+        t.note.textContent = error ? "no map: " + error.split(/(?<=\.)\s/)[0] : "";
         t.note.title = error || "";
       }
     });
