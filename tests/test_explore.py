@@ -4,6 +4,8 @@ viz, pooled ranking, limits; and ``capi-backbones explore`` errors (exit 2 befor
 import base64
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +320,14 @@ def test_docs_python_blocks_run_offline(tmp_path, monkeypatch):
         if not code.startswith("# needs the network"):
             exec(compile(code, str(DOCS), "exec"), {"__name__": "__docs__"})
     assert page_data((tmp_path / "explore.html").read_text(encoding="utf-8"))["photos"][1]["name"] == "flower"
+
+
+def test_explore_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom capi_backbones.cli.main import main\n"
+        "try:\n    main(['explore', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--compare-weights" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False False"

@@ -177,6 +177,7 @@ def test_click_shows_the_cosine_similarities_numpy_computes(driver, pages, model
 
 def test_hover_shows_the_value_under_the_cursor_and_the_colour_bar(driver, pages, models):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     open_page(driver, pages["one"])
     point_at_patch(driver, 0, 1, 1, grid(models[0], 0)).click().perform()
@@ -191,6 +192,22 @@ def test_hover_shows_the_value_under_the_cursor_and_the_colour_bar(driver, pages
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .lo").text == f"{others.min():.3f}"
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .hi").text == f"{others.max():.3f}"
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .marker").is_displayed()
+    Select(driver.find_element(By.ID, "scale")).select_by_value("fixed")
+    assert driver.find_element(By.CSS_SELECTOR, ".colorbar .lo").text == "-1.000"
+    assert driver.find_element(By.CSS_SELECTOR, ".colorbar .hi").text == "1.000"
+    assert console_errors(driver) == []
+
+
+def test_follow_the_mouse_queries_the_patch_under_the_cursor(driver, pages, models):
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, pages["one"])
+    driver.find_element(By.ID, "hover").click()
+    point_at_patch(driver, 3, 5, 2, grid(models[0], 3)).perform()  # no click
+    state = driver.execute_script("return capiExplorer.state")
+    assert (state["photo"], state["row"], state["col"]) == (3, 5, 2)
+    page = np.array(driver.execute_script("return capiExplorer.similarities(0)"))
+    assert np.abs(page - exact_similarities(models[0], 3, 5, 2)).max() <= FLOAT16_COSINE_BOUND
     assert console_errors(driver) == []
 
 
