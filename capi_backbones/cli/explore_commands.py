@@ -88,8 +88,9 @@ def _check_args(args: argparse.Namespace) -> Path:
     return out
 
 
-def _second_model_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The first model's options with the --compare-* ones in their place."""
+def _second_model_args(args: argparse.Namespace, first_model=None) -> argparse.Namespace:
+    """The first model's options with the --compare-* ones in their place. ``first_model`` (loaded) gives the
+    architecture of --compare-random-init after --weights PATH."""
     second = copy.copy(args)
     second.random_init = args.compare_random_init
     second.weights = args.compare_weights
@@ -97,23 +98,34 @@ def _second_model_args(args: argparse.Namespace) -> argparse.Namespace:
         second.model = args.compare_model
     elif args.compare_random_init:
         second.model = args.model  # same architecture (the default weights' one when --model is not given)
+        if args.weights is not None:
+            second.model = None if first_model is None else _architecture_of(first_model)
     else:
         second.model = None  # --compare-weights alone: architecture read off the checkpoint
     return second
 
 
-def _names(args: argparse.Namespace) -> list[str]:
-    """The labels of the two models on the page: --name/--compare-name, else where their weights come from."""
+def _architecture_of(model) -> str:
+    """The name of the architecture of a loaded model (for --compare-random-init after --weights PATH)."""
+    wanted = {k: v for k, v in model.config.to_dict().items() if k != "drop_path_rate"}
+    for name, config in ARCHITECTURES.items():
+        if {k: v for k, v in config.to_dict().items() if k != "drop_path_rate"} == wanted:
+            return name
+    raise CliError(
+        "--compare-random-init: the --weights checkpoint has an architecture of its own; name the random one with "
+        f"--compare-model ({', '.join(ARCHITECTURES)})."
+    )
+
+
+def _name(model_args: argparse.Namespace, given: str | None) -> str:
+    """A model's label on the page: --name/--compare-name, else where its weights come from."""
     from capi_backbones.cli.model_options import DEFAULT_MODEL
 
-    names = []
-    for prefix, given in (("", args.name), ("compare_", args.compare_name)):
-        model, weights, random_init = (getattr(args, prefix + key) for key in ("model", "weights", "random_init"))
-        if prefix and model is None and weights is None:  # --compare-random-init alone: the first architecture
-            model = args.model
-        source = Path(weights).name if weights is not None else model or DEFAULT_MODEL
-        names.append(given or (f"{source} (random init)" if random_init else source))
-    return names
+    if given:
+        return given
+    weights = model_args.weights
+    source = Path(weights).name if weights is not None else model_args.model or DEFAULT_MODEL
+    return f"{source} (random init)" if model_args.random_init else source
 
 
 def _load_photos(sources: list) -> tuple[list, list[str], dict[str, str]]:
@@ -184,14 +196,15 @@ def run_explore(args: argparse.Namespace) -> int:
             print(f"none of the {len(sources)} images could be read; nothing written", file=sys.stderr)
             return 1
         _check_before_loading(args, images)
-        extractors = [build_extractor(args)]
+        extractors, names = [build_extractor(args)], [_name(args, args.name)]
         if _comparing(args):
-            second = _second_model_args(args)
+            second = _second_model_args(args, extractors[0].model)
             second.image_size = extractors[0].image_size  # one patch grid for both
             extractors.append(build_extractor(second))
+            names.append(_name(second, args.compare_name))
         check_extractor_limits(images, extractors, args.dims)  # with the model's default size and width
         models = []
-        for extractor, name in zip(extractors, _names(args)[: len(extractors)], strict=True):
+        for extractor, name in zip(extractors, names, strict=True):
             models.append(extract_model_features(images, extractor, name=name, progress=not args.no_progress))
         print("building the page (PCA maps at every threshold, features as float16)", file=sys.stderr)
         page = build_explorer(images, models, labels=labels, dims=args.dims, title=args.title)

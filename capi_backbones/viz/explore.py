@@ -302,7 +302,7 @@ def _explorer_data(images: list, models: list[ModelFeatures], labels: list[str],
 
 
 def _asset(name: str) -> str:
-    return resources.files("capi_backbones.viz").joinpath(ASSETS, name).read_text(encoding="utf-8")
+    return resources.files("capi_backbones.viz").joinpath(ASSETS).joinpath(name).read_text(encoding="utf-8")
 
 
 def _page(data: dict) -> str:
