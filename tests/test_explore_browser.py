@@ -187,6 +187,12 @@ def test_hover_shows_the_value_under_the_cursor_and_the_colour_bar(driver, pages
     value = exact[offsets[4] + 2 * grid(models[0], 4)[1] + 6]
     status = driver.find_element(By.ID, "status").text
     assert "flower.jpg (row 2, col 6)" in status
+    for kind in ("similarity", "pca"):  # the hovered patch is outlined on every tile of its photo
+        mark = tile(driver, kind, 4).find_element(By.CSS_SELECTOR, ".hover-mark")
+        assert mark.is_displayed()
+        cell = tile(driver, kind, 4).size["width"] / grid(models[0], 4)[1]
+        assert mark.location["x"] - tile(driver, kind, 4).location["x"] == pytest.approx(6 * cell, abs=1)
+        assert mark.location["y"] - tile(driver, kind, 4).location["y"] == pytest.approx(2 * cell, abs=1)
     assert f"cosine {value:.3f}" in status
     others = np.delete(exact, offsets[0] + 1 * grid(models[0], 0)[1] + 1)
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .lo").text == f"{others.min():.3f}"

@@ -133,13 +133,15 @@
     canvas.height = photo.h;
     const mark = document.createElement("div");
     mark.className = "mark";
+    const hoverMark = document.createElement("div"); // the patch under the cursor, on every tile of its photo
+    hoverMark.className = "hover-mark";
     const label = document.createElement("span");
     label.className = "model";
     label.textContent = (nModels > 1 ? letters[model] + " · " : "") + (kind === "similarity" ? "similarity" : "PCA");
     const note = document.createElement("span");
     note.className = "note";
     note.hidden = true;
-    tile.append(img, canvas, mark, label, note);
+    tile.append(img, canvas, mark, hoverMark, label, note);
     tile.addEventListener("click", (event) => {
       const [row, col] = patchAt(tile, photo, event);
       select(index, row, col, event.timeStamp);
@@ -156,7 +158,7 @@
       state.hovered = null;
       showHovered();
     });
-    return { tile, canvas, context: canvas.getContext("2d"), mark, note, model, kind };
+    return { tile, canvas, context: canvas.getContext("2d"), mark, hoverMark, note, model, kind };
   }
 
   function patchAt(tile, photo, event) {
@@ -371,7 +373,23 @@
     state.order = sequence;
   }
 
+  let hoverMarked = null; // the card whose tiles show the hover mark
+  function markHovered() {
+    if (hoverMarked) for (const t of hoverMarked.tiles) t.hoverMark.style.display = "none";
+    hoverMarked = null;
+    if (!state.hovered) return;
+    const [p, r, c] = state.hovered;
+    const cell = tileSize() / photos[p].w;
+    hoverMarked = cards[p];
+    for (const t of hoverMarked.tiles) {
+      Object.assign(t.hoverMark.style, {
+        display: "block", left: `${c * cell}px`, top: `${r * cell}px`, width: `${cell}px`, height: `${cell}px`,
+      });
+    }
+  }
+
   function showHovered() {
+    markHovered();
     const status = $("status");
     colorbars.forEach((bar) => { bar.querySelector(".marker").style.display = "none"; });
     if (state.photo < 0) {
