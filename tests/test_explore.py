@@ -330,6 +330,9 @@ def test_explore_help_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--compare-weights" in result.stdout
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines
+    limits = f"{MAX_PHOTOS} photos, {MAX_PATCHES} patches per model, {MAX_STORED_VALUES} stored feature values"
+    assert limits in help_text  # the help states the limits in force
     assert result.stdout.strip().splitlines()[-1] == "False False"
 
 

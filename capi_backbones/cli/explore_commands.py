@@ -26,8 +26,9 @@ def register(subparsers) -> None:
             "shows the photos with their PCA maps (per image or joint, foreground threshold slider) and, for a "
             "clicked patch, its cosine similarity to every patch of every photo as heatmaps, with the photos ranked "
             "by the similarity of their pooled embeddings. With --compare-weights, --compare-model or "
-            "--compare-random-init a second model is shown side by side. Limits per page: see "
-            "'capi_backbones.viz.explore' (64 photos, 16384 patches, 2**24 stored feature values)."
+            "--compare-random-init a second model is shown side by side. Limits per page: "
+            "64 photos, 24576 patches per model, 33554432 stored feature values (patches x dimensions, both models): "
+            "the page says what it stores and how exact the similarities are."
         ),
         epilog="Exit status: 0 page written, 1 page written but some images could not be read (listed), "
         "2 usage error or inputs over a limit.",

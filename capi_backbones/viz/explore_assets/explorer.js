@@ -4,6 +4,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const data = JSON.parse($("explorer-data").textContent);
+  $("explorer-data").remove(); // the parsed copy is enough (up to about 90 MB of text)
   const photos = data.photos;
   const models = data.models;
   const nModels = models.length;
