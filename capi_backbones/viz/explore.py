@@ -25,7 +25,8 @@ time grows with the latter (docs/explorer.md gives the figures measured by bench
 
 Python: ``build_explorer(images, extractor_or_features, ...)`` returns the page as a string, ``write_explorer(path,
 ...)`` writes it atomically. Command line: ``capi-backbones explore IMAGES... --out explore.html``.
-This module imports numpy and Pillow only; a :class:`~capi_backbones.features.FeatureExtractor` passed in brings torch.
+This module imports numpy, Pillow and (through ``viz.pca``) scikit-learn; a
+:class:`~capi_backbones.features.FeatureExtractor` passed in brings torch.
 """
 
 import base64
@@ -44,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.constants import PATCH_SIZE
 from capi_backbones.viz.colormap import COOLWARM_ANCHORS
 from capi_backbones.viz.pca import joint_pca_maps, pca_map
 
@@ -148,7 +150,7 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
 
 def _reduction_basis(unit: np.ndarray, dims: int) -> np.ndarray:
     """(D, dims): the top right singular vectors of the (N, D) unit-normalised features (uncentered)."""
-    eigenvalues, eigenvectors = np.linalg.eigh(unit.T @ unit)  # ascending
+    _, eigenvectors = np.linalg.eigh(unit.T @ unit)  # eigenvalues ascending
     return eigenvectors[:, ::-1][:, :dims]
 
 
@@ -268,7 +270,7 @@ def _explorer_data(images: list, models: list[ModelFeatures], labels: list[str],
     check_limits(len(images), n_patches)
     stored_dims = [m.feature_maps[0].shape[-1] if dims is None else dims for m in models]
     check_limits(len(images), n_patches, n_patches * sum(stored_dims))
-    patch = 14
+    patch = PATCH_SIZE
     photos = [
         {"name": label, "h": h, "w": w, "src": _photo(image, (w * patch, h * patch))}
         for image, label, (h, w) in zip(images, labels, grids, strict=True)
