@@ -9,7 +9,11 @@ For each architecture (random weights: the timings do not depend on the values) 
   * click: from the click event to the next painted frame with every heatmap redrawn (median of --clicks clicks on
     random patches, through selenium's pointer actions), and the similarity computation alone.
 
+With --at-limit: a page at the stored-values limit instead (two models of width 1024, MAX_PHOTOS square photos at
+224 px, random features: no model runs), to measure the largest page the limits allow.
+
 Run: python benchmarks/bench_explore.py [--archs capi_vits14 capi_vitl14] [--photos 10 50] [--image-size 224]
+     python benchmarks/bench_explore.py --at-limit
 """
 
 import argparse
@@ -26,7 +30,13 @@ from PIL import Image
 
 from capi_backbones.features import FeatureExtractor
 from capi_backbones.pretrained import create_model
-from capi_backbones.viz.explore import build_explorer, extract_model_features
+from capi_backbones.viz.explore import (
+    MAX_PHOTOS,
+    MAX_STORED_VALUES,
+    ModelFeatures,
+    build_explorer,
+    extract_model_features,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -98,6 +108,28 @@ def measure_page(driver, path: Path, clicks: int) -> dict:
     }
 
 
+def at_limit(driver, clicks: int) -> None:
+    rng = np.random.default_rng(0)
+    width, grid = 1024, (16, 16)
+    assert 2 * MAX_PHOTOS * grid[0] * grid[1] * width == MAX_STORED_VALUES
+    images = [image.resize((224, 224)) for image in photos(MAX_PHOTOS)]
+    models = [
+        ModelFeatures(name, [rng.standard_normal((*grid, width), dtype=np.float32) for _ in images])
+        for name in ("A", "B")
+    ]
+    start = time.perf_counter()
+    page = build_explorer(images, models)
+    build = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "limit.html"
+        path.write_text(page, encoding="utf-8")
+        row = {"page": "at the limit: 2 models x 64 photos x 256 patches x 1024", "build_s": round(build, 1)}
+        row["size_mb"] = round(path.stat().st_size / 1e6, 1)
+        if driver is not None:
+            row.update(measure_page(driver, path, clicks))
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["capi_vits14", "capi_vitl14"])
@@ -105,8 +137,16 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--clicks", type=int, default=7)
     parser.add_argument("--no-browser", action="store_true", help="build the pages only")
+    parser.add_argument("--at-limit", action="store_true", help="one page at the stored-values limit")
     args = parser.parse_args()
     driver = None if args.no_browser else browser()
+    if args.at_limit:
+        try:
+            at_limit(driver, args.clicks)
+        finally:
+            if driver is not None:
+                driver.quit()
+        return
     all_photos = photos(max(args.photos))
     results = []
     try:

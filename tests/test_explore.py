@@ -4,6 +4,8 @@ viz, pooled ranking, limits; and ``capi-backbones explore`` errors (exit 2 befor
 import base64
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +320,40 @@ def test_docs_python_blocks_run_offline(tmp_path, monkeypatch):
         if not code.startswith("# needs the network"):
             exec(compile(code, str(DOCS), "exec"), {"__name__": "__docs__"})
     assert page_data((tmp_path / "explore.html").read_text(encoding="utf-8"))["photos"][1]["name"] == "flower"
+
+
+def test_explore_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom capi_backbones.cli.main import main\n"
+        "try:\n    main(['explore', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--compare-weights" in result.stdout
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines
+    limits = f"{MAX_PHOTOS} photos, {MAX_PATCHES} patches per model, {MAX_STORED_VALUES} stored feature values"
+    assert limits in help_text  # the help states the limits in force
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_cli_compare_random_init_takes_the_checkpoint_architecture(tmp_path, capsys):
+    """--weights PATH --compare-random-init: random weights of the checkpoint's architecture, named as such; a
+    checkpoint of an architecture of its own needs --compare-model."""
+    from checkpoint_files import tiny_model, write_safetensors_checkpoint
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(photo)
+    torch.manual_seed(1)
+    write_safetensors_checkpoint(create_model("capi_vits14", pretrained=False), tmp_path / "mine.safetensors")
+    out = tmp_path / "page.html"
+    args = ["--out", out, "--compare-random-init", "--image-size", "28", "--device", "cpu", "--no-progress"]
+    code, err = run_explore(capsys, photo, "--weights", tmp_path / "mine.safetensors", *args)
+    assert code == 0, err
+    models = page_data(out.read_text(encoding="utf-8"))["models"]
+    assert [m["name"] for m in models] == ["mine.safetensors", "capi_vits14 (random init)"]
+    assert [m["approximation"]["featureDim"] for m in models] == [384, 384]
+    write_safetensors_checkpoint(tiny_model(), tmp_path / "tiny.safetensors")
+    code, err = run_explore(capsys, photo, "--weights", tmp_path / "tiny.safetensors", *args)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("capi-backbones explore: error: --compare-random-init: the --weights checkpoint has an")

@@ -177,6 +177,7 @@ def test_click_shows_the_cosine_similarities_numpy_computes(driver, pages, model
 
 def test_hover_shows_the_value_under_the_cursor_and_the_colour_bar(driver, pages, models):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     open_page(driver, pages["one"])
     point_at_patch(driver, 0, 1, 1, grid(models[0], 0)).click().perform()
@@ -186,11 +187,33 @@ def test_hover_shows_the_value_under_the_cursor_and_the_colour_bar(driver, pages
     value = exact[offsets[4] + 2 * grid(models[0], 4)[1] + 6]
     status = driver.find_element(By.ID, "status").text
     assert "flower.jpg (row 2, col 6)" in status
+    for kind in ("similarity", "pca"):  # the hovered patch is outlined on every tile of its photo
+        mark = tile(driver, kind, 4).find_element(By.CSS_SELECTOR, ".hover-mark")
+        assert mark.is_displayed()
+        cell = tile(driver, kind, 4).size["width"] / grid(models[0], 4)[1]
+        assert mark.location["x"] - tile(driver, kind, 4).location["x"] == pytest.approx(6 * cell, abs=1)
+        assert mark.location["y"] - tile(driver, kind, 4).location["y"] == pytest.approx(2 * cell, abs=1)
     assert f"cosine {value:.3f}" in status
     others = np.delete(exact, offsets[0] + 1 * grid(models[0], 0)[1] + 1)
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .lo").text == f"{others.min():.3f}"
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .hi").text == f"{others.max():.3f}"
     assert driver.find_element(By.CSS_SELECTOR, ".colorbar .marker").is_displayed()
+    Select(driver.find_element(By.ID, "scale")).select_by_value("fixed")
+    assert driver.find_element(By.CSS_SELECTOR, ".colorbar .lo").text == "-1.000"
+    assert driver.find_element(By.CSS_SELECTOR, ".colorbar .hi").text == "1.000"
+    assert console_errors(driver) == []
+
+
+def test_follow_the_mouse_queries_the_patch_under_the_cursor(driver, pages, models):
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, pages["one"])
+    driver.find_element(By.ID, "hover").click()
+    point_at_patch(driver, 3, 5, 2, grid(models[0], 3)).perform()  # no click
+    state = driver.execute_script("return capiExplorer.state")
+    assert (state["photo"], state["row"], state["col"]) == (3, 5, 2)
+    page = np.array(driver.execute_script("return capiExplorer.similarities(0)"))
+    assert np.abs(page - exact_similarities(models[0], 3, 5, 2)).max() <= FLOAT16_COSINE_BOUND
     assert console_errors(driver) == []
 
 
@@ -223,10 +246,10 @@ def test_threshold_slider_and_joint_mode_draw_the_viz_pca_maps(driver, pages, mo
     def check(results):
         for photo, result in enumerate(results):
             pixels = drawn(photo)
-            if isinstance(result, str):  # no map at this threshold: transparent, with the reason on the tile
-                assert (pixels[..., 3] == 0).all()
+            if isinstance(result, str):  # no map at this threshold: grey, with the reason on the tile
+                assert (pixels == [96, 96, 96, 255]).all()
                 note = tile(driver, "pca", photo).find_element(By.CSS_SELECTOR, ".note")
-                assert note.is_displayed() and note.text.startswith("no map:")
+                assert note.is_displayed() and note.text == "no map: " + result.split(". ")[0] + "."
                 continue
             np.testing.assert_array_equal(pixels[..., :3], np.rint(result.rgb * 255).astype(np.uint8))
             assert (pixels[..., 3] == 255).all()

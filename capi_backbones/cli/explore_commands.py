@@ -26,8 +26,9 @@ def register(subparsers) -> None:
             "shows the photos with their PCA maps (per image or joint, foreground threshold slider) and, for a "
             "clicked patch, its cosine similarity to every patch of every photo as heatmaps, with the photos ranked "
             "by the similarity of their pooled embeddings. With --compare-weights, --compare-model or "
-            "--compare-random-init a second model is shown side by side. Limits per page: see "
-            "'capi_backbones.viz.explore' (64 photos, 16384 patches, 2**24 stored feature values)."
+            "--compare-random-init a second model is shown side by side. Limits per page: "
+            "64 photos, 24576 patches per model, 33554432 stored feature values (patches x dimensions, both models): "
+            "the page says what it stores and how exact the similarities are."
         ),
         epilog="Exit status: 0 page written, 1 page written but some images could not be read (listed), "
         "2 usage error or inputs over a limit.",
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
         "pages over the stored-values limit",
     )
     parser.add_argument("--title", default="CAPI feature explorer", help="page title")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run_explore)
 
 
@@ -87,8 +89,9 @@ def _check_args(args: argparse.Namespace) -> Path:
     return out
 
 
-def _second_model_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The first model's options with the --compare-* ones in their place."""
+def _second_model_args(args: argparse.Namespace, first_model=None) -> argparse.Namespace:
+    """The first model's options with the --compare-* ones in their place. ``first_model`` (loaded) gives the
+    architecture of --compare-random-init after --weights PATH."""
     second = copy.copy(args)
     second.random_init = args.compare_random_init
     second.weights = args.compare_weights
@@ -96,23 +99,34 @@ def _second_model_args(args: argparse.Namespace) -> argparse.Namespace:
         second.model = args.compare_model
     elif args.compare_random_init:
         second.model = args.model  # same architecture (the default weights' one when --model is not given)
+        if args.weights is not None:
+            second.model = None if first_model is None else _architecture_of(first_model)
     else:
         second.model = None  # --compare-weights alone: architecture read off the checkpoint
     return second
 
 
-def _names(args: argparse.Namespace) -> list[str]:
-    """The labels of the two models on the page: --name/--compare-name, else where their weights come from."""
+def _architecture_of(model) -> str:
+    """The name of the architecture of a loaded model (for --compare-random-init after --weights PATH)."""
+    wanted = {k: v for k, v in model.config.to_dict().items() if k != "drop_path_rate"}
+    for name, config in ARCHITECTURES.items():
+        if {k: v for k, v in config.to_dict().items() if k != "drop_path_rate"} == wanted:
+            return name
+    raise CliError(
+        "--compare-random-init: the --weights checkpoint has an architecture of its own; name the random one with "
+        f"--compare-model ({', '.join(ARCHITECTURES)})."
+    )
+
+
+def _name(model_args: argparse.Namespace, given: str | None) -> str:
+    """A model's label on the page: --name/--compare-name, else where its weights come from."""
     from capi_backbones.cli.model_options import DEFAULT_MODEL
 
-    names = []
-    for prefix, given in (("", args.name), ("compare_", args.compare_name)):
-        model, weights, random_init = (getattr(args, prefix + key) for key in ("model", "weights", "random_init"))
-        if prefix and model is None and weights is None:  # --compare-random-init alone: the first architecture
-            model = args.model
-        source = Path(weights).name if weights is not None else model or DEFAULT_MODEL
-        names.append(given or (f"{source} (random init)" if random_init else source))
-    return names
+    if given:
+        return given
+    weights = model_args.weights
+    source = Path(weights).name if weights is not None else model_args.model or DEFAULT_MODEL
+    return f"{source} (random init)" if model_args.random_init else source
 
 
 def _load_photos(sources: list) -> tuple[list, list[str], dict[str, str]]:
@@ -183,16 +197,17 @@ def run_explore(args: argparse.Namespace) -> int:
             print(f"none of the {len(sources)} images could be read; nothing written", file=sys.stderr)
             return 1
         _check_before_loading(args, images)
-        extractors = [build_extractor(args)]
+        extractors, names = [build_extractor(args)], [_name(args, args.name)]
         if _comparing(args):
-            second = _second_model_args(args)
+            second = _second_model_args(args, extractors[0].model)
             second.image_size = extractors[0].image_size  # one patch grid for both
             extractors.append(build_extractor(second))
+            names.append(_name(second, args.compare_name))
         check_extractor_limits(images, extractors, args.dims)  # with the model's default size and width
         models = []
-        for extractor, name in zip(extractors, _names(args)[: len(extractors)], strict=True):
-            print(f"features of {len(images)} photos with {name}", file=sys.stderr)
-            models.append(extract_model_features(images, extractor, name=name))
+        for extractor, name in zip(extractors, names, strict=True):
+            models.append(extract_model_features(images, extractor, name=name, progress=not args.no_progress))
+        print("building the page (PCA maps at every threshold, features as float16)", file=sys.stderr)
         page = build_explorer(images, models, labels=labels, dims=args.dims, title=args.title)
         from capi_backbones.atomic_files import atomic_write_text
 

@@ -25,7 +25,8 @@ time grows with the latter (docs/explorer.md gives the figures measured by bench
 
 Python: ``build_explorer(images, extractor_or_features, ...)`` returns the page as a string, ``write_explorer(path,
 ...)`` writes it atomically. Command line: ``capi-backbones explore IMAGES... --out explore.html``.
-This module imports numpy and Pillow only; a :class:`~capi_backbones.features.FeatureExtractor` passed in brings torch.
+This module imports numpy, Pillow and (through ``viz.pca``) scikit-learn; a
+:class:`~capi_backbones.features.FeatureExtractor` passed in brings torch.
 """
 
 import base64
@@ -36,7 +37,7 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.constants import PATCH_SIZE
 from capi_backbones.viz.colormap import COOLWARM_ANCHORS
 from capi_backbones.viz.pca import joint_pca_maps, pca_map
 
@@ -99,8 +101,8 @@ def check_limits(n_photos: int, n_patches: int | None = None, stored_values: int
         )
     if n_patches is not None and n_patches > MAX_PATCHES:
         raise ExplorerLimitError(
-            f"{n_photos} photos make {n_patches} patches, over the limit of {MAX_PATCHES} patches per page "
-            "; use fewer photos or a smaller --image-size."
+            f"{n_photos} photos make {n_patches} patches, over the limit of {MAX_PATCHES} patches per page; "
+            "use fewer photos or a smaller --image-size."
         )
     if stored_values is not None and stored_values > MAX_STORED_VALUES:
         raise ExplorerLimitError(
@@ -118,9 +120,20 @@ def check_extractor_limits(images: Sequence[Image.Image], extractors: Sequence, 
     check_limits(len(images), n_patches, n_patches * sum(dims or e.model.embed_dim for e in extractors))
 
 
-def extract_model_features(images: Sequence, extractor, *, name: str | None = None) -> ModelFeatures:
-    """Patch features and pooled embeddings of ``images`` (PIL images or paths) from a ``FeatureExtractor``."""
-    outputs = extractor.extract(list(images), pooled=True)
+def extract_model_features(
+    images: Sequence, extractor, *, name: str | None = None, progress: bool = False
+) -> ModelFeatures:
+    """Patch features and pooled embeddings of ``images`` (PIL images or paths) from a ``FeatureExtractor``, a batch
+    at a time (with a progress bar if ``progress``)."""
+    from tqdm.auto import tqdm
+
+    images = list(images)
+    outputs = []
+    with tqdm(total=len(images), desc=name or "features", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), extractor.batch_size):
+            batch = images[start : start + extractor.batch_size]
+            outputs.extend(extractor.extract(batch, pooled=True))
+            bar.update(len(batch))
     return ModelFeatures(
         name=name or getattr(extractor, "model_description", "model"),
         feature_maps=[output.patch_features[0].numpy() for output in outputs],
@@ -137,7 +150,7 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
 
 def _reduction_basis(unit: np.ndarray, dims: int) -> np.ndarray:
     """(D, dims): the top right singular vectors of the (N, D) unit-normalised features (uncentered)."""
-    eigenvalues, eigenvectors = np.linalg.eigh(unit.T @ unit)  # ascending
+    _, eigenvectors = np.linalg.eigh(unit.T @ unit)  # eigenvalues ascending
     return eigenvectors[:, ::-1][:, :dims]
 
 
@@ -257,7 +270,7 @@ def _explorer_data(images: list, models: list[ModelFeatures], labels: list[str],
     check_limits(len(images), n_patches)
     stored_dims = [m.feature_maps[0].shape[-1] if dims is None else dims for m in models]
     check_limits(len(images), n_patches, n_patches * sum(stored_dims))
-    patch = 14
+    patch = PATCH_SIZE
     photos = [
         {"name": label, "h": h, "w": w, "src": _photo(image, (w * patch, h * patch))}
         for image, label, (h, w) in zip(images, labels, grids, strict=True)
@@ -291,7 +304,7 @@ def _explorer_data(images: list, models: list[ModelFeatures], labels: list[str],
 
 
 def _asset(name: str) -> str:
-    return resources.files("capi_backbones.viz").joinpath(ASSETS, name).read_text(encoding="utf-8")
+    return resources.files("capi_backbones.viz").joinpath(ASSETS).joinpath(name).read_text(encoding="utf-8")
 
 
 def _page(data: dict) -> str:
@@ -351,7 +364,7 @@ def build_explorer(
         if not isinstance(model, ModelFeatures):
             model = extract_model_features(images, model)
         if names is not None:
-            model.name = names[i]
+            model = replace(model, name=names[i])
         features.append(model)
     return _page(_explorer_data(images, features, labels, dims, title))
 

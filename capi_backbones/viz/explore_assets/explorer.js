@@ -4,10 +4,12 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const data = JSON.parse($("explorer-data").textContent);
+  $("explorer-data").remove(); // the parsed copy is enough (up to about 90 MB of text)
   const photos = data.photos;
   const models = data.models;
   const nModels = models.length;
   const letters = ["A", "B"];
+  const NO_MAP_GREY = 96; // PCA tiles without a map (the threshold keeps too few patches)
 
   // ---- decoding --------------------------------------------------------------------------------------------------
   function base64Bytes(text) {
@@ -132,13 +134,15 @@
     canvas.height = photo.h;
     const mark = document.createElement("div");
     mark.className = "mark";
+    const hoverMark = document.createElement("div"); // the patch under the cursor, on every tile of its photo
+    hoverMark.className = "hover-mark";
     const label = document.createElement("span");
     label.className = "model";
     label.textContent = (nModels > 1 ? letters[model] + " · " : "") + (kind === "similarity" ? "similarity" : "PCA");
     const note = document.createElement("span");
     note.className = "note";
     note.hidden = true;
-    tile.append(img, canvas, mark, label, note);
+    tile.append(img, canvas, mark, hoverMark, label, note);
     tile.addEventListener("click", (event) => {
       const [row, col] = patchAt(tile, photo, event);
       select(index, row, col, event.timeStamp);
@@ -155,7 +159,7 @@
       state.hovered = null;
       showHovered();
     });
-    return { tile, canvas, context: canvas.getContext("2d"), mark, note, model, kind };
+    return { tile, canvas, context: canvas.getContext("2d"), mark, hoverMark, note, model, kind };
   }
 
   function patchAt(tile, photo, event) {
@@ -312,15 +316,15 @@
         const error = layer.errors[photoIndex];
         const image = t.context.createImageData(photo.w, photo.h);
         const base = offsets[photoIndex] * 3;
-        for (let p = 0; p < photo.w * photo.h; p++) {
-          image.data[p * 4] = layer.rgb[base + p * 3];
-          image.data[p * 4 + 1] = layer.rgb[base + p * 3 + 1];
-          image.data[p * 4 + 2] = layer.rgb[base + p * 3 + 2];
-          image.data[p * 4 + 3] = error ? 0 : 255;
+        for (let p = 0; p < photo.w * photo.h; p++) { // no map: the tile is grey, and its note says why
+          image.data[p * 4] = error ? NO_MAP_GREY : layer.rgb[base + p * 3];
+          image.data[p * 4 + 1] = error ? NO_MAP_GREY : layer.rgb[base + p * 3 + 1];
+          image.data[p * 4 + 2] = error ? NO_MAP_GREY : layer.rgb[base + p * 3 + 2];
+          image.data[p * 4 + 3] = 255;
         }
         t.context.putImageData(image, 0, 0);
         t.note.hidden = !error;
-        t.note.textContent = error ? "no map: " + error.split(/(?<=[.;])\s/)[0] : "";
+        t.note.textContent = error ? "no map: " + error.split(/(?<=\.)\s/)[0] : "";
         t.note.title = error || "";
       }
     });
@@ -370,7 +374,23 @@
     state.order = sequence;
   }
 
+  let hoverMarked = null; // the card whose tiles show the hover mark
+  function markHovered() {
+    if (hoverMarked) for (const t of hoverMarked.tiles) t.hoverMark.style.display = "none";
+    hoverMarked = null;
+    if (!state.hovered) return;
+    const [p, r, c] = state.hovered;
+    const cell = tileSize() / photos[p].w;
+    hoverMarked = cards[p];
+    for (const t of hoverMarked.tiles) {
+      Object.assign(t.hoverMark.style, {
+        display: "block", left: `${c * cell}px`, top: `${r * cell}px`, width: `${cell}px`, height: `${cell}px`,
+      });
+    }
+  }
+
   function showHovered() {
+    markHovered();
     const status = $("status");
     colorbars.forEach((bar) => { bar.querySelector(".marker").style.display = "none"; });
     if (state.photo < 0) {
