@@ -233,7 +233,7 @@ def _pooled_similarity(pooled: np.ndarray | None) -> list[list[float]] | None:
 def _photo(image, size: tuple[int, int]) -> str:
     """The photo resized to (W, H) pixels as a JPEG data URI."""
     if not isinstance(image, Image.Image):
-        from capi_backbones.features import load_image  # paths: the decoder the extractor uses (EXIF orientation)
+        from capi_backbones.images import load_image  # paths: the decoder the extractor uses (EXIF orientation)
 
         image = load_image(image)
     buffer = io.BytesIO()
@@ -353,7 +353,7 @@ def build_explorer(
         raise ValueError(f"Got {len(labels)} labels for {len(images)} photos.")
     labels = list(labels) if labels is not None else [_label(image, i) for i, image in enumerate(images)]
     if not all(isinstance(image, Image.Image) for image in images):
-        from capi_backbones.features import load_image
+        from capi_backbones.images import load_image
 
         images = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
     extractors = [model for model in models if not isinstance(model, ModelFeatures)]
