@@ -19,6 +19,7 @@ Images of more than :data:`MAX_PIXELS` pixels are refused before their pixels ar
 Every failure is an OSError or ValueError whose message names the file.
 """
 
+import hashlib
 import os
 import stat
 import warnings
@@ -35,6 +36,9 @@ __all__ = [
     "UnreadableFolder",
     "UnreadableFolderError",
     "check_regular_file",
+    "expand_path",
+    "file_stamp",
+    "same_file_content",
     "find_image_files",
     "is_hidden",
     "is_image_path",
@@ -104,6 +108,74 @@ def find_image_files(directory: str | os.PathLike, *, unreadable: list[Unreadabl
         dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         found.extend(Path(root) / f for f in sorted(files) if not is_hidden(f) and is_image_path(f))
     return found
+
+
+def expand_path(path: str | os.PathLike, *, unreadable: list[UnreadableFolder] | None = None) -> list[Path]:
+    """The image files a path names: a folder's (:func:`find_image_files`) or the file itself. Raises
+    FileNotFoundError for a missing path and ValueError for a folder without images or a file without an image
+    extension, each naming the path. Nothing is opened but folders."""
+    path = Path(path)
+    if path.is_dir():
+        found_unreadable: list[UnreadableFolder] = []
+        files = find_image_files(path, unreadable=found_unreadable if unreadable is not None else None)
+        if unreadable is not None:
+            unreadable.extend(found_unreadable)
+        if not files:
+            locked = f"; {len(found_unreadable)} sub-folder(s) could not be listed" if found_unreadable else ""
+            raise ValueError(
+                f"No image files found in directory '{path}' (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}{locked})."
+            )
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"Image path '{path}' does not exist.")
+    if not is_image_path(path):
+        raise ValueError(
+            f"'{path}' is not an image file: its extension '{path.suffix}' is not one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}. Convert it or leave it out."
+        )
+    return [path]
+
+
+_STAMP_CHUNK = 1 << 16  # the file identity hash reads the first and the last 64 KiB
+
+
+def file_stamp(path: str | os.PathLike) -> dict:
+    """The identity of an image file, recorded with its features so that a file replaced in place is redone:
+    ``{"size", "mtime_ns", "hash"}``, where ``hash`` is a BLAKE2b digest of the size and the first and last 64 KiB
+    (cheap: two reads, whatever the file size). Raises OSError for a file that is not regular, without opening it.
+    """
+    check_regular_file(path)
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "hash": _head_tail_hash(handle, info.st_size)}
+
+
+def _head_tail_hash(handle, size: int) -> str:
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    digest.update(handle.read(_STAMP_CHUNK))
+    if size > _STAMP_CHUNK:
+        handle.seek(max(_STAMP_CHUNK, size - _STAMP_CHUNK))
+        digest.update(handle.read(_STAMP_CHUNK))
+    return "blake2b:" + digest.hexdigest()
+
+
+def same_file_content(path: str | os.PathLike, stamp: dict) -> bool | None:
+    """Whether ``path`` still holds what ``stamp`` (from :func:`file_stamp`) describes: the same size and, unless
+    the modification time is unchanged too, the same hash (a file touched or copied is the same; a file replaced
+    by another of the same size is not). None when the file is gone or unreadable."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size != stamp["size"]:
+            return False
+        if info.st_mtime_ns == stamp["mtime_ns"]:
+            return True
+        with open(path, "rb") as handle:
+            return _head_tail_hash(handle, info.st_size) == stamp["hash"]
+    except OSError:
+        return None
 
 
 def check_regular_file(path: str | os.PathLike) -> None:

@@ -111,7 +111,7 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
     assert "architecture, not a set of weights" in error_line(
         capsys, images, "--out", tmp_path / "o", "--model", "capi_vits14"
     )
-    assert "multiple of the patch size" in error_line(
+    assert "--image-size must be a multiple of 14" in error_line(
         capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
     )
     assert "only allowed on CUDA" in error_line(
@@ -175,3 +175,42 @@ FEATURE_MODULES = [
     "capi_backbones.features." + info.name
     for info in __import__("pkgutil").iter_modules(__import__("capi_backbones.features").features.__path__)
 ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nophotos", "--out", "o"], "Image path 'nophotos' does not exist."),
+        (["photos", "--out", ""], "The output folder is an empty path"),
+        (["photos", "--out", "o", "--image-size", "99999998"], "--image-size must be a multiple of 14 between 14"),
+        (["photos", "--out", "o", "--shard-size", "0"], "--shard-size must be at least 1, got 0."),
+        (["photos", "--out", "notes.txt"], "Output path 'notes.txt' exists and is not a directory."),
+    ],
+)
+def test_mistakes_are_reported_before_torch_is_imported(tmp_path, args, message):
+    """issue 18: a typo costs a fraction of a second, not a model load."""
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(data.camera()[::8, ::8]).save(tmp_path / "photos" / "camera.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    code = (
+        "import sys, time\n"
+        "from capi_backbones.cli.main import main\n"
+        "start = time.perf_counter()\n"
+        f"code = main(['extract', *{args!r}, '--weights', 'w.pth'])\n"
+        "print(code, 'torch' in sys.modules, round(time.perf_counter() - start, 3))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    exit_code, torch_imported, _seconds = result.stdout.split()
+    assert (exit_code, torch_imported) == ("2", "False"), result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_no_progress_bar_is_written_into_logs(setup, tmp_path, capsys):
+    """issue 18: stderr redirected to a file (not a terminal) gets the summary, not a progress bar."""
+    _, weights, images = setup
+    args = ["extract", images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "28", "--workers", "0"]
+    assert main([*map(str, args)]) == 0
+    err = capsys.readouterr().err
+    assert "3 images written" in err and "img/s" not in err and "|" not in err

@@ -212,6 +212,8 @@ def test_bad_arguments_are_refused():
         FeatureExtractor(tiny_model(), batch_size=0)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         FeatureExtractor(tiny_model(), image_size=100)
+    with pytest.raises(ValueError, match="image_size 99999998 is larger than 7168"):
+        FeatureExtractor(tiny_model(), image_size=99999998)  # a multiple of 14: refused before any allocation
     with pytest.raises(TypeError, match="model must be"):
         FeatureExtractor(42)
     with pytest.raises(ValueError, match="device=gpu is not a device"):

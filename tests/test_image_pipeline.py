@@ -127,3 +127,13 @@ def test_an_oversized_image_is_refused_from_its_header(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 100 * 200 - 1)
     with pytest.raises(OSError, match=r"big\.png.*200 x 100 pixels, more than the 19,999 accepted"):
         load_image(tmp_path / "big.png")
+
+
+def test_a_socket_named_like_an_image_is_named_once_for_what_it_is(tmp_path):
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock.jpg"))
+        with pytest.raises(OSError) as caught:
+            load_image(tmp_path / "sock.jpg")
+    assert str(caught.value) == f"Cannot read image '{tmp_path / 'sock.jpg'}': it is a socket, not a regular file."

@@ -73,6 +73,9 @@ def register(subparsers) -> None:
                           help="global probe batch (default 1024, official; lr x batch/256)")  # fmt: skip
     classify.add_argument("--probe-micro-batch", type=int, default=None,
                           help="compute each probe batch in pieces of this size (same steps, less memory)")  # fmt: skip
+    classify.add_argument("--probe-dtype", choices=("float32", "bfloat16"), default="float32",
+                          help="probe training precision (default float32, official; bfloat16 autocast is faster on "
+                          "CPUs and GPUs with native bf16, NOT the official protocol)")  # fmt: skip
     classify.add_argument("--fast", action="store_true",
                           help=f"quick CPU setting, NOT the official protocol: {FAST_ITERATIONS} steps of batch "
                           f"{FAST_BATCH_SIZE} (--iters/--epochs/--probe-batch-size still override)")  # fmt: skip
@@ -160,6 +163,8 @@ def run_classify(args: argparse.Namespace) -> int:
         unknown = [p for p in args.probes if p not in PROBES]
         if unknown:
             raise ValueError(f"Unknown probe(s) {unknown}. Choose from {', '.join(PROBES)}.")
+        if min(args.knn_k) < 1 or args.head_dim < 1 or (args.probe_micro_batch or 1) < 1:
+            raise ValueError("--knn-k, --head-dim and --probe-micro-batch must be positive.")
         batch = args.probe_batch_size or (FAST_BATCH_SIZE if args.fast else OFFICIAL_BATCH_SIZE)
         if batch < 1 or (args.iters is not None and args.iters < 1):
             raise ValueError("--probe-batch-size and --iters must be positive.")
@@ -174,6 +179,7 @@ def run_classify(args: argparse.Namespace) -> int:
             warmup_iterations=iters // 10,
             batch_size=batch,
             micro_batch_size=args.probe_micro_batch,
+            dtype=args.probe_dtype,
             learning_rates=args.learning_rates or OFFICIAL_LEARNING_RATES,
             weight_decays=args.weight_decays or OFFICIAL_WEIGHT_DECAYS,
             seed=args.seed,
@@ -217,5 +223,5 @@ def run_segment(args: argparse.Namespace) -> int:
     except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("eval segment failed", exc_info=True)
         raise CliError.from_exception(error) from error
-    header = ["classifier", "setting", "val mIoU", "mIoU", "pixel acc"]
-    return _finish(args, payload, header, ["classifier", "setting", "val_miou", "miou", "pixel_accuracy"])
+    header = ["classifier", "setting", "", "val mIoU", "mIoU", "pixel acc"]
+    return _finish(args, payload, header, ["classifier", "setting", "selected", "val_miou", "miou", "pixel_accuracy"])

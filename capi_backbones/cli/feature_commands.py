@@ -51,7 +51,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--no-pooled", action="store_true", help="skip the predictor: patch features and registers")
     parser.add_argument("--retry-failed", action="store_true", help="try again images that failed in earlier runs")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (shown only when stderr is a terminal)"
+    )
     parser.set_defaults(handler=run_extract)
 
     verify = subparsers.add_parser(
@@ -67,12 +69,39 @@ def register(subparsers) -> None:
     verify.set_defaults(handler=run_verify)
 
 
+def check_extract_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model and no torch, so that a mistake is reported at once: the image paths, the
+    output folder (never one extract did not write), and the numbers. Raises CliError."""
+    from capi_backbones.constants import MAX_IMAGE_SIZE, PATCH_SIZE
+    from capi_backbones.features.index import check_output_folder
+    from capi_backbones.images import expand_path
+
+    for flag, value, low in (("--shard-size", args.shard_size, 1), ("--workers", args.workers, 0),
+                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
+        if value < low:
+            raise CliError(f"{flag} must be at least {low}, got {value}.")
+    size = args.image_size
+    if size is not None and (size < PATCH_SIZE or size % PATCH_SIZE or size > MAX_IMAGE_SIZE):
+        low, high = max(PATCH_SIZE, size // PATCH_SIZE * PATCH_SIZE), (size // PATCH_SIZE + 1) * PATCH_SIZE
+        nearest = f"nearest: {low} or {high}" if PATCH_SIZE <= size <= MAX_IMAGE_SIZE else f"e.g. {224}"
+        raise CliError(
+            f"--image-size must be a multiple of {PATCH_SIZE} between {PATCH_SIZE} and {MAX_IMAGE_SIZE}, got {size} "
+            f"({nearest})."
+        )
+    try:
+        for image in args.images:
+            expand_path(image, unreadable=[])  # unreadable sub-folders are reported by the run (exit 1)
+        check_output_folder(args.out)
+    except (*USER_ERRORS, FileExistsError) as error:
+        raise CliError.from_exception(error) from error
+
+
 def run_extract(args: argparse.Namespace) -> int:
-    from capi_backbones.features import FolderBusyError, expand_inputs
+    check_extract_arguments(args)  # before torch is imported or a model loaded
+    from capi_backbones.features import FolderBusyError
 
     context = _join_process_group(args)
     try:
-        expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
         extractor = build_extractor(
             args,
             keep_aspect=not args.square,
@@ -86,7 +115,7 @@ def run_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             pooled=not args.no_pooled,
             dtype=args.dtype,
-            progress=not args.no_progress,
+            progress=not args.no_progress and sys.stderr.isatty(),  # no bars written into logs
             retry_failed=args.retry_failed,
         )
     except (*USER_ERRORS, FolderBusyError) as error:

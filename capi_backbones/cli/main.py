@@ -26,6 +26,7 @@ COMMANDS = {  # command -> (module registering it, summary shown by --help)
     "extract": (_CLI + "feature_commands", "extract features of images into shards on disk"),
     "verify": (_CLI + "feature_commands", "check an extraction folder against its index"),
     "pca": (_CLI + "viz_commands", "PCA picture of the feature maps of images"),
+    "explore": (_CLI + "explore_commands", "interactive feature explorer: one self-contained HTML page"),
     "train": (_CLI + "train_commands", "pretrain a CAPI model on a folder of images"),
     "export": (_CLI + "train_commands", "export the teacher (EMA) backbone of a training run"),
     "eval": (_CLI + "eval_commands", "evaluate frozen features with the paper's probes"),

@@ -109,6 +109,8 @@ def _describe_training(config: ProbeTrainingConfig, batch: int, n_fit: int) -> d
         differences.append(f"batch {batch}: the whole fitted set of {n_fit} images is smaller than {config.batch_size}")
     if tuple(config.learning_rates) != OFFICIAL_LEARNING_RATES or tuple(config.weight_decays) != OFFICIAL_WEIGHT_DECAYS:
         differences.append("another lr x wd grid")
+    if config.dtype != "float32":
+        differences.append(f"{config.dtype} autocast (official float32)")
     return {
         "protocol": "official" if not differences else "NOT the official protocol: " + "; ".join(differences),
         "global_batch_size": batch,
@@ -116,6 +118,7 @@ def _describe_training(config: ProbeTrainingConfig, batch: int, n_fit: int) -> d
         "iterations": config.iterations,
         "warmup_iterations": config.warmup_iterations,
         "micro_batch_size": config.micro_batch_size,
+        "dtype": config.dtype,
         "seed": config.seed,
     }
 

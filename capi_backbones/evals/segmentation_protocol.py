@@ -66,6 +66,12 @@ class SegmentationSettings:
     device: str = "cpu"  # where the k-NN search runs
 
 
+def _rounded(row: dict, keys=("val_miou", "miou", "pixel_accuracy")) -> dict:
+    """Scores rounded to 4 decimals for reading; the full-precision values stay under ``raw``."""
+    raw = {key: row[key] for key in keys}
+    return {**row, **{key: round(value, 4) for key, value in raw.items()}, "raw": raw}
+
+
 def select_knn_setting(scores, ks: Sequence[int], distances: Sequence[str]) -> tuple[int, str]:
     """The (k, distance) of the best validation score ``scores["knn/<distance>/k=<k>"]``; among equal scores the
     first in the official grid order (``itertools.product(ks, distances)``: k outer, distance inner)."""
@@ -219,6 +225,7 @@ def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn
     n_train = len(kept_pairs["train"])
     if "val" in features:
         fit_x, fit_y, val_x, val_y = features["train"], labels["train"], features["val"], labels["val"]
+        n_fit, n_selection = n_train, len(kept_pairs["val"])
     else:
         fit_images, val_images = segmentation_held_out_split(n_train)
         if len(val_images) == 0:
@@ -226,6 +233,7 @@ def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn
                 f"The train split has {n_train} readable image(s): too few to hold out 10% (at least 10 images) to "
                 "choose hyper-parameters. Add images or a val/ split."
             )
+        n_fit, n_selection = len(fit_images), len(val_images)
         fit_rows = torch.from_numpy((fit_images[:, None] * patches + np.arange(patches)).reshape(-1))
         val_rows = torch.from_numpy((val_images[:, None] * patches + np.arange(patches)).reshape(-1))
         fit_x, fit_y = features["train"][fit_rows], labels["train"][fit_rows]
@@ -250,9 +258,10 @@ def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn
         k, distance = select_knn_setting(scores, settings.ks, settings.distances)
         predicted = knn_segment(all_x, all_y, features["test"], ks=(k,), distance=distance, **search)[k]
         test_predictions["knn"] = predicted
-        rows.append({"classifier": "knn", "setting": f"{distance} k={k}", "val_miou": scores[f"knn/{distance}/k={k}"],
-                     "miou": miou(labels["test"], predicted, ignore),
-                     "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)})  # fmt: skip
+        rows.append(_rounded({"classifier": "knn", "setting": f"{distance} k={k}", "selected": True,
+                              "val_miou": scores[f"knn/{distance}/k={k}"],
+                              "miou": miou(labels["test"], predicted, ignore),
+                              "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)}))  # fmt: skip
     if "logreg" in settings.classifiers:
         for c in settings.c_grid:
             if f"logreg/C={c:g}" not in scores:
@@ -264,9 +273,9 @@ def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn
                                      ignore_labels=ignore, max_iter=settings.logreg_max_iter,
                                      tol=settings.logreg_tol)  # fmt: skip
         test_predictions["logreg"] = predicted
-        rows.append({"classifier": "logreg", "setting": f"C={c:g}", "val_miou": scores[f"logreg/C={c:g}"],
-                     "miou": miou(labels["test"], predicted, ignore),
-                     "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)})  # fmt: skip
+        rows.append(_rounded({"classifier": "logreg", "setting": f"C={c:g}", "selected": True,
+                              "val_miou": scores[f"logreg/C={c:g}"], "miou": miou(labels["test"], predicted, ignore),
+                              "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)}))  # fmt: skip
 
     picture = None
     if settings.n_pictures > 0:
@@ -281,7 +290,8 @@ def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn
         "settings": {**asdict(settings), "resolution": resolution, "num_classes_used": num_classes,
                      "knn_dtype_used": str(knn_dtype).removeprefix("torch.")},
         "dataset": {"root": str(data.root), "splits": data.note, "skipped": skipped,
-                    "counts": {name: len(pairs) for name, pairs in kept_pairs.items()}},
+                    "counts": {**{name: len(pairs) for name, pairs in kept_pairs.items()}, "fitted_images": n_fit,
+                               "selection_images": n_selection}},
         "selection_scores": dict(scores.scores),
         "results": rows,
         "picture": None if picture is None else str(picture),

@@ -23,8 +23,15 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from capi_backbones.constants import IMAGE_EXTENSIONS
-from capi_backbones.images import check_regular_file, find_image_files, is_image_path, load_image, pil_to_rgb
+from capi_backbones.images import (
+    UnreadableFolder,
+    check_regular_file,
+    expand_path,
+    find_image_files,
+    is_image_path,
+    load_image,
+    pil_to_rgb,
+)
 
 __all__ = [
     "ImageSource",
@@ -44,12 +51,15 @@ EXIF_ORIENTATION = 0x0112
 _ACCEPTED = "PIL images, image paths, directories, numpy uint8 arrays (H, W[, C]) and torch tensors ([B,] C, H, W)"
 
 
-def expand_inputs(inputs: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+def expand_inputs(
+    inputs: ImageSource | Sequence[ImageSource], *, unreadable: list[UnreadableFolder] | None = None
+) -> list[ImageSource]:
     """Flatten the user's inputs into a list with one entry per image, in input order.
 
-    A single input or a list of them; directories expand to their image files, (B, C, H, W) tensors to B images.
-    Raises FileNotFoundError for a missing path, ValueError for an empty directory, a file without an image
-    extension, or no inputs at all.
+    A single input or a list of them; directories expand to their image files (see
+    :func:`capi_backbones.images.expand_path`), (B, C, H, W) tensors to B images. Raises FileNotFoundError for a
+    missing path, ValueError for an empty directory, a file without an image extension, or no inputs at all; a
+    sub-folder that cannot be listed raises, or is appended to ``unreadable`` (a list) when given.
     """
     items = [inputs] if _is_single_input(inputs) else list(inputs)
     if not items:
@@ -57,7 +67,7 @@ def expand_inputs(inputs: ImageSource | Sequence[ImageSource]) -> list[ImageSour
     expanded: list[ImageSource] = []
     for item in items:
         if isinstance(item, str | os.PathLike):
-            expanded.extend(_expand_path(Path(item)))
+            expanded.extend(expand_path(item, unreadable=unreadable))
         elif isinstance(item, Tensor) and item.ndim == 4:
             expanded.extend(item.unbind(0))
         elif isinstance(item, Image.Image | np.ndarray | Tensor):
@@ -69,24 +79,6 @@ def expand_inputs(inputs: ImageSource | Sequence[ImageSource]) -> list[ImageSour
 
 def _is_single_input(inputs) -> bool:
     return isinstance(inputs, Image.Image | str | os.PathLike | np.ndarray | Tensor)
-
-
-def _expand_path(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = find_image_files(path)
-        if not files:
-            raise ValueError(
-                f"No image files found in directory '{path}' (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
-            )
-        return files
-    if not path.exists():
-        raise FileNotFoundError(f"Image path '{path}' does not exist.")
-    if not is_image_path(path):
-        raise ValueError(
-            f"'{path}' is not an image file: its extension '{path.suffix}' is not one of "
-            f"{', '.join(IMAGE_EXTENSIONS)}. Convert it or leave it out."
-        )
-    return [path]
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:

@@ -82,6 +82,9 @@ def test_segment_beats_a_constant_prediction_and_resumes(tmp_path, capsys):
     print(f"k-NN mIoU {knn['miou']:.3f} vs constant {constant:.3f}")  # seen: about 0.45 vs 0.29
     assert knn["miou"] > constant + 0.1  # official mIoU: predicted 255 (the border) is a class with IoU 0
     assert knn["pixel_accuracy"] > 0.85
+    assert knn["selected"] and knn["miou"] == round(knn["raw"]["miou"], 4) and knn["val_miou"] is not None
+    assert results["dataset"]["counts"] == {"train": 16, "test": 6, "fitted_images": 15, "selection_images": 1}
+    assert results["settings"]["knn_dtype_used"] in ("bfloat16", "float32") and results["wall_time_s"] > 0
     assert {"knn", "logreg"} == {r["classifier"] for r in results["results"]}
     assert results["versions"]["torch"] and results["config"]["ks"] == [1, 3, 10]
     assert Image.open(out / "segmentation_examples.png").size == (3 * 56, 4 * 56)
@@ -169,6 +172,9 @@ def test_classify_refuses_unknown_representations_before_extracting(tmp_path, ca
     message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
                              "--representations", "cls")  # fmt: skip
     assert "Unknown representation(s) ['cls']" in message
+    message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
+                             "--knn-k", "0,20")  # fmt: skip
+    assert "--knn-k, --head-dim and --probe-micro-batch must be positive" in message
     assert not (tmp_path / "o").exists()
 
 

@@ -246,3 +246,20 @@ def test_a_full_disk_while_saving_probes_is_a_write_error_and_leaves_nothing(tmp
         assert list(full.iterdir()) == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_bfloat16_probes_train_under_autocast_and_are_not_called_official():
+    features, labels = toy_problem(n=64, d=64)
+    grids = {}
+    for dtype in ("float32", "bfloat16"):
+        config = ProbeTrainingConfig(iterations=20, warmup_iterations=2, batch_size=32, learning_rates=(1e-1,),
+                                     weight_decays=(1e-3,), dtype=dtype)  # fmt: skip
+        torch.manual_seed(0)
+        grid = ProbeGrid({"x": ("linear", 64)}, 3, learning_rates=(1e-1,), weight_decays=(1e-3,))
+        grids[dtype] = train_probe_grid(grid, CachedBatches(features, labels, 32), config, progress=False)
+    a, b = (grids[d].probes[0].linear.weight for d in ("float32", "bfloat16"))
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05)  # bf16 matmuls: close, not identical
+    assert b.dtype == torch.float32  # the parameters and the optimizer stay in float32
+    assert not ProbeTrainingConfig(dtype="bfloat16").is_official
+    with pytest.raises(ValueError, match="probe dtype"):
+        ProbeTrainingConfig(dtype="float16")
