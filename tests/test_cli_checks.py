@@ -22,9 +22,12 @@ MISTAKES = [
     (["extract", "empty", "--out", "f"], "No image files found in directory 'empty'"),
     (["extract", "notes.txt", "--out", "f"], "'notes.txt' is not an image file"),
     (["extract", "hidden", "--out", "f"], "No image files found in directory 'hidden'"),  # ._a.jpg, .cache/b.jpg
-    (["extract", "a.png", "--out", "f", "--model", "capi_vits14"], "--model capi_vits14 is an architecture, not a set"),
+    (["extract", "a.png", "--out", "f", "--model", "capi_vits14"], "--model capi_vits14 is an architecture without"),
     (["extract", "a.png", "--out", "f", "--random-init", "--weights", "a.png"], "leave out --weights PATH"),
-    (["extract", "a.png", "--out", "f", "--image-size", "100"], "--image-size 100 is not a multiple of the patch size"),
+    (
+        ["extract", "a.png", "--out", "f", "--image-size", "100"],
+        "--image-size must be a multiple of 14 between 14 and 7168, got 100 (nearest: 98 or 112)",
+    ),
     (["extract", "a.png", "--out", "f", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["extract", "a.png", "--out", "f", "--workers", "-1"], "--workers must be at least 0, got -1"),
     (["extract", "a.png", "--out", "f", "--device", "cpu", "--precision", "fp16"], "--precision fp16 is only allowed"),
@@ -115,8 +118,8 @@ def test_devices(monkeypatch):
 
 def test_image_size_and_output_file(tmp_path):
     checks.check_image_size(224)
-    for bad, nearest in ((100, "98 or 112"), (7, "14"), (0, "14")):
-        with pytest.raises(CliError, match=f"use --image-size {nearest}"):
+    for bad, nearest in ((100, "nearest: 98 or 112"), (7, "e.g. 224"), (0, "e.g. 224"), (7182, "e.g. 224")):
+        with pytest.raises(CliError, match=f"--image-size must be a multiple of 14 .*, got {bad} \\({nearest}\\)"):
             checks.check_image_size(bad)
     (tmp_path / "x.onnx").write_bytes(b"")
     with pytest.raises(CliError, match="'.*x.onnx' already exists; add --overwrite to replace it"):

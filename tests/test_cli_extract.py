@@ -108,7 +108,7 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
         capsys, tmp_path / "notes.txt", "--out", tmp_path / "o", "--weights", weights
     )
     assert "missing.pth" in error_line(capsys, images, "--out", tmp_path / "o", "--weights", tmp_path / "missing.pth")
-    assert "architecture, not a set of weights" in error_line(
+    assert "is an architecture without weights" in error_line(
         capsys, images, "--out", tmp_path / "o", "--model", "capi_vits14"
     )
     assert "--image-size 100 is not a multiple of the patch size 14" in error_line(

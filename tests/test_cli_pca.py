@@ -70,9 +70,9 @@ def test_pca_in_process_matches_the_library(workdir, monkeypatch):
     [
         (["--out", "x.jpg"], "--out must be a .png file"),
         (["--out", "x.png", "--components", "0"], "--components must be between 1"),
-        (["--out", "x.png", "--model", "capi_vits14"], "is an architecture, not a set of weights; add --weights PATH"),
+        (["--out", "x.png", "--model", "capi_vits14"], "is an architecture without weights; add --weights PATH"),
         (["--out", "x.png", "--weights", "missing.pth"], "missing.pth"),
-        (["--out", "x.png", "--image-size", "50"], "multiple of the patch size"),
+        (["--out", "x.png", "--image-size", "50"], "--image-size must be a multiple of 14"),
         (["--out", "x.png", "--foreground-threshold", "99"], "use a lower threshold"),
     ],
 )

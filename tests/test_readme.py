@@ -87,7 +87,8 @@ def run_block(where: str, language: str, code: str, folder: Path) -> None:
     )
 
 
-PRINT_WITH_OUTPUT = re.compile(r"^\s*print\(.*\)\s+#\s*([^:]+)", re.M)  # print(x.shape)  # (1, 16, 384): note
+# print(x.shape)  # (1, 16, 384): note -- a comment that starts like an output: ( [ { or a digit
+PRINT_WITH_OUTPUT = re.compile(r"^\s*print\(.*\)\s+#\s*([(\[{\d][^:]*)", re.M)
 
 
 def check_printed(where: str, code: str, stdout: str) -> None:

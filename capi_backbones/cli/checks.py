@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from capi_backbones.cli.errors import CliError
-from capi_backbones.constants import IMAGE_EXTENSIONS, PATCH_SIZE
+from capi_backbones.constants import MAX_IMAGE_SIZE, PATCH_SIZE
 from capi_backbones.models.config import ARCHITECTURES
 from capi_backbones.weights_registry import get_weights, is_registered, weights_names
 
@@ -30,6 +30,7 @@ __all__ = [
     "check_output_file",
     "check_positive",
     "check_source",
+    "check_weights_file",
     "cuda_is_certainly_missing",
     "plural",
     "progress_wanted",
@@ -77,13 +78,15 @@ def check_positive(value: int | None, flag: str, *, minimum: int = 1) -> None:
         raise CliError(f"{flag} must be at least {minimum}, got {value}.")
 
 
-def check_image_size(value: int | None, flag: str = "--image-size", patch_size: int = PATCH_SIZE) -> None:
-    """A positive multiple of the patch size (the shorter side, or the square side, in pixels)."""
-    if value is None or (value >= patch_size and value % patch_size == 0):
+def check_image_size(value: int | None, flag: str = "--image-size") -> None:
+    """A multiple of the patch size within the bounds the models accept (the shorter side, or the square side)."""
+    if value is None or (PATCH_SIZE <= value <= MAX_IMAGE_SIZE and value % PATCH_SIZE == 0):
         return
-    below = max(patch_size, value // patch_size * patch_size)
-    nearest = f"{below} or {below + patch_size}" if below < value else str(below)
-    raise CliError(f"{flag} {value} is not a multiple of the patch size {patch_size}; use {flag} {nearest}.")
+    low, high = max(PATCH_SIZE, value // PATCH_SIZE * PATCH_SIZE), (value // PATCH_SIZE + 1) * PATCH_SIZE
+    nearest = f"nearest: {low} or {high}" if PATCH_SIZE <= value <= MAX_IMAGE_SIZE else "e.g. 224"
+    raise CliError(
+        f"{flag} must be a multiple of {PATCH_SIZE} between {PATCH_SIZE} and {MAX_IMAGE_SIZE}, got {value} ({nearest})."
+    )
 
 
 def cuda_is_certainly_missing() -> bool:
@@ -106,47 +109,15 @@ def check_device(value: str | None, flag: str = "--device") -> None:
 
 
 def check_input_paths(paths: Iterable[str], what: str = "IMAGES") -> None:
-    """Each image file or folder given exists, files have an image extension, folders hold at least one image file
-    that the finder would take (``capi_backbones.images``: hidden names skipped). The search stops at the first one;
-    the finder lists them all later."""
-    from capi_backbones.images import is_image_path  # no torch (numpy and Pillow)
+    """Each image file or folder given exists, files have an image extension, folders hold image files: the image
+    finder's own rules and words (``capi_backbones.images.expand_path``; no torch)."""
+    from capi_backbones.images import expand_path
 
-    extensions = ", ".join(IMAGE_EXTENSIONS)
     for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            if not _has_image_file(path):
-                raise CliError(
-                    f"No image files found in directory '{path}' (searched recursively for {extensions}); "
-                    f"give other {what}."
-                )
-        elif not path.exists():
-            raise CliError(f"Image path '{path}' does not exist; check the {what} you gave.")
-        elif not is_image_path(path):
-            raise CliError(
-                f"'{path}' is not an image file: its extension '{path.suffix}' is not one of {extensions}. "
-                "Convert it or leave it out."
-            )
-
-
-def _has_image_file(folder: Path) -> bool:
-    from capi_backbones.images import is_hidden, is_image_path
-
-    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders searched: a link cycle is searched once
-    for root, dirs, files in os.walk(folder, followlinks=True):
         try:
-            info = os.stat(root)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs[:] = [d for d in dirs if not is_hidden(d)]
-        if any(not is_hidden(f) and is_image_path(f) for f in files):
-            return True
-    return False
+            expand_path(name, unreadable=[])  # unreadable sub-folders are the run's to report
+        except (ValueError, OSError) as error:
+            raise CliError.from_exception(error) from None
 
 
 def check_output_file(
@@ -174,6 +145,13 @@ def check_output_dir(name: str, flag: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise CliError(f"{flag} '{name}' is a file, not a folder; give a folder name.")
     return path
+
+
+def check_weights_file(value: str | None, flag: str = "--weights") -> None:
+    """A local checkpoint that exists (a URL or hf-hub: source is left to the load)."""
+    if value is None or "://" in value or value.startswith("hf-hub:") or Path(value).exists():
+        return
+    raise CliError(f"{flag} {value} does not exist; give the path of a .pth or .safetensors checkpoint.")
 
 
 def check_source(value: str, what: str = "CHECKPOINT") -> None:
@@ -214,13 +192,11 @@ def _check_weights_options(args: argparse.Namespace) -> None:
             args.model_by_default = True
         return
     if weights is not None:
-        if not Path(weights).exists() and "://" not in weights and not weights.startswith("hf-hub:"):
-            raise CliError(f"--weights {weights} does not exist; give the path of a .pth or .safetensors checkpoint.")
-        return
+        return  # the file is the command's to check (or the load's: it names the path)
     if model in ARCHITECTURES and not is_registered(model):
         released = ", ".join(w for w in ("capi_vitl14_lvd", "capi_vitl14_p205") if is_registered(w))
         raise CliError(
-            f"--model {model} is an architecture, not a set of weights; add --weights PATH (a checkpoint) or "
+            f"--model {model} is an architecture without weights; add --weights PATH (a checkpoint) or "
             f"--random-init (random weights), or name released weights such as --model {released.split(', ')[0]} "
             "(see 'capi-backbones list')."
         )

@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from capi_backbones.cli.checks import check_output_file, plural, progress_wanted
+from capi_backbones.cli.checks import check_output_file, check_weights_file, plural, progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
 
@@ -74,6 +74,7 @@ def _check_args(args: argparse.Namespace) -> Path:
         raise CliError(f"--components must be between 1 and {MAX_COMPONENTS}, got {args.components}.")
     if args.tile_height < 16:
         raise CliError(f"--tile-height must be at least 16 pixels, got {args.tile_height}.")
+    check_weights_file(args.weights)
     return out
 
 
