@@ -17,9 +17,10 @@ def register(subparsers) -> None:
         help="pretrain a CAPI model on a folder of images",
         description=(
             "Pretrain a CAPI model (the official recipe by default). CONFIG is a preset (tiny, vits14, vitb14, "
-            "vitl14) or a YAML file; section.key=value arguments override it, e.g. data.root=/data/images "
-            "optim.batch_size=256. optim.batch_size is the GLOBAL batch over all ranks. Launch with torchrun "
-            "for several GPUs or nodes. Re-running the same command resumes from the run's newest checkpoint."
+            "vitl14) or a YAML file; section.key=value arguments (before or after the options) override it, e.g. "
+            "data.root=/data/images optim.batch_size=256. optim.batch_size is the GLOBAL batch over all ranks. "
+            "Launch with torchrun for several GPUs or nodes. Re-running the same command resumes from the run's "
+            "newest checkpoint."
         ),
     )
     train.add_argument("config", metavar="CONFIG", help="preset name or YAML file")
