@@ -88,12 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _configure_logging(verbose: bool) -> None:
-    """Our messages (the ``capi_backbones`` loggers) at INFO, or DEBUG with --verbose, on stderr. Other libraries keep
-    the root logger's WARNING: onnxscript alone would print hundreds of INFO lines per export."""
-    import logging
+    from capi_backbones.runtime.logs import configure_logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")  # no-op if already configured
-    logging.getLogger("capi_backbones").setLevel(logging.DEBUG if verbose else logging.INFO)
+    configure_logging(verbose)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 
-from capi_backbones.atomic_files import WriteError
 from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
 from capi_backbones.constants import EXIT_INPUTS_FAILED as EXIT_NON_FINITE
+from capi_backbones.runtime.exit_codes import exit_code_for
+from capi_backbones.runtime.logs import configure_logging
 from capi_backbones.train.config import ConfigError, dump_config, load_config
 
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_NON_FINITE", "EXIT_USAGE", "main", "run"]
@@ -54,10 +55,13 @@ def run(
         result = train(config, max_steps=max_steps)
     except NonFiniteLossError as error:
         return _fail(prog, str(error), EXIT_NON_FINITE)
-    except (WriteError, ImportError) as error:
-        return _fail(prog, str(error), EXIT_ENVIRONMENT)
-    except (ConfigError, CheckpointNotFoundError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (ConfigError, CheckpointNotFoundError) as error:
         return _fail(prog, str(error), EXIT_USAGE)
+    except (OSError, ImportError, ValueError) as error:  # the package's one mapping; anything else is a bug
+        code = exit_code_for(error)
+        if code is None:
+            raise
+        return _fail(prog, str(error), code)
     where = f"checkpoint {result.last_checkpoint}" if result.last_checkpoint else f"run dir {result.run_dir}"
     if result.stopped_by_signal:
         logger.info("Stopped at step %d; %s. Run the same command to resume.", result.end_step, where)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     args = parser.parse_intermixed_args(argv)  # overrides before or after the options
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging()
     quiet_other_ranks()
     return run(args.config, args.overrides, max_steps=args.max_steps, print_config=args.print_config, prog=parser.prog)
 
@@ -85,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 def quiet_other_ranks() -> None:
     """One progress log per job: ranks other than 0 (torchrun's RANK) log warnings only."""
     if int(os.environ.get("RANK", "0")) != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("capi_backbones").setLevel(logging.WARNING)
