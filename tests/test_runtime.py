@@ -57,11 +57,12 @@ def test_derive_seed_is_numpy_seed_sequence_hashing():
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
 
 
-def test_training_derives_seeds_the_same_way():
-    from capi_backbones.train import data
+def test_training_derives_seeds_from_the_runtime():
+    from capi_backbones.train import checkpointing, data, trainer
 
-    for args in [(0, 0, 0), (5, 1, 17), (123, 2, 10**6)]:
-        assert data.derive_seed(*args) == seeding.derive_seed(*args)
+    for module in (checkpointing, trainer):
+        assert module.derive_seed is seeding.derive_seed, module.__name__
+    assert data.seeded_generator is seeding.seeded_generator
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,9 @@ the global batch G, and rank r of W takes the r-th slice of G / W of them. Every
 """
 
 import logging
-import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -23,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from capi_backbones.constants import IMAGE_EXTENSIONS
 from capi_backbones.images import find_image_files, load_image
+from capi_backbones.runtime.seeding import seeded_generator
+from capi_backbones.runtime.signals import ignore_stop_signals_in_worker
 from capi_backbones.train.masking import MaskedBatch, MaskingCollator
 from capi_backbones.transforms import CropBox, TrainTransform, random_resized_crop_box  # shared with the evals
 
@@ -33,7 +33,6 @@ __all__ = [
     "StepBatchSampler",
     "TrainTransform",
     "build_loader",
-    "derive_seed",
     "find_images",
     "random_resized_crop_box",
 ]
@@ -42,16 +41,6 @@ logger = logging.getLogger(__name__)
 
 # Stream tags separate the seeds drawn for different purposes from the same (seed, position).
 EPOCH_ORDER, AUGMENTATION, MASK = 0, 1, 2
-
-
-def derive_seed(seed: int, tag: int, value: int) -> int:
-    """A well-mixed 63-bit seed for ``(seed, tag, value)`` (numpy SeedSequence hashing)."""
-    high, low = np.random.SeedSequence([seed, tag, value]).generate_state(2, dtype=np.uint32)
-    return ((int(high) & 0x7FFFFFFF) << 32) | int(low)
-
-
-def seeded_generator(seed: int, tag: int, value: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, tag, value))
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -176,15 +165,8 @@ def build_loader(
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None,
     )
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM / SIGUSR1: when a scheduler signals the whole process group, the main
-    process checkpoints and then shuts its workers down itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class PositionMaskingCollate:

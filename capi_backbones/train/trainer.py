@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from capi_backbones.images import load_image
 from capi_backbones.models import CapiModel
 from capi_backbones.runtime.precision import native_bf16, resolve_precision
+from capi_backbones.runtime.seeding import derive_seed
 from capi_backbones.runtime.signals import handle_stop_signals
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
@@ -40,7 +41,6 @@ from capi_backbones.train.data import (
     StepBatchSampler,
     TrainTransform,
     build_loader,
-    derive_seed,
     find_images,
 )
 from capi_backbones.train.distributed import (
