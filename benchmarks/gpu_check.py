@@ -6,14 +6,15 @@ Random weights, synthetic data made on the GPU. Reports:
   2. inference: ViT-L/14 images/s of ``model(x)`` at batch 64 (bf16 autocast), eager and ``torch.compile``-d,
      against the official forward that runs all 12 predictor blocks and keeps block 1 (interleaved, same run),
      and the achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode) against the card's dense bf16 peak;
-  3. training: ``vits14`` steps through the public ``capi_backbones.train.Trainer`` (``train.compile=true``,
-     bf16 autocast as the trainer does on CUDA) as steps/s and MFU (FLOPs of one step, forward and backward,
-     counted on an eager trainer), next to the eager steps/s.
+  3. training: ``vits14`` and ``vitl14`` steps through the public ``capi_backbones.train.Trainer``
+     (``train.compile=true``, bf16 autocast as the trainer does on CUDA) as steps/s and MFU (FLOPs of one step,
+     forward and backward, counted on an eager trainer), next to the eager steps/s (``--skip-vitl-training``
+     leaves ViT-L/14 out).
 
 Prints a summary and writes all figures as JSON to --out. Without CUDA it stops with a one-line error;
 ``--dry-run`` runs every code path on tiny sizes (CPU allowed) to check the script itself.
 
-Run: python benchmarks/gpu_check.py --out gpu_check.json [--train-batch 128] [--train-steps 20]
+Run: python benchmarks/gpu_check.py --out gpu_check.json [--train-batch 128] [--vitl-train-batch 64] [--train-steps 20]
 """
 
 import argparse
@@ -53,6 +54,7 @@ BF16_PEAK_TFLOPS = (
     ("RTX 4090", 165.0),
 )
 PRECISION_TARGET = 1e-2
+TRAINING_SECTIONS = ("training", "training_vitl14")  # vits14, then vitl14
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,10 @@ class Sizes:
     repeats: int
     train_preset: str
     train_overrides: tuple[str, ...]
+    large_train_preset: str  # the second training check (ViT-L/14 on real sizes)
 
 
-FULL = Sizes(ARCHITECTURES["capi_vitl14"], "capi_vitl14", 8, 64, 224, 10, "vits14", ())
+FULL = Sizes(ARCHITECTURES["capi_vitl14"], "capi_vitl14", 8, 64, 224, 10, "vits14", (), "vitl14")
 DRY = Sizes(
     CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=64, pred_depth=2, pred_num_heads=2),
     "tiny (dry run)",
@@ -79,6 +82,7 @@ DRY = Sizes(
     2,
     "tiny",
     ("data.image_size=56", "clustering.n_prototypes=64"),
+    "tiny",
 )
 
 
@@ -221,7 +225,9 @@ def synthetic_batch(trainer: Trainer, batch: int, device: torch.device) -> Maske
     return MaskedBatch(images=images, visible_indices=visible, predict_indices=predict, masks=masks).to(device)
 
 
-def make_trainer(sizes: Sizes, workdir: Path, name: str, batch: int, device: torch.device, compile_: bool) -> Trainer:
+def make_trainer(
+    sizes: Sizes, preset: str, workdir: Path, name: str, batch: int, device: torch.device, compile_: bool
+) -> Trainer:
     overrides = [
         f"data.root={workdir / 'images'}",
         f"train.output_dir={workdir / name}",
@@ -232,7 +238,7 @@ def make_trainer(sizes: Sizes, workdir: Path, name: str, batch: int, device: tor
         "data.num_workers=0",
         *sizes.train_overrides,
     ]
-    return Trainer(load_config(sizes.train_preset, overrides))
+    return Trainer(load_config(preset, overrides))
 
 
 def timed_steps(trainer: Trainer, data: MaskedBatch, warmup: int, steps: int) -> tuple[float, float, list[float]]:
@@ -247,34 +253,36 @@ def timed_steps(trainer: Trainer, data: MaskedBatch, warmup: int, steps: int) ->
     return warm, time.perf_counter() - start, losses
 
 
-def eager_training(sizes: Sizes, workdir: Path, batch: int, device: torch.device, steps: int):
+def eager_training(sizes: Sizes, preset: str, workdir: Path, batch: int, device: torch.device, steps: int):
     """FLOPs of one training step (forward + backward of teacher, clustering and student), eager steps/s and the
     synthetic batch, from a trainer without torch.compile (FlopCounterMode sees the aten ops of eager code)."""
-    trainer = make_trainer(sizes, workdir, "eager", batch, device, compile_=False)
+    trainer = make_trainer(sizes, preset, workdir, "eager", batch, device, compile_=False)
     data = synthetic_batch(trainer, batch, device)
     flops = count_flops(lambda: trainer.train_step(data))
     _, seconds, _ = timed_steps(trainer, data, warmup=1, steps=steps)
     return flops, steps / seconds, data
 
 
-def check_training(sizes: Sizes, device: torch.device, peak: float | None, batch: int, steps: int, compile_: bool):
+def check_training(
+    sizes: Sizes, preset: str, device: torch.device, peak: float | None, batch: int, steps: int, compile_: bool
+):
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "images").mkdir()
         Image.new("RGB", (32, 32)).save(workdir / "images" / "placeholder.png")  # the Trainer wants a data.root
-        flops, eager_steps_per_s, data = eager_training(sizes, workdir, batch, device, max(steps // 4, 1))
+        flops, eager_steps_per_s, data = eager_training(sizes, preset, workdir, batch, device, max(steps // 4, 1))
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        trainer = make_trainer(sizes, workdir, "compiled", batch, device, compile_=compile_)
+        trainer = make_trainer(sizes, preset, workdir, "compiled", batch, device, compile_=compile_)
         warm_seconds, seconds, losses = timed_steps(trainer, data, warmup=3, steps=steps)
     steps_per_s = steps / seconds
     achieved = flops * steps_per_s / 1e12
     config = trainer.config
     return {
-        "preset": sizes.train_preset,
+        "preset": preset,
         "global_batch": batch,
         "image_size": config.data.image_size,
         "prototypes": config.clustering.n_prototypes,
@@ -331,10 +339,11 @@ def summary(results: dict) -> str:
             frac = f" = {100 * row['fraction_of_peak']:.1f}% of peak" if row["fraction_of_peak"] else ""
             lines.append(f"  {name:<40} {row['images_per_s']:9.1f} img/s  {row['achieved_tflops']:7.1f} TFLOP/s{frac}")
         lines.append(f"  model(x) is {i['speedup_over_official']:.2f}x faster than the official forward")
-    t = results["training"]
-    if "error" in t:
-        lines.append(f"training: FAILED {t['error']}")
-    else:
+    for section in (k for k in TRAINING_SECTIONS if k in results):
+        t = results[section]
+        if "error" in t:
+            lines.append(f"{section}: FAILED {t['error']}")
+            continue
         mfu = f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] else ""
         lines.append(
             f"training {t['preset']} batch {t['global_batch']} at {t['image_size']}px, compile={t['compile']}: "
@@ -350,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="JSON file for all figures")
     parser.add_argument("--train-batch", type=int, default=128, help="global batch of the vits14 training steps")
+    parser.add_argument("--vitl-train-batch", type=int, default=64, help="global batch of the vitl14 training steps")
+    parser.add_argument("--skip-vitl-training", action="store_true", help="train vits14 only")
     parser.add_argument("--train-steps", type=int, default=20, help="timed training steps (after 3 warm-up steps)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (inference and training)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card, if not in the table")
@@ -365,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = DRY if args.dry_run else FULL
     train_batch = 4 if args.dry_run else args.train_batch
+    large_batch = 4 if args.dry_run else args.vitl_train_batch
     train_steps = 2 if args.dry_run else args.train_steps
     compile_ = not args.no_compile
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -386,12 +398,21 @@ def main(argv: list[str] | None = None) -> int:
     run_section(results, "precision", lambda: check_precision(model, sizes, device))
     run_section(results, "inference", lambda: check_inference(model, sizes, device, peak, compile_))
     model = None  # free the ViT-L before training
-    run_section(results, "training", lambda: check_training(sizes, device, peak, train_batch, train_steps, compile_))
+    trainings = [("training", sizes.train_preset, train_batch)]
+    if not args.skip_vitl_training:
+        trainings.append(("training_vitl14", sizes.large_train_preset, large_batch))
+    for section, preset, batch in trainings:
+        run_section(
+            results, section, lambda p=preset, b=batch: check_training(sizes, p, device, peak, b, train_steps, compile_)
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     results["total_seconds"] = time.perf_counter() - start
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(summary(results))
     print(f"figures written to {args.out}")
-    return 1 if any("error" in results[k] for k in ("precision", "inference", "training")) else 0
+    sections = [k for k in ("precision", "inference", *TRAINING_SECTIONS) if k in results]
+    return 1 if any("error" in results[k] for k in sections) else 0
 
 
 if __name__ == "__main__":
