@@ -59,7 +59,7 @@ _DTYPE_NAMES = {
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """None -> float32 (the released files are probably bf16; CPU bf16 matmuls are very slow)."""
+    """None -> float32: the model API gives the official fp32 numbers unless a dtype is asked for."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
