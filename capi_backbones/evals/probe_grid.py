@@ -212,8 +212,9 @@ def train_probe_grid(
         optimizer.zero_grad(set_to_none=True)
         size = len(labels)
         piece = config.micro_batch_size or size
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32  # bf16: cast once, not per probe
         for first in range(0, size, piece):
-            part = {name: features[name][first : first + piece].to(device, torch.float32) for name in grid.dims}
+            part = {name: features[name][first : first + piece].to(device, dtype) for name in grid.dims}
             part_labels = labels[first : first + piece].to(device, torch.long)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
                 logits = grid(part)  # (b, C, P)
