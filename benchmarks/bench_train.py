@@ -15,8 +15,13 @@
    architecture at its random init (the step-0 teacher). Raw pixels give the reference of the task. Also prints
    the target entropy over training (log K = uniform assignments; a collapse shows as entropy falling to 0).
 
+4. (``--precision``) ``tiny`` steps/s in fp32 and in bf16 autocast (``train.precision``), alternated rounds.
+5. (``--monitor``) the k-NN monitor's share of ``tiny`` training time at its default period (``monitor.every``).
+
 Run: python benchmarks/bench_train.py [--budget-seconds 300] [--vits-batch 8] [--steps 5] [--skip-throughput]
      [--skip-memory] [--memory-batch 16] [--skip-learning]
+     python benchmarks/bench_train.py --precision [--rounds 2] [--steps 5]   (only 4)
+     python benchmarks/bench_train.py --monitor [--steps 5]                  (only 5)
 """
 
 import argparse
@@ -39,6 +44,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from capi_backbones.constants import IMAGENET_MEAN, IMAGENET_STD
 from capi_backbones.models import CapiModel
+from capi_backbones.runtime.precision import cpu_bf16_support
 from capi_backbones.train.config import load_config
 from capi_backbones.train.trainer import Trainer
 
@@ -59,12 +65,14 @@ def write_folder(images: list[Image.Image], folder: Path) -> Path:
     return folder
 
 
-def throughput(preset: str, batch: int, steps: int, images: Path, workdir: Path) -> dict:
+def throughput(
+    preset: str, batch: int, steps: int, images: Path, workdir: Path, precision: str = "fp32", run: str = ""
+) -> dict:
     config = load_config(
         preset,
-        [f"data.root={images}", f"train.output_dir={workdir / preset}", f"optim.batch_size={batch}",
+        [f"data.root={images}", f"train.output_dir={workdir / (run or preset)}", f"optim.batch_size={batch}",
          "optim.total_steps=1000", "train.log_every=1000", "train.checkpoint_every=100000", "train.device=cpu",
-         "data.num_workers=0", "train.plot_every_checkpoint=false"],
+         "data.num_workers=0", "train.plot_every_checkpoint=false", f"train.precision={precision}"],
     )  # fmt: skip
     trainer = Trainer(config)
     result = trainer.run(max_steps=steps + 1)  # the first step warms up
@@ -78,6 +86,52 @@ def throughput(preset: str, batch: int, steps: int, images: Path, workdir: Path)
         "steps_per_s": 1 / per_step,
         "images_per_s": batch / per_step,
     }
+
+
+def precision_throughput(steps: int, rounds: int, images: Path, workdir: Path) -> None:
+    """``tiny`` steps/s in fp32 and in bf16 autocast, alternated (fp32, bf16, fp32, ...) so that both see the same
+    machine load; the ratio is of the medians."""
+    unit = cpu_bf16_support()
+    print(f"\n# tiny training steps/s, fp32 vs bf16 autocast (this CPU: {unit or 'no native bf16: emulated'})")
+    rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(rounds):
+        for precision in rates:
+            r = throughput("tiny", 64, steps, images, workdir, precision, run=f"{precision}{i}")
+            rates[precision].append(r["steps_per_s"])
+    median = {k: float(np.median(v)) for k, v in rates.items()}
+    print("precision | steps/s (each round) | median")
+    print("---|---|---")
+    for precision, values in rates.items():
+        print(f"{precision} | {', '.join(f'{v:.3f}' for v in values)} | {median[precision]:.3f}")
+    print(f"bf16 / fp32: {median['bf16'] / median['fp32']:.2f}x")
+
+
+def monitor_share(steps: int, workdir: Path, precision: str) -> None:
+    """The k-NN monitor's share of training time on ``tiny`` at its default period (monitor.every): one evaluation
+    on the digits (half train, half test: 899 + 898 images) against ``every`` timed steps."""
+    data = workdir / "monitor_digits"
+    images, labels = digit_images(112)
+    order = np.random.default_rng(0).permutation(len(labels))
+    for position, index in enumerate(order):
+        folder = data / ("train" if position < len(order) // 2 else "test") / str(labels[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        images[index].save(folder / f"{index:04d}.png")
+    config = load_config("tiny", [
+        f"data.root={data / 'train'}", f"train.output_dir={workdir / 'monitor_run'}", "train.log_every=1000",
+        "train.checkpoint_every=100000", "train.plot_every_checkpoint=false", f"monitor.data={data}",
+        f"train.precision={precision}",
+    ])  # fmt: skip
+    trainer = Trainer(config)
+    evaluations = [trainer.evaluate_monitor().seconds for _ in range(2)]  # the first warms up
+    result = trainer.run(max_steps=steps + 1)  # (this run evaluates at step 0 too)
+    per_step = float(np.median([m.seconds for m in result.history[1:]]))
+    evaluation = min(evaluations[1:] + [trainer.last_knn.seconds])
+    every = config.monitor.every
+    share = evaluation / (every * per_step + evaluation)
+    print(f"\n# k-NN monitor on tiny ({precision}), monitor.every={every}: {len(trainer.monitor.train_labels)} train + "
+          f"{len(trainer.monitor.test_labels)} test digits")  # fmt: skip
+    print(f"step {per_step:.3f} s (median of {steps}), evaluation {evaluation:.2f} s: share of training time "
+          f"{share:.1%} (one evaluation per {every} steps)")  # fmt: skip
 
 
 def _status_mib(field: str) -> float:
@@ -95,7 +149,7 @@ def memory_worker(
     config = load_config(
         "vits14",
         [f"data.root={images}", f"train.output_dir={workdir}", f"optim.batch_size={batch}", "train.device=cpu",
-         "optim.total_steps=10", "data.num_workers=0", "train.plot_every_checkpoint=false",
+         "train.precision=fp32", "optim.total_steps=10", "data.num_workers=0", "train.plot_every_checkpoint=false",
          f"train.activation_checkpointing={checkpointing}", f"optim.accumulation_steps={accumulation}",
          f"clustering.n_prototypes={prototypes}"],
     )  # fmt: skip
@@ -159,7 +213,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
 
 def learning_check(budget: float, workdir: Path) -> None:
     config_args = [f"train.output_dir={workdir / 'digits_run'}", "train.log_every=50", "train.device=cpu",
-                   "train.checkpoint_every=100000", "train.plot_every_checkpoint=false"]  # fmt: skip
+                   "train.precision=fp32", "train.checkpoint_every=100000",
+                   "train.plot_every_checkpoint=false"]  # fmt: skip
     size = load_config("tiny").data.image_size
     images, labels = digit_images(size)
     root = write_folder(images, workdir / "digits")
@@ -223,6 +278,10 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--precision", action="store_true", help="tiny steps/s fp32 vs bf16 (alternated rounds)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the fp32 vs bf16 comparison")
+    parser.add_argument("--monitor", action="store_true", help="the k-NN monitor's share of tiny training time")
+    parser.add_argument("--monitor-precision", default="auto", help="train.precision of the monitor measurement")
     parser.add_argument("--memory-batch", type=int, default=16, help="global batch of the vits14 memory runs")
     parser.add_argument("--memory-prototypes", type=int, nargs="+", default=[16384, 1024],
                         help="clustering.n_prototypes of the memory runs (16384: the recipe)")  # fmt: skip
@@ -235,9 +294,16 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        if args.precision or args.monitor:  # only these
+            if args.precision:
+                root = write_folder(digit_images(224)[0][:256], workdir / "precision_images")
+                precision_throughput(args.steps, args.rounds, root, workdir)
+            if args.monitor:
+                monitor_share(args.steps, workdir, args.monitor_precision)
+            return
         if not args.skip_throughput:
             images, _ = digit_images(224)
             root = write_folder(images[:256], workdir / "throughput_images")

@@ -1,6 +1,7 @@
 """capi-backbones: CAPI vision backbones as an installable, tested model library.
 
-The public names below are imported on first use, so ``import capi_backbones`` (and the ``capi-backbones``
+``__all__`` is the curated public API of the package (docs/api.md names the public modules too; tests/public_api.txt
+guards both). The public names below are imported on first use, so ``import capi_backbones`` (and the ``capi-backbones``
 command's ``--help``) stays free of torch and of the optional integrations. timm users register the
 ``capi_vit*14`` names with one line: ``import capi_backbones.timm``.
 """
@@ -15,6 +16,7 @@ _LAZY = {
     "BackboneOutput": "capi_backbones.models",
     "CapiConfig": "capi_backbones.models",
     "CapiModel": "capi_backbones.models",
+    "CheckpointError": "capi_backbones.pretrained",
     "create_model": "capi_backbones.pretrained",
     "from_pretrained": "capi_backbones.pretrained",
     "list_models": "capi_backbones.pretrained",
@@ -26,7 +28,7 @@ TYPE_CHECKING = False  # True for type checkers (mypy, pyright); saves importing
 if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
     from capi_backbones.features import FeatureExtractor, FeatureOutput
     from capi_backbones.models import ARCHITECTURES, BackboneOutput, CapiConfig, CapiModel
-    from capi_backbones.pretrained import create_model, from_pretrained, list_models
+    from capi_backbones.pretrained import CheckpointError, create_model, from_pretrained, list_models
 
 
 def __getattr__(name: str):
@@ -46,6 +48,7 @@ __all__ = [
     "BackboneOutput",
     "CapiConfig",
     "CapiModel",
+    "CheckpointError",
     "FeatureExtractor",
     "FeatureOutput",
     "__version__",

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,17 +78,24 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, *, min_age_s: float = 0.0) -> list[Path]:
     """Delete the temporaries that atomic writes left in ``folder`` when their process died (``kill -9``, power
     cut), and return them. Temporaries of live processes on this machine are kept, so call it only for a folder
-    that no other machine writes to at the same time."""
+    that no other machine writes to at the same time, or pass ``min_age_s``: then only temporaries unmodified for
+    that long are removed (a writer on another machine that still writes keeps its file)."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
+    now = time.time()
     for path in folder.iterdir():
         match = _TEMPORARY_NAME.match(path.name)
         if match is None or _process_alive(int(match.group("pid"))):
+            continue
+        try:
+            if min_age_s and now - path.lstat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

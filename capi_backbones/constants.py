@@ -6,6 +6,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_SIZE = 14
 N_REGISTERS = 16
 DEFAULT_IMAGE_SIZE = 224
+MAX_IMAGE_SIZE = 7168  # 512 patches a side (262,144 tokens): the largest image size a run may ask for
 
 NORM_EPS = 1e-5
 ROPE_MAX_FREQ = 7.0

@@ -60,6 +60,7 @@ from capi_backbones.models.param_rules import param_multipliers
 from capi_backbones.pretrained import (
     WEIGHTS,
     CheckpointError,
+    LoadOptions,
     PretrainedWeights,
     compare_state_dict,
     download_url,
@@ -343,7 +344,7 @@ class CapiTimmModel(nn.Module):
 def _read_checked(path: str | os.PathLike, config: CapiConfig) -> dict[str, Tensor]:
     """The one place the timm door reads a checkpoint file: the package's checked loader (format told by the
     bytes, no pickle executed, keys and shapes checked against ``config``, integer and NaN/Inf weights refused)."""
-    return load_local(path, arch=config).state_dict()
+    return load_local(path, LoadOptions(arch=config)).state_dict()
 
 
 def _is_unused_predictor_key(key: str, predictor_blocks: int) -> bool:

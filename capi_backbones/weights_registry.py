@@ -1,5 +1,8 @@
 """The released CAPI weights: their names, files, URLs, paper metrics and preprocessing (data; no torch).
 
+A new release is one entry in ``WEIGHTS``: the loaders, ``list_models``, ``capi-backbones list``, the torch.hub
+entry points (``capi_backbones.hub``, ``hubconf.py``) and the timm configs all read this table.
+
 Kept apart from ``capi_backbones.pretrained.sources`` (which downloads them, and imports torch) so that
 ``capi-backbones list`` starts without torch.
 """
@@ -8,7 +11,15 @@ from dataclasses import dataclass
 
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["PretrainedWeights", "WEIGHTS", "WEIGHT_ALIASES", "get_weights", "is_registered", "weights_names"]
+__all__ = [
+    "PretrainedWeights",
+    "WEIGHTS",
+    "WEIGHT_ALIASES",
+    "get_weights",
+    "is_registered",
+    "weight_aliases",
+    "weights_names",
+]
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/capi/"
 
@@ -52,22 +63,31 @@ WEIGHTS: dict[str, PretrainedWeights] = {
     )
 }
 
-# Other accepted spellings: the architecture name means its default weights; "arch.tag" as in timm.
-WEIGHT_ALIASES: dict[str, str] = {"capi_vitl14": "capi_vitl14_lvd"} | {w.full_name: w.name for w in WEIGHTS.values()}
+
+def weight_aliases() -> dict[str, str]:
+    """Other accepted spellings, read off ``WEIGHTS``: an architecture name means its first registered weights
+    (``capi_vitl14`` -> ``capi_vitl14_lvd``), and ``arch.tag`` as in timm."""
+    aliases: dict[str, str] = {}
+    for w in WEIGHTS.values():
+        aliases.setdefault(w.arch, w.name)
+    return aliases | {w.full_name: w.name for w in WEIGHTS.values()}
+
+
+WEIGHT_ALIASES: dict[str, str] = weight_aliases()  # as registered at import; the functions below read WEIGHTS
 
 
 def weights_names() -> list[str]:
     """Every name ``get_weights`` accepts, sorted."""
-    return sorted(set(WEIGHTS) | set(WEIGHT_ALIASES))
+    return sorted(set(WEIGHTS) | set(weight_aliases()))
 
 
 def is_registered(name: str) -> bool:
-    return name in WEIGHTS or name in WEIGHT_ALIASES
+    return name in WEIGHTS or name in weight_aliases()
 
 
 def get_weights(name: str) -> PretrainedWeights:
     """Look up registered weights by name, alias or ``arch.tag``."""
-    key = WEIGHT_ALIASES.get(name, name)
+    key = weight_aliases().get(name, name)
     if key not in WEIGHTS:
         raise ValueError(
             f"Unknown pretrained weights {name!r}. Available: {', '.join(weights_names())}. "

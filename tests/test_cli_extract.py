@@ -3,6 +3,7 @@ architecture inferred by the loader), resuming, and one-line user errors without
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,14 +108,14 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
         capsys, tmp_path / "notes.txt", "--out", tmp_path / "o", "--weights", weights
     )
     assert "missing.pth" in error_line(capsys, images, "--out", tmp_path / "o", "--weights", tmp_path / "missing.pth")
-    assert "architecture, not a set of weights" in error_line(
+    assert "is an architecture without weights" in error_line(
         capsys, images, "--out", tmp_path / "o", "--model", "capi_vits14"
     )
-    assert "multiple of the patch size" in error_line(
+    assert "--image-size 100 is not a multiple of the patch size 14" in error_line(
         capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
     )
     assert "only allowed on CUDA" in error_line(
-        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "bf16"
+        capsys, images, "--out", tmp_path / "o", "--weights", weights, "--device", "cpu", "--precision", "fp16"
     )
     assert not (tmp_path / "o").exists()
 
@@ -143,3 +144,74 @@ def test_failed_images_give_exit_code_1_and_are_listed(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 images written" in err and "1 failed" in err and "failed: broken.jpg: Cannot read image" in err
     assert [f["file"] for f in load_index(tmp_path / "o")["failed"]] == ["broken.jpg"]
+
+
+def test_extract_imports_no_training_code(setup, tmp_path):
+    """Extraction gets ranks, signals and devices from capi_backbones.runtime, never from another command."""
+    _, weights, images = setup
+    code = (
+        "import sys\n"
+        "from capi_backbones.cli.main import main\n"
+        f"code = main(['extract', {str(images)!r}, '--out', {str(tmp_path / 'o')!r}, '--weights', {str(weights)!r},"
+        " '--image-size', '28', '--workers', '0', '--no-progress'])\n"
+        "assert code == 0, code\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('capi_backbones.train', 'capi_backbones.evals'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    # also the imports made only under torchrun (inside functions), read off the source
+    import ast
+    import importlib
+
+    for module in ["capi_backbones.cli.feature_commands", *FEATURE_MODULES]:
+        tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.startswith(("capi_backbones.train", "capi_backbones.evals"))], module
+
+
+FEATURE_MODULES = [
+    "capi_backbones.features." + info.name
+    for info in __import__("pkgutil").iter_modules(__import__("capi_backbones.features").features.__path__)
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nophotos", "--out", "o"], "Image path 'nophotos' does not exist"),
+        (["photos", "--out", ""], "The output folder is an empty path"),
+        (["photos", "--out", "o", "--image-size", "99999998"], "--image-size 99999998 is larger than 7168"),
+        (["photos", "--out", "o", "--shard-size", "0"], "--shard-size must be at least 1, got 0."),
+        (["photos", "--out", "notes.txt"], "Output path 'notes.txt' exists and is not a directory."),
+    ],
+)
+def test_mistakes_are_reported_before_torch_is_imported(tmp_path, args, message):
+    """issue 18: a typo costs a fraction of a second, not a model load."""
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(data.camera()[::8, ::8]).save(tmp_path / "photos" / "camera.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "w.pth").write_bytes(b"")  # exists: the weights are read only after the checks
+    code = (
+        "import sys, time\n"
+        "from capi_backbones.cli.main import main\n"
+        "start = time.perf_counter()\n"
+        f"code = main(['extract', *{args!r}, '--weights', 'w.pth'])\n"
+        "print(code, 'torch' in sys.modules, round(time.perf_counter() - start, 3))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    exit_code, torch_imported, _seconds = result.stdout.split()
+    assert (exit_code, torch_imported) == ("2", "False"), result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_no_progress_bar_is_written_into_logs(setup, tmp_path, capsys):
+    """issue 18: stderr redirected to a file (not a terminal) gets the summary, not a progress bar."""
+    _, weights, images = setup
+    args = ["extract", images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "28", "--workers", "0"]
+    assert main([*map(str, args)]) == 0
+    err = capsys.readouterr().err
+    assert "3 images written" in err and "img/s" not in err and "|" not in err

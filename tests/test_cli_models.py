@@ -84,7 +84,7 @@ def test_convert_refuses_to_overwrite(official, tmp_path, capsys):
     _, path = official
     (tmp_path / "out.safetensors").write_text("precious")
     assert main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists; add --overwrite to replace it" in capsys.readouterr().err
     assert (tmp_path / "out.safetensors").read_text() == "precious"
 
 

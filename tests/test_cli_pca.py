@@ -70,9 +70,9 @@ def test_pca_in_process_matches_the_library(workdir, monkeypatch):
     [
         (["--out", "x.jpg"], "--out must be a .png file"),
         (["--out", "x.png", "--components", "0"], "--components must be between 1"),
-        (["--out", "x.png", "--model", "capi_vits14"], "architecture without weights"),
+        (["--out", "x.png", "--model", "capi_vits14"], "is an architecture without weights; add --weights PATH"),
         (["--out", "x.png", "--weights", "missing.pth"], "missing.pth"),
-        (["--out", "x.png", "--image-size", "50"], "multiple of the patch size"),
+        (["--out", "x.png", "--image-size", "50"], "--image-size must be a multiple of 14"),
         (["--out", "x.png", "--foreground-threshold", "99"], "use a lower threshold"),
     ],
 )
@@ -110,7 +110,7 @@ def test_unreadable_files_are_skipped_named_and_exit_1(workdir, capsys):
     assert main([*args, "--image-size", "56", "--tile-height", "56"]) == 1
     stderr = capsys.readouterr().err
     assert f"failed: {photos / 'broken.jpg'}: Cannot read image" in stderr, stderr
-    assert "(1 images, per-image PCA" in stderr and "1 failed" in stderr, stderr
+    assert "(1 image, per-image PCA" in stderr and "1 failed" in stderr, stderr
     with Image.open(out) as image:
         height = image.height
     # one row: column titles, the file name above the row, the tiles, paddings
@@ -119,7 +119,7 @@ def test_unreadable_files_are_skipped_named_and_exit_1(workdir, capsys):
     (photos / "astronaut.png").unlink()
     out.unlink()
     assert main([*args, "--image-size", "56"]) == 1  # nothing readable: nothing written
-    assert "none of the 1 images could be read" in capsys.readouterr().err
+    assert "none of the 1 image could be used" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -147,3 +147,42 @@ def test_random_init_runs_offline_and_says_so(workdir, capsys):
     assert out.exists()
     assert main([*args, "--weights", str(workdir / "tiny.pth")]) == 2
     assert "leave out --weights" in capsys.readouterr().err
+
+
+def test_an_over_long_image_is_skipped_named_and_exit_1(workdir, capsys):
+    """As extract does: one image more than 10 times longer than wide is left out, the others are drawn."""
+    photos = workdir / "long"
+    photos.mkdir()
+    Image.new("RGB", (600, 20)).save(photos / "banner.png")
+    Image.open(workdir / "photos" / "astronaut.png").save(photos / "astronaut.png")
+    out = workdir / "long.png"
+    args = ["pca", str(photos), "--out", str(out), "--weights", str(workdir / "tiny.pth"), "--device", "cpu"]
+    assert main([*args, "--image-size", "28", "--tile-height", "32", "--no-progress"]) == 1
+    stderr = capsys.readouterr().err
+    assert f"failed: {photos / 'banner.png'}: 600x20 pixels, more than 10 times longer than wide" in stderr, stderr
+    assert "add --square" in stderr and "keep_aspect" not in stderr
+    assert "(1 image, per-image PCA" in stderr and out.exists()
+    assert main([*args, "--image-size", "28", "--tile-height", "32", "--square"]) == 0  # squares: both drawn
+    assert "(2 images" in capsys.readouterr().err
+
+
+def test_random_init_without_model_uses_the_smallest_architecture(workdir, capsys):
+    out = workdir / "smallest.png"
+    photo = str(workdir / "photos" / "coffee.jpg")
+    args = ["pca", photo, "--out", str(out), "--random-init", "--device", "cpu", "--image-size", "28"]
+    assert main([*args, "--tile-height", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "--random-init: capi_vits14 with random weights (seed 0), not pretrained; the smallest architecture" in err
+
+
+@pytest.mark.slow
+def test_no_progress_bar_into_a_log(workdir):
+    """stderr is a pipe here, as in a log file: no bar, only the summary line."""
+    out = workdir / "nobar.png"
+    args = ["pca", str(workdir / "photos"), "--out", str(out), "--weights", str(workdir / "tiny.pth")]
+    result = run_cli(*args, "--image-size", "28", "--tile-height", "32", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "img/s" not in result.stderr and "\r" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith(("INFO ", "WARNING "))] == [
+        f"wrote {out} (2 images, per-image PCA, {Image.open(out).width}x{Image.open(out).height} px), 0 failed"
+    ]

@@ -328,3 +328,35 @@ def test_a_failed_download_is_an_environment_failure(images, tmp_path, monkeypat
     assert main(["extract", str(images), "--out", str(tmp_path / "out")]) == 3
     err = capsys.readouterr().err.strip()
     assert err == "capi-backbones extract: error: Could not download https://example.invalid/w.pth: network unreachable"
+
+
+def test_a_second_ctrl_c_while_the_decoding_workers_stop_is_ignored(images, tmp_path, monkeypatch):
+    """After the first Ctrl-C the finished images are saved and the worker processes stopped with every stop signal
+    ignored: a second Ctrl-C then (people press it twice) raises nowhere, not even inside a ``__del__``."""
+    from torch.utils.data import dataloader
+
+    real_shutdown = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    sent = []
+
+    def shutdown_with_second_ctrl_c(self):
+        if not sent and not self._shutdown:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+        real_shutdown(self)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", shutdown_with_second_ctrl_c)
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    interrupt_on_call(monkeypatch, 2, ctrl_c)
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        tiny_extractor(batch_size=1, num_workers=1).extract_to_disk(images, out, shard_size=10, progress=False)
+    import gc
+
+    gc.collect()
+    assert sent and not unraisable, [u.exc_value for u in unraisable]
+    assert sum(s["count"] for s in load_index(out)["shards"]) == 1

@@ -2,6 +2,7 @@
 atomic shards and refusing to mix settings."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +225,19 @@ def test_resume_accepts_the_same_weights_given_another_way(tmp_path):
     torch.save({f"backbone.{k}": v for k, v in extractor.model.state_dict().items()}, path)
     summary = FeatureExtractor(weights=path, image_size=28).extract_to_disk(images, tmp_path / "out", progress=False)
     assert summary.n_skipped == 1 and summary.n_written == 0
+
+
+def test_the_on_disk_format_has_one_module_and_no_import_cycle():
+    """writer and verification both read the format from features.index; neither imports the other (issue 14)."""
+    import ast
+    import importlib
+
+    def imports_of(module: str) -> set[str]:
+        tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    package = "capi_backbones.features."
+    assert package + "verification" not in imports_of(package + "writer")
+    assert package + "writer" not in imports_of(package + "verification")
+    assert not {package + m for m in ("writer", "verification", "extractor", "disk")} & imports_of(package + "index")

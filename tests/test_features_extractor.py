@@ -96,7 +96,7 @@ def test_resize_matches_pillow_bicubic():
 def test_extractor_equals_model_on_hand_preprocessed_tensor():
     model = tiny_model()
     rgb = small(data.chelsea())  # (75, 113, 3)
-    extractor = FeatureExtractor(model, image_size=42)
+    extractor = FeatureExtractor(model, image_size=42, precision="fp32")
     out = extractor(Image.fromarray(rgb))
     assert isinstance(out, FeatureOutput)
     size = (42, 70)  # shorter side 42; longer side 113 * 42 / 75 = 63.3 -> nearest multiple of 14 is 70
@@ -199,13 +199,10 @@ def test_unreadable_image_raises_in_memory_naming_it(tmp_path):
 
 
 # ---- settings -----------------------------------------------------------------------------------------------------
-def test_cpu_runs_fp32_and_refuses_half_precision():
-    extractor = FeatureExtractor(tiny_model(), device="cpu")
+def test_cpu_runs_fp32_when_asked_and_refuses_unknown_precision():  # the rules: tests/test_precision.py
+    extractor = FeatureExtractor(tiny_model(), device="cpu", precision="fp32")
     assert extractor.autocast_dtype is None and extractor.device.type == "cpu"
     assert extractor(small(data.astronaut())).patch_features.dtype == torch.float32
-    for precision in ("bf16", "fp16"):
-        with pytest.raises(ValueError, match="only allowed on CUDA"):
-            FeatureExtractor(tiny_model(), device="cpu", precision=precision)
     with pytest.raises(ValueError, match="precision must be"):
         FeatureExtractor(tiny_model(), precision="fp8")
 
@@ -215,9 +212,11 @@ def test_bad_arguments_are_refused():
         FeatureExtractor(tiny_model(), batch_size=0)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         FeatureExtractor(tiny_model(), image_size=100)
+    with pytest.raises(ValueError, match="image_size 99999998 is larger than 7168"):
+        FeatureExtractor(tiny_model(), image_size=99999998)  # a multiple of 14: refused before any allocation
     with pytest.raises(TypeError, match="model must be"):
         FeatureExtractor(42)
-    with pytest.raises(ValueError, match="Unknown device 'gpu'"):
+    with pytest.raises(ValueError, match="device=gpu is not a device"):
         FeatureExtractor(tiny_model(), device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):

@@ -110,7 +110,8 @@ def test_release_entry_points_refuse_a_weights_argument(mine, name):
 
 def test_without_weights_small_entry_points_stay_random():
     torch.manual_seed(0)
-    a = hub.capi_vits14(**TINY_CONFIG.to_dict())
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        a = hub.capi_vits14(**TINY_CONFIG.to_dict())
     assert a.training and not torch.equal(a.registers, tiny_model(seed=1).registers)
 
 

@@ -134,11 +134,36 @@ def test_save_pretrained_folder_round_trip(tmp_path):
     model.eval()
     model.save_pretrained(tmp_path / "repo")
     assert {p.name for p in (tmp_path / "repo").iterdir()} >= {"model.safetensors", "config.json"}
-    assert json.loads((tmp_path / "repo" / "config.json").read_text()) == TINY_CONFIG.to_dict()
+    assert json.loads((tmp_path / "repo" / "config.json").read_text()) == {"model_type": "capi"} | TINY_CONFIG.to_dict()
     hub_loaded = CapiHubModel.from_pretrained(tmp_path / "repo", map_location="cpu")  # the mixin's keyword works
     for loaded in (hub_loaded, from_pretrained(tmp_path / "repo")):
         assert_loaded_properly(loaded)
         assert_same_outputs(model, loaded)
+
+
+def test_saved_folder_is_recognisable_by_hub_tooling(tmp_path):
+    """config.json names its model_type; the model card carries the Hub metadata and links the package to its
+    own repository, the official CAPI code to facebookresearch/capi."""
+    import yaml
+
+    capi_backbones.create_model("capi_vits14", **TINY_CONFIG.to_dict()).save_pretrained(tmp_path / "repo")
+    assert json.loads((tmp_path / "repo" / "config.json").read_text())["model_type"] == "capi"
+    card = (tmp_path / "repo" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front)
+    assert metadata["library_name"] == "capi-backbones" and metadata["pipeline_tag"] == "image-feature-extraction"
+    assert {"capi", "vision"} <= set(metadata["tags"])
+    assert "[capi-backbones](https://github.com/capi-backbones/capi-backbones)" in body
+    assert (
+        "(https://github.com/facebookresearch/capi)" in body
+        and "[capi-backbones](https://github.com/facebookresearch" not in body
+    )
+    config_file = tmp_path / "repo" / "config.json"
+    config_file.write_text(json.dumps({"model_type": "vit"} | TINY_CONFIG.to_dict()))
+    with pytest.raises(CheckpointError, match="model_type is 'vit', not 'capi'"):
+        from_pretrained(tmp_path / "repo")
+    config_file.write_text(json.dumps(TINY_CONFIG.to_dict()))  # folders written before model_type still load
+    assert from_pretrained(tmp_path / "repo").config == TINY_CONFIG
 
 
 def test_save_pretrained_loading_is_strict(tmp_path):
@@ -237,13 +262,15 @@ def test_push_to_hub_uploads_safetensors_and_config(monkeypatch):
         def upload_folder(self, *, repo_id, folder_path, **kwargs):
             uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
             uploaded["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            uploaded["card"] = (Path(folder_path) / "README.md").read_text()
             return f"https://huggingface.co/{repo_id}/commit/0"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model = capi_backbones.create_model("capi_vits14", **TINY_CONFIG.to_dict())
     assert model.push_to_hub("someone/capi-tiny").endswith("/commit/0")
     assert {"config.json", "model.safetensors"} <= set(uploaded["files"])
-    assert uploaded["config"] == TINY_CONFIG.to_dict()
+    assert uploaded["config"] == {"model_type": "capi"} | TINY_CONFIG.to_dict()
+    assert "hf-hub:someone/capi-tiny" in uploaded["card"]
 
 
 def test_models_and_layers_do_not_import_pretrained():

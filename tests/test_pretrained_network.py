@@ -25,6 +25,7 @@ from capi_backbones.pretrained import (
     loading_interface,
     parse_hub_source,
 )
+from capi_backbones.pretrained.download import cache_file_name
 
 REFUSED_URL = "http://127.0.0.1:9/capi_vitl14_lvd.pth"  # discard port: nothing listens, connection refused
 
@@ -108,7 +109,7 @@ def test_download_into_torch_hub_cache_once(hub_cache, server):
     base, hits = server
     model = from_pretrained(f"{base}/good.pth")
     assert model.config == TINY_CONFIG
-    assert [p.name for p in hub_cache.iterdir()] == ["good.pth"]
+    assert [p.name for p in hub_cache.iterdir()] == [cache_file_name(f"{base}/good.pth")]
     from_pretrained(f"{base}/good.pth")  # second time from the cache
     assert hits == ["/good.pth"]
 
@@ -144,8 +145,9 @@ def test_sha256_is_checked_before_the_rename(tmp_path, server):
     with pytest.raises(DownloadError, match=f"SHA-256 is {good}, expected {'0' * 64}"):
         download_url(f"{base}/good.pth", cache_dir=cache, sha256="0" * 64)
     assert list(cache.iterdir()) == []
-    assert download_url(f"{base}/good.pth", cache_dir=cache, sha256=good.upper()) == cache / "good.pth"
-    assert [p.name for p in cache.iterdir()] == ["good.pth"]
+    cached = download_url(f"{base}/good.pth", cache_dir=cache, sha256=good.upper())
+    assert cached == cache / cache_file_name(f"{base}/good.pth") and cached.name.startswith("good-")
+    assert [p.name for p in cache.iterdir()] == [cached.name]
 
 
 def test_trickling_server_fails_by_the_overall_deadline(tmp_path, server):

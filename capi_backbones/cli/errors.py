@@ -7,6 +7,7 @@ read-only file system, ..., naming the path; or a failed download). Anything els
 
 from capi_backbones.atomic_files import ENVIRONMENT_ERRNOS
 from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
+from capi_backbones.runtime.exit_codes import USAGE_ERRORS, is_environment_failure
 
 __all__ = [
     "ENVIRONMENT_ERRNOS",
@@ -47,13 +48,6 @@ class EnvironmentFailure(CliError):
         )
 
 
-def is_environment_failure(error: BaseException) -> bool:
-    """An OSError that the machine caused (see ENVIRONMENT_ERRNOS) or a network failure, not a bad input."""
-    if isinstance(error, ConnectionError | TimeoutError):
-        return True
-    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
-
-
-# Library exceptions that mean "bad input", turned into CliError by the command handlers. Not TypeError or KeyError
-# (bugs keep their traceback) and not OSError in general (a full disk is not a user mistake: see EnvironmentFailure).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# Library exceptions that mean "bad input", turned into CliError by the command handlers; the mapping of errors to
+# exit codes lives in capi_backbones.runtime.exit_codes.
+USER_ERRORS = USAGE_ERRORS

@@ -11,6 +11,8 @@ __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
 
+FAST_ITERATIONS, FAST_BATCH_SIZE = 1_250, 256  # --fast: 40x fewer images seen than the official 12,500 x 1024
+
 
 def _csv(kind):
     def parse(text: str) -> tuple:
@@ -47,11 +49,14 @@ def register(subparsers) -> None:
         help="k-NN, linear and attentive probes on an ImageFolder dataset",
         description=(
             "Classification probes on frozen features. DATA is DATA/train/<class>/* with DATA/test (else DATA/val) "
-            "to report on, or DATA/<class>/* (a seeded 20%% is test). Hyper-parameters are chosen on DATA/val when "
-            "DATA has train, val and test, else on a seeded 10%% of train. Features are center crops (resize to "
+            "to report on, or DATA/<class>/* (a seeded 20% is test). Hyper-parameters are chosen on DATA/val when "
+            "DATA has train, val and test, else on a seeded 10% of train. Features are center crops (resize to "
             "256/224 of --image-size, crop), cached in --out; probes train on them, or with --augment on "
             "RandomResizedCrop + flip through the backbone. Probes: k-NN (cosine, exp(sim/0.07) votes), a grid of "
-            "linear probes and attentive probes (lr x wd, AdamW, warmup + cosine), all in one run, checkpointed."
+            "linear probes and attentive probes (lr x wd, AdamW, warmup + cosine), all in one run, checkpointed. "
+            "The defaults are the official protocol (12,500 steps of a global batch of 1024, lr x 1024/256); --fast "
+            "is a quick CPU setting whose results say they are not the official protocol. results.json and "
+            "results.png (validation top-1 over the lr x wd grid, test top-1 per probe) are written to --out."
         ),
     )
     _common(classify)
@@ -64,7 +69,16 @@ def register(subparsers) -> None:
     length = classify.add_mutually_exclusive_group()
     length.add_argument("--iters", type=int, default=None, help="probe training steps (default 12500, official)")
     length.add_argument("--epochs", type=float, default=None, help="probe training length in passes over train")
-    classify.add_argument("--probe-batch-size", type=int, default=128, help="probe batch (default 128; lr x batch/256)")
+    classify.add_argument("--probe-batch-size", type=int, default=None,
+                          help="global probe batch (default 1024, official; lr x batch/256)")  # fmt: skip
+    classify.add_argument("--probe-micro-batch", type=int, default=None,
+                          help="compute each probe batch in pieces of this size (same steps, less memory)")  # fmt: skip
+    classify.add_argument("--probe-dtype", choices=("float32", "bfloat16"), default="float32",
+                          help="probe training precision (default float32, official; bfloat16 autocast is faster on "
+                          "CPUs and GPUs with native bf16, NOT the official protocol)")  # fmt: skip
+    classify.add_argument("--fast", action="store_true",
+                          help=f"quick CPU setting, NOT the official protocol: {FAST_ITERATIONS} steps of batch "
+                          f"{FAST_BATCH_SIZE} (--iters/--epochs/--probe-batch-size still override)")  # fmt: skip
     classify.add_argument("--learning-rates", type=_csv(float), default=None, help="lr grid (default: official 10)")
     classify.add_argument("--weight-decays", type=_csv(float), default=None, help="wd grid (default: official 3)")
     classify.add_argument("--knn-k", type=_csv(int), default=(10, 20), help="k-NN neighbours (default 10,20)")
@@ -78,17 +92,23 @@ def register(subparsers) -> None:
         help="k-NN and logistic-regression segmentation from patch features",
         description=(
             "Semantic segmentation from frozen patch features. DATA is DATA/{train,val,test}/{images,masks} (test, "
-            "else val, is reported on) or DATA/{images,masks} (a seeded 20%% is test); masks are PNG label maps "
+            "else val, is reported on) or DATA/{images,masks} (a seeded 20% is test); masks are PNG label maps "
             "with the images' names. Images are resized to --image-size squared (bicubic), masks with nearest. "
             "k-NN (cosine and L2 on standardised features) and logistic regression on each patch's labels, "
-            "hyper-parameters chosen on val or a seeded 10%% of train; mIoU and pixel accuracy on test."
+            "hyper-parameters chosen on val or the official 10% of train; mIoU and pixel accuracy on test, as the "
+            "official evaluation computes them."
         ),
     )
     _common(segment)
     segment.add_argument("--classifiers", type=_csv(str), default=("knn", "logreg"), help="knn,logreg (default both)")
     segment.add_argument("--ks", type=_csv(int), default=(1, 3, 10, 30), help="k-NN grid (default 1,3,10,30)")
     segment.add_argument("--distances", type=_csv(str), default=("cosine", "L2"), help="default cosine,L2")
-    segment.add_argument("--ignore-labels", type=_csv(int), default=(255,), help="labels not scored (default 255)")
+    segment.add_argument("--ignore-labels", type=_csv(int), default=(0, 255),
+                         help="labels not scored, and train patches mostly made of them not fitted (default 0,255, "
+                         "official ADE20K setting; use 255 for datasets whose class 0 is a real class)")  # fmt: skip
+    segment.add_argument("--knn-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                         help="k-NN distance precision (default auto: bfloat16 as the official where the device has it "
+                         "natively, else float32)")  # fmt: skip
     segment.add_argument("--num-classes", type=int, default=None, help="classes (default: largest train label + 1)")
     segment.add_argument("--pictures", type=int, default=4, help="test images drawn in segmentation_examples.png")
     segment.set_defaults(handler=run_segment)
@@ -106,8 +126,17 @@ def _finish(args, payload: dict, header: list[str], keys: list[str]) -> int:
     from capi_backbones.evals.report import format_table, write_results
 
     path = write_results(args.out, {"config": _config(args), **payload})
-    rows = [[row[k] if row[k] is not None else "-" for k in keys] for row in payload["results"]]
+
+    def cell(row: dict, key: str):
+        if key == "selected":
+            return "<<" if row.get(key) else ""
+        return row[key] if row.get(key) is not None else "-"
+
+    rows = [[cell(row, k) for k in keys] for row in payload["results"]]
     print(format_table(header, rows))
+    if payload.get("picture"):
+        print(f"picture: {payload['picture']}", file=sys.stderr)
+    print(f"wall time: {payload.get('wall_time_s', 0):.0f} s", file=sys.stderr)
     skipped = payload["dataset"]["skipped"]
     for name, message in skipped.items():
         print(f"skipped: {name}: {message}", file=sys.stderr)
@@ -119,26 +148,44 @@ def run_classify(args: argparse.Namespace) -> int:
     from capi_backbones.features import FolderBusyError
 
     try:
-        from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
+        from capi_backbones.evals.classification_protocol import PROBES, ClassificationSettings, run_classification
         from capi_backbones.evals.datasets import read_classification_folders
-        from capi_backbones.evals.probe_grid import OFFICIAL_LEARNING_RATES, OFFICIAL_WEIGHT_DECAYS, ProbeTrainingConfig
+        from capi_backbones.evals.probe_grid import (
+            OFFICIAL_BATCH_SIZE,
+            OFFICIAL_LEARNING_RATES,
+            OFFICIAL_WEIGHT_DECAYS,
+            ProbeTrainingConfig,
+        )
+        from capi_backbones.evals.representations import check_representations
 
         data = read_classification_folders(args.data)  # bad layouts fail before a model is loaded
-        if args.probe_batch_size < 1 or (args.iters is not None and args.iters < 1):
+        check_representations(args.representations)  # and bad names before any feature is extracted
+        unknown = [p for p in args.probes if p not in PROBES]
+        if unknown:
+            raise ValueError(f"Unknown probe(s) {unknown}. Choose from {', '.join(PROBES)}.")
+        if min(args.knn_k) < 1 or args.head_dim < 1 or (args.probe_micro_batch or 1) < 1:
+            raise ValueError("--knn-k, --head-dim and --probe-micro-batch must be positive.")
+        batch = args.probe_batch_size or (FAST_BATCH_SIZE if args.fast else OFFICIAL_BATCH_SIZE)
+        if batch < 1 or (args.iters is not None and args.iters < 1):
             raise ValueError("--probe-batch-size and --iters must be positive.")
-        extractor = _extractor(args)
         n_fit = len(data.train) if data.val is not None else round(0.9 * len(data.train))
-        steps_per_epoch = max(1, n_fit // min(args.probe_batch_size, n_fit))
-        iters = args.iters or (max(1, round(args.epochs * steps_per_epoch)) if args.epochs is not None else 12_500)
+        steps_per_epoch = max(1, n_fit // min(batch, n_fit))
+        default_iters = FAST_ITERATIONS if args.fast else 12_500
+        iters = args.iters or (
+            max(1, round(args.epochs * steps_per_epoch)) if args.epochs is not None else default_iters
+        )
         training = ProbeTrainingConfig(
             iterations=iters,
             warmup_iterations=iters // 10,
-            batch_size=args.probe_batch_size,
+            batch_size=batch,
+            micro_batch_size=args.probe_micro_batch,
+            dtype=args.probe_dtype,
             learning_rates=args.learning_rates or OFFICIAL_LEARNING_RATES,
             weight_decays=args.weight_decays or OFFICIAL_WEIGHT_DECAYS,
             seed=args.seed,
             checkpoint_every=max(1, iters // 10),
         )
+        extractor = _extractor(args)
         settings = ClassificationSettings(
             probes=args.probes, representations=args.representations, knn_ks=args.knn_k, training=training,
             augment=args.augment, head_dim=args.head_dim, device=str(extractor.device),
@@ -147,8 +194,15 @@ def run_classify(args: argparse.Namespace) -> int:
     except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("eval classify failed", exc_info=True)
         raise CliError.from_exception(error) from error
-    header = ["probe", "representation", "setting", "val top-1", "top-1", "top-5"]
-    return _finish(args, payload, header, ["probe", "representation", "setting", "val_top1", "top1", "top5"])
+    header = ["probe", "representation", "setting", "", "val top-1", "top-1", "top-5"]
+    code = _finish(
+        args, payload, header, ["probe", "representation", "setting", "selected", "val_top1", "top1", "top5"]
+    )
+    training = payload.get("probe_training")
+    if training is not None:
+        print(f"probe training: {training['protocol']} (global batch {training['global_batch_size']}, lr x "
+              f"{training['lr_scale']:g}, {training['iterations']} steps)", file=sys.stderr)  # fmt: skip
+    return code
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -163,10 +217,11 @@ def run_segment(args: argparse.Namespace) -> int:
         settings = SegmentationSettings(
             classifiers=args.classifiers, ks=args.ks, distances=args.distances, ignore_labels=args.ignore_labels,
             num_classes=args.num_classes, n_pictures=args.pictures, device=str(extractor.device),
+            knn_dtype=args.knn_dtype,
         )  # fmt: skip
         payload = run_segmentation(data, extractor, args.out, settings, progress=not args.no_progress)
     except (*USER_ERRORS, FolderBusyError) as error:
         logger.debug("eval segment failed", exc_info=True)
         raise CliError.from_exception(error) from error
-    header = ["classifier", "setting", "val mIoU", "mIoU", "pixel acc"]
-    return _finish(args, payload, header, ["classifier", "setting", "val_miou", "miou", "pixel_accuracy"])
+    header = ["classifier", "setting", "", "val mIoU", "mIoU", "pixel acc"]
+    return _finish(args, payload, header, ["classifier", "setting", "selected", "val_miou", "miou", "pixel_accuracy"])

@@ -3,9 +3,9 @@ verify``: check such a folder against its index."""
 
 import argparse
 import logging
-import os
 import sys
 
+from capi_backbones.cli.checks import progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
 
@@ -48,12 +48,14 @@ def register(subparsers) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16/fp16 need CUDA",
+        help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
     )
     parser.add_argument("--no-pooled", action="store_true", help="skip the predictor: patch features and registers")
     parser.add_argument("--retry-failed", action="store_true", help="try again images that failed in earlier runs")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(handler=run_extract)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (shown only when stderr is a terminal)"
+    )
+    parser.set_defaults(handler=run_extract, check=check_extract_arguments)
 
     verify = subparsers.add_parser(
         "verify",
@@ -68,12 +70,29 @@ def register(subparsers) -> None:
     verify.set_defaults(handler=run_verify)
 
 
+def check_extract_arguments(args: argparse.Namespace) -> None:
+    """extract's own checks, run by ``main`` before torch is imported (after ``cli.checks.check_common_options``,
+    which checks the image paths and the shared numbers): the largest image size, and the output folder (an empty
+    path, a file, or a folder extract did not write are refused before anything is created or deleted)."""
+    from capi_backbones.constants import MAX_IMAGE_SIZE
+    from capi_backbones.features.index import check_output_folder
+
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
+        raise CliError(
+            f"--image-size {args.image_size} is larger than {MAX_IMAGE_SIZE} (512 patches a side), the largest "
+            "accepted; use a smaller --image-size."
+        )
+    try:
+        check_output_folder(args.out)
+    except ValueError as error:
+        raise CliError.from_exception(error) from error
+
+
 def run_extract(args: argparse.Namespace) -> int:
-    from capi_backbones.features import FolderBusyError, expand_inputs
+    from capi_backbones.features import FolderBusyError
 
     context = _join_process_group(args)
     try:
-        expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
         extractor = build_extractor(
             args,
             keep_aspect=not args.square,
@@ -87,7 +106,7 @@ def run_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             pooled=not args.no_pooled,
             dtype=args.dtype,
-            progress=not args.no_progress,
+            progress=progress_wanted(args),  # terminals only: no bars written into logs
             retry_failed=args.retry_failed,
         )
     except (*USER_ERRORS, FolderBusyError) as error:
@@ -97,9 +116,14 @@ def run_extract(args: argparse.Namespace) -> int:
         if error.filename is None and error.errno is not None:
             raise OSError(error.errno, error.strerror, args.out) from error
         raise
+    except KeyboardInterrupt:  # the finished images are saved: a further Ctrl-C ends the exit at once, quietly
+        from capi_backbones.runtime.signals import quiet_after_stop
+
+        quiet_after_stop()
+        raise
     finally:
         if context is not None:
-            from capi_backbones.train.distributed import shutdown_distributed
+            from capi_backbones.runtime.distributed import shutdown_distributed
 
             shutdown_distributed(context)
     if context is not None and context.rank != 0:
@@ -119,11 +143,13 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def _join_process_group(args: argparse.Namespace):
     """Under torchrun (WORLD_SIZE > 1): join the process group and pick this rank's device. Else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from capi_backbones.train.distributed import init_distributed
+    from capi_backbones.runtime.ranks import env_world_size
 
-    context = init_distributed("cpu" if args.device == "cpu" else "auto")
+    if env_world_size() <= 1:
+        return None
+    from capi_backbones.runtime.distributed import init_distributed
+
+    context = init_distributed("cpu" if args.device == "cpu" else "auto", option="--device ")
     if args.device is None or args.device == "cuda":
         args.device = str(context.device)  # one GPU per rank
     return context

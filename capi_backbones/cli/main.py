@@ -4,6 +4,10 @@
 one-line summary for ``capi-backbones --help``. Only the module of the command being run is imported, and command
 modules import torch and the other heavy libraries inside their handlers, so ``--help``, ``--version`` and ``list``
 start in a fraction of a second. A new command is one more line in ``COMMANDS``.
+
+Mistakes are caught before torch is imported: ``main`` runs ``cli.checks.check_common_options`` (the options several
+commands share), then the command's own ``check`` function when its parser sets one
+(``parser.set_defaults(handler=run, check=check_args)``), then the handler. ``python -m capi_backbones`` runs ``main``.
 """
 
 import argparse
@@ -22,6 +26,7 @@ COMMANDS = {  # command -> (module registering it, summary shown by --help)
     "extract": (_CLI + "feature_commands", "extract features of images into shards on disk"),
     "verify": (_CLI + "feature_commands", "check an extraction folder against its index"),
     "pca": (_CLI + "viz_commands", "PCA picture of the feature maps of images"),
+    "explore": (_CLI + "explore_commands", "interactive feature explorer: one self-contained HTML page"),
     "train": (_CLI + "train_commands", "pretrain a CAPI model on a folder of images"),
     "export": (_CLI + "train_commands", "export the teacher (EMA) backbone of a training run"),
     "eval": (_CLI + "eval_commands", "evaluate frozen features with the paper's probes"),
@@ -59,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser([] if command is None else [command]).parse_args(argv)
     import logging  # here rather than at the top: --help and --version have exited already
 
+    from capi_backbones.cli.checks import check_common_options
     from capi_backbones.cli.errors import CliError, EnvironmentFailure, is_environment_failure
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    _configure_logging(args.verbose)
     try:
+        check_common_options(args)  # mistakes in the shared options, before any command imports torch
+        if getattr(args, "check", None) is not None:  # the command's own checks (set_defaults(check=...))
+            args.check(args)
         return int(args.handler(args) or 0)
     except CliError as error:
         print(f"capi-backbones {args.command}: error: {error}", file=sys.stderr)
@@ -70,12 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # disk full, permission denied, ...: one line, exit 3; other OSErrors are bugs
         if not is_environment_failure(error):
             raise
-        logging.getLogger(__name__).debug("environment failure", exc_info=True)
+        logging.getLogger("capi_backbones.cli").debug("environment failure", exc_info=True)
         print(f"capi-backbones {args.command}: error: {EnvironmentFailure.from_os_error(error)}", file=sys.stderr)
         return EnvironmentFailure.exit_code
     except KeyboardInterrupt as interrupt:  # Ctrl-C (130) or SIGTERM during extract (143)
         print("interrupted", file=sys.stderr)
         return getattr(interrupt, "exit_code", 130)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our messages (the ``capi_backbones`` loggers) at INFO, or DEBUG with --verbose, on stderr. Other libraries keep
+    the root logger's WARNING: onnxscript alone would print hundreds of INFO lines per export."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")  # no-op if already configured
+    logging.getLogger("capi_backbones").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 if __name__ == "__main__":

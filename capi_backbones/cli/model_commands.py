@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+from capi_backbones.cli.checks import check_architecture, check_source
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 
 __all__ = ["register"]
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
         "weights name, a URL or hf-hub:owner/repo",
     )
     parser.add_argument("--model", default=None, metavar="NAME", help="check against this architecture instead")
-    parser.set_defaults(handler=run_info)
+    parser.set_defaults(handler=run_info, check=_check_info)
 
     parser = subparsers.add_parser(
         "convert",
@@ -55,7 +56,23 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="stored dtype (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--no-verify", action="store_true", help="skip reading OUTPUT back")
-    parser.set_defaults(handler=run_convert)
+    parser.set_defaults(handler=run_convert, check=_check_convert)
+
+
+def _check_info(args: argparse.Namespace) -> None:
+    check_source(args.checkpoint)
+    check_architecture(args.model)
+
+
+def _check_convert(args: argparse.Namespace) -> None:
+    """Before torch is imported: the source exists, OUTPUT is new (or --overwrite) and is not the source."""
+    check_source(args.source)
+    check_architecture(args.model)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise CliError(f"{output} already exists; add --overwrite to replace it, or choose another OUTPUT.")
+    if Path(args.source).exists() and Path(args.source).resolve() == output.resolve():
+        raise CliError("CHECKPOINT and OUTPUT are the same path; write to a new file.")
 
 
 def _millions(n: int) -> str:
@@ -179,12 +196,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from capi_backbones.pretrained import from_pretrained, loading_interface, save_official_checkpoint, save_safetensors
 
-    output = Path(args.output)
+    output = Path(args.output)  # checked by _check_convert
     try:
-        if output.exists() and not args.overwrite:
-            raise CliError(f"{output} already exists; pass --overwrite to replace it.")
-        if Path(args.source).exists() and Path(args.source).resolve() == output.resolve():
-            raise CliError("CHECKPOINT and OUTPUT are the same path; write to a new file.")
         with loading_interface("cli"):
             model = from_pretrained(args.source, arch=args.model, dtype=args.dtype)  # refuses NaN/Inf, int weights
         if output.suffix == ".safetensors":

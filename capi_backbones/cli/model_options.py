@@ -3,10 +3,11 @@
 
 import argparse
 import sys
+from pathlib import Path
 
-from capi_backbones.cli.errors import CliError
+from capi_backbones.cli.checks import SMALLEST_ARCHITECTURE, architecture_of
+from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.constants import DEFAULT_IMAGE_SIZE
-from capi_backbones.models import ARCHITECTURES
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -36,8 +37,8 @@ def add_weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--random-init",
         action="store_true",
-        help="use random weights (the --model architecture, default capi_vitl14) instead of loading any: to try "
-        "the command offline; the features mean nothing",
+        help=f"use seeded random weights (the --model architecture, default {SMALLEST_ARCHITECTURE}) instead of "
+        "loading any: to try the command offline; the features mean nothing",
     )
 
 
@@ -82,27 +83,47 @@ def _random_model(args: argparse.Namespace):
     """--random-init: the architecture of --model (or of the default weights) with seeded random weights."""
     import torch
 
-    from capi_backbones.pretrained import create_model
-    from capi_backbones.weights_registry import get_weights
+    from capi_backbones.pretrained import resolve_model_spec
 
     if args.weights is not None:
         raise CliError("--random-init uses random weights; leave out --weights PATH (or leave out --random-init).")
-    name = args.model or DEFAULT_MODEL
+    name = args.model or SMALLEST_ARCHITECTURE
     try:
-        arch = name if name in ARCHITECTURES else get_weights(name).arch
+        arch = resolve_model_spec(name, random_init=True).random_init
     except ValueError:
-        raise CliError(
-            f"--model {name} is unknown; with --random-init use one of {', '.join(ARCHITECTURES)}."
-        ) from None
-    print(f"--random-init: {arch} with random weights (seed {RANDOM_INIT_SEED}), not pretrained", file=sys.stderr)
+        raise CliError(f"--model {name} is unknown; with --random-init use e.g. --model capi_vits14.") from None
+    chosen = "; the smallest architecture, as no --model was given" if getattr(args, "model_by_default", False) else ""
+    print(
+        f"--random-init: {arch} with random weights (seed {RANDOM_INIT_SEED}), not pretrained{chosen}", file=sys.stderr
+    )
     torch.manual_seed(RANDOM_INIT_SEED)
-    return create_model(arch, pretrained=False)
+    return resolve_model_spec(arch, random_init=True).load()
+
+
+def _check_weights_match_model(args: argparse.Namespace) -> None:
+    """--weights with --model: the file must hold that architecture (said in CLI words, before building a model)."""
+    expected = architecture_of(args.model)
+    if args.weights is None or expected is None or not Path(args.weights).exists():
+        return  # (a URL or hf-hub: source is checked by the load itself, rather than downloaded twice)
+    from capi_backbones.pretrained import inspect_checkpoint, loading_interface
+
+    try:
+        with loading_interface("cli"):
+            found = inspect_checkpoint(args.weights).architecture
+    except USER_ERRORS:
+        return  # an unreadable file: the load reports it
+    if found is not None and found != expected:
+        raise CliError(
+            f"--weights {args.weights} holds {found} weights, but --model {args.model} is {expected}; leave out "
+            f"--model (the architecture is read from the file) or give --model {found}."
+        )
 
 
 def _model_and_weights(args: argparse.Namespace):
     """FeatureExtractor's ``model`` and ``weights`` arguments from the weights options."""
     if args.random_init:
         return _random_model(args), None
+    _check_weights_match_model(args)
     return model_source(args), args.weights
 
 
@@ -127,10 +148,10 @@ def build_extractor(args: argparse.Namespace, *, precision: str = "auto", **opti
     from capi_backbones.pretrained import loading_interface
 
     device = _device(args)
-    if precision in ("bf16", "fp16") and not device.startswith("cuda"):
+    if precision == "fp16" and not device.startswith("cuda"):
         raise CliError(
-            f"--precision {precision} is only allowed on CUDA (device is {device}): half precision is very slow on "
-            "CPUs; use --precision fp32 or auto."
+            f"--precision fp16 is only allowed on CUDA (device is {device}): fp16 is very slow on CPUs; use "
+            "--precision bf16, fp32 or auto."
         )
     if args.image_size is not None:
         options["image_size"] = args.image_size

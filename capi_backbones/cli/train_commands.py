@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     train.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.set_defaults(handler=run_train)
+    overrides_anywhere(train)
 
     export = subparsers.add_parser(
         "export",
@@ -42,8 +43,25 @@ def register(subparsers) -> None:
     export.set_defaults(handler=run_export)
 
 
+def overrides_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` take its KEY=VALUE overrides before, between or after its options (``train tiny --max-steps 1
+    data.root=photos``): argparse stops filling a ``*`` positional at the first option, so the overrides it leaves
+    over are collected here; anything else left over is still refused as an unrecognized argument."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, extras = parse(args, namespace)
+        late = [arg for arg in extras if "=" in arg and not arg.startswith("-")]
+        if late:
+            namespace.overrides = [*(namespace.overrides or []), *late]
+        return namespace, [arg for arg in extras if arg not in late]
+
+    parser.parse_known_args = parse_known_args
+
+
 def run_train(args: argparse.Namespace) -> int:
-    logger.info("Starting: loading PyTorch, then building the model and the data...")  # before the slow imports
+    if not args.print_config:
+        logger.info("Starting: loading PyTorch, then building the model and the data...")  # before the slow imports
     from capi_backbones.train.launch import quiet_other_ranks, run
 
     quiet_other_ranks()

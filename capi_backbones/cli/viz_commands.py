@@ -5,9 +5,9 @@ import logging
 import sys
 from pathlib import Path
 
+from capi_backbones.cli.checks import check_output_file, check_weights_file, plural, progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
-from capi_backbones.models import ARCHITECTURES
 
 __all__ = ["register"]
 
@@ -25,10 +25,10 @@ def register(subparsers) -> None:
             "Fit a PCA on the patch features of each image (or, with --joint, one PCA on all images so that colours "
             "are comparable) and write a PNG grid: per image, the input | the first 3 components as RGB | each "
             "component as a coolwarm heatmap. Components are whitened and their signs fixed so that each has "
-            "positive skewness; values in [-2.3, 2.3] standard deviations fill the colour range. Unreadable files "
-            "are reported and left out."
+            "positive skewness; values in [-2.3, 2.3] standard deviations fill the colour range. Files that cannot "
+            "be used (unreadable, or more than 10 times longer than wide) are reported and left out."
         ),
-        epilog="Exit status: 0 all images drawn, 1 some images could not be read (listed), 2 usage error.",
+        epilog="Exit status: 0 all images drawn, 1 some images could not be used (listed), 2 usage error.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="output PNG (written atomically)")
@@ -46,6 +46,15 @@ def register(subparsers) -> None:
         "to choose T",
     )
     add_model_options(parser, image_size_note=". Larger sizes give finer maps (448: 32 patches on the shorter side)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
+    )
+    parser.add_argument(
+        "--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead of keeping its shape"
+    )
     parser.add_argument("--tile-height", type=int, default=224, help="height of each picture in pixels (default 224)")
     parser.add_argument(
         "--resample",
@@ -54,25 +63,18 @@ def register(subparsers) -> None:
         help="upsampling of the maps: nearest keeps patches crisp (default), bilinear/bicubic look smoother",
     )
     parser.add_argument("--no-labels", action="store_true", help="leave out the column titles and file names")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(handler=run_pca)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on terminals only)")
+    parser.set_defaults(handler=run_pca, check=_check_args)
 
 
 def _check_args(args: argparse.Namespace) -> Path:
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise CliError(f"--out must be a .png file, got '{args.out}'.")
-    if out.is_dir():
-        raise CliError(f"--out '{args.out}' is a folder; give a file name ending in .png.")
+    """Everything that can be checked before torch is imported (the shared options: see cli.checks)."""
+    out = check_output_file(args.out, (".png",), flag="--out")
     if not 1 <= args.components <= MAX_COMPONENTS:
         raise CliError(f"--components must be between 1 and {MAX_COMPONENTS}, got {args.components}.")
     if args.tile_height < 16:
         raise CliError(f"--tile-height must be at least 16 pixels, got {args.tile_height}.")
-    if args.model in ARCHITECTURES and args.weights is None and not args.random_init:
-        raise CliError(
-            f"--model {args.model} is an architecture without weights; add --weights PATH (or --random-init), or "
-            "name released weights such as --model capi_vitl14_lvd (see 'capi-backbones list')."
-        )
+    check_weights_file(args.weights)
     return out
 
 
@@ -88,18 +90,29 @@ def _features(args: argparse.Namespace, sources: list) -> tuple[list, list, list
     from tqdm.auto import tqdm
 
     from capi_backbones.features import load_image
+    from capi_backbones.features.preprocessing import MAX_ASPECT_RATIO
 
-    extractor = build_extractor(args)
+    extractor = build_extractor(args, keep_aspect=not args.square, precision=args.precision)
     images, maps, labels, failed = [], [], [], {}
-    with tqdm(total=len(sources), desc="pca", unit="img", disable=args.no_progress) as bar:
+    with tqdm(total=len(sources), desc="pca", unit="img", disable=not progress_wanted(args)) as bar:
         for start in range(0, len(sources), args.batch_size):
             batch, batch_labels = [], []
             for source in sources[start : start + args.batch_size]:
                 try:
-                    batch.append(load_image(source))
-                    batch_labels.append(_row_label(source))
+                    image = load_image(source)
                 except OSError as error:  # load_image names the file and the decoder's complaint
                     failed[str(source)] = str(error)
+                    continue
+                try:
+                    extractor.preprocessor.check_size(image.height, image.width)  # the size cap extract applies
+                except ValueError:
+                    failed[str(source)] = (
+                        f"{image.width}x{image.height} pixels, more than {MAX_ASPECT_RATIO} times longer than wide; "
+                        "crop it, or add --square"
+                    )
+                    continue
+                batch.append(image)
+                batch_labels.append(_row_label(source))
             if batch:
                 outputs = extractor.extract(batch, pooled=False)
                 maps.extend(output.patch_features[0].numpy() for output in outputs)  # (h, w, D) each
@@ -120,7 +133,7 @@ def run_pca(args: argparse.Namespace) -> int:
         for name, message in failed.items():
             print(f"failed: {name}: {message}", file=sys.stderr)
         if not images:
-            print(f"none of the {len(sources)} images could be read; nothing written", file=sys.stderr)
+            print(f"none of the {plural(len(sources), 'image')} could be used; nothing written", file=sys.stderr)
             return 1
         options = dict(n_components=args.components, foreground_threshold=args.foreground_threshold)
         results = joint_pca_maps(maps, **options) if args.joint else [pca_map(m, **options) for m in maps]
@@ -138,7 +151,7 @@ def run_pca(args: argparse.Namespace) -> int:
         raise CliError.from_exception(error) from error
     kind = "joint PCA" if args.joint else "per-image PCA"
     print(
-        f"wrote {out} ({len(images)} images, {kind}, {grid.width}x{grid.height} px), {len(failed)} failed",
+        f"wrote {out} ({plural(len(images), 'image')}, {kind}, {grid.width}x{grid.height} px), {len(failed)} failed",
         file=sys.stderr,
     )
     return 1 if failed else 0

@@ -4,7 +4,7 @@ regression segmentation) on tensors from any backbone, and the protocols behind 
 Not imported by ``import capi_backbones``; scikit-learn is imported only by the logistic regression.
 """
 
-from capi_backbones.evals.knn import knn_classify
+from capi_backbones.evals.knn import knn_classify, knn_top1
 from capi_backbones.evals.metrics import miou, pixel_accuracy, topk_accuracy
 from capi_backbones.evals.probe_grid import (
     OFFICIAL_LEARNING_RATES,
@@ -38,6 +38,7 @@ __all__ = [
     "Standardizer",
     "knn_classify",
     "knn_segment",
+    "knn_top1",
     "logistic_segment",
     "make_representations",
     "miou",

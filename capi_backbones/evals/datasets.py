@@ -17,11 +17,13 @@ __all__ = [
     "held_out_split",
     "read_classification_folders",
     "read_segmentation_folders",
+    "segmentation_held_out_split",
 ]
 
 SELECTION_FRACTION = 0.1  # share of train held out to choose hyper-parameters (official: 10%)
 TEST_FRACTION = 0.2  # share held out as test when a folder has no split subfolders
-SPLIT_SEED = 42  # the official seed of the held-out split
+SPLIT_SEED = 42  # the official seed of the classification held-out split
+SEGMENTATION_SPLIT_SEED = 0  # the official segmentation script seeds numpy's global generator with 0 (rank 0)
 MASK_FOLDERS = ("masks", "annotations")
 
 
@@ -31,6 +33,14 @@ def held_out_split(n: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.
     order = np.random.default_rng(seed).permutation(n)
     n_kept = round((1.0 - fraction) * n)
     return np.sort(order[:n_kept]), np.sort(order[n_kept:])
+
+
+def segmentation_held_out_split(n: int, seed: int = SEGMENTATION_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(fitted, held out) image indices of ``range(n)`` as the official segmentation evaluation draws them: a
+    permutation from numpy's legacy generator seeded with 0, its first ``n // 10`` held out, the rest fitted, both
+    in permutation order."""
+    order = np.random.RandomState(seed).permutation(n)
+    return order[n // 10 :], order[: n // 10]
 
 
 @dataclass

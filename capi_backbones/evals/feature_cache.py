@@ -9,6 +9,7 @@ Each split folder holds the extraction's ``index.json`` and shards, and ``source
 in order: a later run with a different file list, model or settings is refused instead of mixing features.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,16 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.features import load_image, load_index, load_saved_features
+from capi_backbones.transforms import CROP_RESIZE_RATIO, center_crop  # noqa: F401 (CROP_RESIZE_RATIO: re-exported)
 
-__all__ = ["CROP_RESIZE_RATIO", "SplitFeatures", "center_crop", "extract_split"]
+__all__ = ["CROP_RESIZE_RATIO", "SplitFeatures", "cache_digest", "center_crop", "extract_split"]
 
-CROP_RESIZE_RATIO = 256 / 224  # Resize(256) then CenterCrop(224), scaled to any image size
 CROP_BLOCK = 512  # crops written to disk at a time
 SOURCES_NAME = "sources.json"
 CROPS_FOLDER = "crops.tmp"
@@ -42,16 +42,10 @@ class SplitFeatures:
     failed: dict[str, str] = field(default_factory=dict)  # source path -> why it was skipped
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``int(size * 256 / 224)`` (bicubic, antialiased), then crop the center
-    ``size`` x ``size`` square (torchvision's rounding)."""
-    short = int(size * CROP_RESIZE_RATIO)
-    width, height = image.size
-    new_size = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
-    image = image.resize(new_size, Image.Resampling.BICUBIC)
-    top = int(round((new_size[1] - size) / 2.0))
-    left = int(round((new_size[0] - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
+def cache_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of a split cache's ``index.json``: which shards (and so which features) the cache holds. Any image
+    extracted later (e.g. one that was unreadable and was fixed) adds a shard and changes it."""
+    return hashlib.sha256((Path(folder) / "index.json").read_bytes()).hexdigest()
 
 
 def _check_sources(folder: Path, paths: list[Path]) -> None:
@@ -96,7 +90,7 @@ def extract_split(
         root = Path(load_index(folder)["root"])
         failures = {**summary.failed_before, **summary.failed}  # failed_before: skipped as failed in an earlier run
         failed.update({os.fspath(root / name): message for name, message in failures.items()})
-    return _load(folder, paths, crop=crop, failed=failed)
+    return _load(folder, paths, crop=crop, failed=failed, desc=desc)
 
 
 def _done_positions(folder: Path) -> set[int]:
@@ -133,7 +127,13 @@ def _extract_crops(extractor, paths, folder: Path, *, pooled, progress, desc, fa
         shutil.rmtree(crops, ignore_errors=True)
 
 
-def _load(folder: Path, paths: list[Path], *, crop: bool, failed: dict[str, str]) -> SplitFeatures:
+def _load(folder: Path, paths: list[Path], *, crop: bool, failed: dict[str, str], desc: str) -> SplitFeatures:
+    if not (folder / "index.json").exists() and failed:  # nothing was ever written: every image failed
+        first, message = next(iter(failed.items()))
+        split = desc.removeprefix("features ")
+        raise ValueError(
+            f"None of the {len(paths)} images of the {split} split could be read (first: {first}: {message})."
+        )
     index = load_index(folder)
     if crop:
         position_of = {name: int(Path(name).stem) for shard in index["shards"] for name in shard["files"]}

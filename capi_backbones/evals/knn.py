@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_KNN_KS", "KNN_TEMPERATURE", "knn_classify"]
+__all__ = ["DEFAULT_KNN_KS", "KNN_TEMPERATURE", "knn_classify", "knn_top1"]
 
 DEFAULT_KNN_KS = (10, 20)
 KNN_TEMPERATURE = 0.07
@@ -73,3 +73,27 @@ def knn_classify(
             block.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
             votes[k][start : start + len(queries)] = block.cpu()
     return votes
+
+
+@torch.no_grad()
+def knn_top1(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int = 20,
+    temperature: float = KNN_TEMPERATURE,
+) -> float:
+    """Top-1 accuracy of the DINOv2 weighted k-NN vote (cosine similarity, weights exp(sim / T)) of ``test_features``
+    (Q, D) among ``train_features`` (N, D): a stable, one-call entry point (used by the training's k-NN monitor).
+
+    Labels are class indices; the classes are those of train and test together. Runs where the train features are.
+    """
+    if test_labels.shape != test_features.shape[:1]:
+        raise ValueError(f"test_labels must be ({len(test_features)},), got {tuple(test_labels.shape)}.")
+    if len(test_features) == 0:
+        raise ValueError("The test set is empty: nothing to score.")
+    num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1 if len(train_labels) else 1
+    votes = knn_classify(train_features, train_labels, test_features, num_classes=num_classes, ks=(k,),
+                         temperature=temperature)[k]  # fmt: skip
+    return (votes.argmax(dim=1) == test_labels.cpu().long()).double().mean().item()

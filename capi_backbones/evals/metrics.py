@@ -7,7 +7,7 @@ from torch import Tensor
 
 __all__ = ["DEFAULT_IGNORE_LABELS", "miou", "pixel_accuracy", "topk_accuracy"]
 
-DEFAULT_IGNORE_LABELS = (255,)
+DEFAULT_IGNORE_LABELS = (0, 255)  # the official ADE20K setting (0: 'other', 255: unlabelled)
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, k: int = 1) -> float:
@@ -41,23 +41,15 @@ def pixel_accuracy(target: Tensor, prediction: Tensor, ignore_labels: Sequence[i
 def miou(target: Tensor, prediction: Tensor, ignore_labels: Sequence[int] = DEFAULT_IGNORE_LABELS) -> float:
     """Mean intersection over union (macro Jaccard), as the official evaluation computes it.
 
-    Pixels whose target is an ignore label are dropped. The mean runs over the classes present in the remaining
-    targets or predictions (scikit-learn's ``jaccard_score(target, prediction, average="macro")`` on those pixels),
-    except ignore labels: a pixel predicted as an ignore label counts as a miss of its target class, and the
-    ignore label itself is not a class.
+    Pixels whose target is an ignore label are dropped; the mean runs over every label present in the remaining
+    targets or predictions (scikit-learn's ``jaccard_score(target, prediction, average="macro")`` on those pixels).
+    A pixel predicted as an ignore label is therefore a miss of its target class, and the ignore label counts as
+    one more class, with IoU 0.
     """
     target, prediction = _valid(target, prediction, ignore_labels)
-    ignored = torch.tensor(list(ignore_labels), dtype=torch.long, device=target.device)
-    classes = torch.unique(torch.cat([target, prediction]))
-    classes = classes[~torch.isin(classes, ignored)]
-    lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=target.device)
-    lookup[classes] = torch.arange(len(classes), device=target.device)
+    classes, both = torch.unique(torch.cat([target, prediction]), return_inverse=True)
+    t, p = both[: len(target)], both[len(target) :]
     n = len(classes)
-    t = lookup[target]  # every target class is in ``classes``
-    p = torch.where(torch.isin(prediction, ignored) | (prediction > classes.max()), -1, prediction)
-    p = torch.where(p >= 0, lookup[p.clamp(min=0)], -1)
     intersection = torch.bincount(t[t == p], minlength=n).double()
-    target_count = torch.bincount(t, minlength=n).double()
-    prediction_count = torch.bincount(p[p >= 0], minlength=n).double()
-    union = target_count + prediction_count - intersection
+    union = torch.bincount(t, minlength=n).double() + torch.bincount(p, minlength=n).double() - intersection
     return (intersection / union).mean().item()

@@ -2,6 +2,10 @@
 one AdamW (betas 0.9/0.95, no weight decay on biases, lr scaled by batch / 256), linear warmup then a cosine to 0,
 one cross-entropy over all probes; the best (lr, wd) of each representation is picked on held-out data.
 
+The official launcher runs the script on 8 processes of 128 images: a global batch of 1024 and lr = grid lr x
+1024 / 256. ``ProbeTrainingConfig`` defaults to that global batch, computed in one process (or in micro-batches
+whose gradients add up to the batch's, ``micro_batch_size``), so the numbers do not depend on the machine.
+
 Training reads its batches from a function of the iteration (``batches(i) -> (features, labels)``), so an
 interrupted run resumes from its checkpoint on exactly the same data: see ``CachedBatches`` for features held in
 memory and ``classification.AugmentedBatches`` for images augmented through the frozen backbone.
@@ -23,6 +27,7 @@ from capi_backbones.atomic_files import atomic_path
 from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
 
 __all__ = [
+    "OFFICIAL_BATCH_SIZE",
     "OFFICIAL_LEARNING_RATES",
     "OFFICIAL_WEIGHT_DECAYS",
     "CachedBatches",
@@ -37,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 OFFICIAL_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 OFFICIAL_WEIGHT_DECAYS = (5e-4, 1e-3, 5e-2)
+OFFICIAL_BATCH_SIZE = 1024  # 8 processes x 128 in the official launcher
+OFFICIAL_ITERATIONS = 12_500
+OFFICIAL_WARMUP_ITERATIONS = 1_250
+LR_REFERENCE_BATCH = 256  # lr = grid lr * batch / 256
 BETAS = (0.9, 0.95)
 Batches = Callable[[int], tuple[dict[str, Tensor], Tensor]]
 
@@ -45,13 +54,15 @@ Batches = Callable[[int], tuple[dict[str, Tensor], Tensor]]
 class ProbeTrainingConfig:
     """How the grid is trained (the defaults are the official ones)."""
 
-    iterations: int = 12_500  # optimisation steps
-    warmup_iterations: int = 1_250  # linear warmup from 0, then a cosine down to 0 at the last step
-    batch_size: int = 128  # lr = grid lr * batch_size / 256
+    iterations: int = OFFICIAL_ITERATIONS  # optimisation steps
+    warmup_iterations: int = OFFICIAL_WARMUP_ITERATIONS  # linear warmup from 0, then a cosine down to 0 at the end
+    batch_size: int = OFFICIAL_BATCH_SIZE  # the global batch; lr = grid lr * batch_size / 256
     learning_rates: tuple[float, ...] = OFFICIAL_LEARNING_RATES
     weight_decays: tuple[float, ...] = OFFICIAL_WEIGHT_DECAYS
     seed: int = 0  # probe initialisation and data order
     checkpoint_every: int = 1_250  # iterations between checkpoints (when a checkpoint path is given)
+    micro_batch_size: int | None = None  # compute each batch in pieces of this size (same step, less memory)
+    dtype: str = "float32"  # "bfloat16": forward and backward under bf16 autocast (faster where native; not official)
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or not 0 <= self.warmup_iterations <= self.iterations:
@@ -61,6 +72,22 @@ class ProbeTrainingConfig:
             )
         if self.batch_size < 1 or not self.learning_rates or not self.weight_decays:
             raise ValueError("batch_size must be positive and the lr and wd grids non-empty.")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive, got {self.micro_batch_size}.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"The probe dtype must be 'float32' or 'bfloat16', got '{self.dtype}'.")
+
+    @property
+    def is_official(self) -> bool:
+        """Whether this is the official schedule, batch and grid (the seed and checkpointing aside)."""
+        return (
+            self.iterations == OFFICIAL_ITERATIONS
+            and self.warmup_iterations == OFFICIAL_WARMUP_ITERATIONS
+            and self.batch_size == OFFICIAL_BATCH_SIZE
+            and tuple(self.learning_rates) == OFFICIAL_LEARNING_RATES
+            and tuple(self.weight_decays) == OFFICIAL_WEIGHT_DECAYS
+            and self.dtype == "float32"
+        )
 
 
 def probe_lr_schedule(iterations: int, warmup_iterations: int) -> Tensor:
@@ -117,7 +144,7 @@ class ProbeGrid(nn.Module):
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}
         for probe, (_, lr, wd) in zip(self.probes, self.keys, strict=True):
             for name, param in probe.named_parameters():
-                key = (lr * batch_size / 256, 0.0 if name.endswith("bias") else wd)
+                key = (lr * batch_size / LR_REFERENCE_BATCH, 0.0 if name.endswith("bias") else wd)
                 groups.setdefault(key, []).append(param)
         return [{"params": params, "base_lr": lr, "lr": 0.0, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
@@ -159,6 +186,7 @@ def train_probe_grid(
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     checkpoint: str | os.PathLike | None = None,
+    trained_on: str | None = None,
     progress: bool = True,
 ) -> ProbeGrid:
     """Train every probe of ``grid`` for ``config.iterations`` steps on ``batches(i)``; returns ``grid`` (trained).
@@ -166,49 +194,69 @@ def train_probe_grid(
     ``batch_size``: the real batch size of ``batches`` for the lr scaling (default ``config.batch_size``).
     With ``checkpoint`` (a file), the grid and optimizer are saved atomically every ``config.checkpoint_every``
     steps and at the end, and a run finds the checkpoint and continues from it (a finished one trains nothing).
-    Features are cast to float32 and moved to ``device``; the grid is trained there and left there.
+    ``trained_on``: an identity of the training data (e.g. a hash of the feature cache) stored in the checkpoint; a
+    checkpoint of other data is discarded and the grid trained from scratch, one of other settings is refused.
+    Features are cast to float32 and moved to ``device``; the grid is trained there and left there. With
+    ``config.micro_batch_size``, each batch runs in pieces whose gradients sum to the whole batch's.
     """
     device = torch.device(device)
     grid.to(device).train()
     optimizer = torch.optim.AdamW(grid.param_groups(batch_size or config.batch_size), betas=BETAS)
     schedule = probe_lr_schedule(config.iterations, config.warmup_iterations)
-    start = _resume(grid, optimizer, config, checkpoint)
+    start = _resume(grid, optimizer, config, checkpoint, trained_on)
     bar = tqdm(total=config.iterations, initial=start, unit="it", desc="probes", disable=not progress)
     for iteration in range(start, config.iterations):
         features, labels = batches(iteration)
-        features = {name: features[name].to(device, torch.float32, non_blocking=True) for name in grid.dims}
-        labels = labels.to(device, torch.long)
         for group in optimizer.param_groups:
             group["lr"] = schedule[iteration].item() * group["base_lr"]
-        logits = grid(features)  # (B, C, P)
-        loss = F.cross_entropy(logits, labels[:, None].expand(-1, logits.shape[-1]))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        size = len(labels)
+        piece = config.micro_batch_size or size
+        for first in range(0, size, piece):
+            part = {name: features[name][first : first + piece].to(device, torch.float32) for name in grid.dims}
+            part_labels = labels[first : first + piece].to(device, torch.long)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
+                logits = grid(part)  # (b, C, P)
+            loss = F.cross_entropy(logits.float(), part_labels[:, None].expand(-1, logits.shape[-1]))
+            (loss * (len(part_labels) / size) if piece < size else loss).backward()
         optimizer.step()
         bar.update(1)
         if iteration % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         done = iteration + 1
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
-            _save(grid, optimizer, config, done, checkpoint)
+            _save(grid, optimizer, config, done, checkpoint, trained_on)
     bar.close()
     return grid.eval()
 
 
 def _checked_config(config: ProbeTrainingConfig, grid: ProbeGrid) -> dict:
-    return {"config": asdict(config), "keys": [list(k) for k in grid.keys], "num_classes": grid.num_classes}
+    settings = {key: value for key, value in asdict(config).items() if key != "micro_batch_size"}  # same steps
+    return {"config": settings, "keys": [list(k) for k in grid.keys], "num_classes": grid.num_classes}
 
 
-def _save(grid: ProbeGrid, optimizer, config: ProbeTrainingConfig, iteration: int, path) -> None:
+def _save(grid: ProbeGrid, optimizer, config: ProbeTrainingConfig, iteration: int, path, trained_on) -> None:
     state = {"grid": grid.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration}
-    with atomic_path(path) as tmp:
-        torch.save({**state, **_checked_config(config, grid)}, tmp)
+    state |= {**_checked_config(config, grid), "trained_on": trained_on}
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        try:
+            torch.save(state, file)
+        except RuntimeError as error:  # torch's writer turns a failed write (disk full) into a RuntimeError when it
+            cause = error.__context__  # closes; the OSError of the Python file is underneath: raise that one
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
-def _resume(grid: ProbeGrid, optimizer, config: ProbeTrainingConfig, path) -> int:
+def _resume(grid: ProbeGrid, optimizer, config: ProbeTrainingConfig, path, trained_on) -> int:
     if path is None or not Path(path).exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("trained_on") != trained_on:
+        logger.warning("Probe checkpoint '%s' was trained on other data (the features changed): training again.", path)
+        return 0
     saved = {key: state.get(key) for key in ("config", "keys", "num_classes")}
     if saved != _checked_config(config, grid):
         raise ValueError(

@@ -2,7 +2,6 @@
 (``AttnPoolClassifier``: one learned query attending over a set of tokens, then a linear layer)."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ATTENTION_HEAD_DIM", "AttentiveProbe", "LinearProbe"]
@@ -64,15 +63,6 @@ class AttentiveProbe(nn.Module):
         attention = (tokens @ folded.T * dh**-0.5).softmax(dim=1)  # (B, N, h)
         mean_tokens = torch.einsum("bnh,bnd->bhd", attention, tokens)  # (B, h, D)
         pooled = torch.einsum("bhd,hcd->bhc", mean_tokens, w_v) + self.kv.bias[d:].view(h, dh)  # (B, h, d_h)
-        return self.linear(pooled.reshape(b, d))
-
-    def forward_reference(self, tokens: Tensor) -> Tensor:
-        """The official forward, literally: ``kv`` of all tokens, scaled dot-product attention of the query."""
-        b, n, d = tokens.shape
-        h = self.num_heads
-        q = self.query_token.view(1, h, 1, d // h).expand(b, -1, -1, -1)  # (B, h, 1, d_h)
-        k, v = self.kv(tokens).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, N, d_h)
-        pooled = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1, d_h)
         return self.linear(pooled.reshape(b, d))
 
 

@@ -1,5 +1,6 @@
 """What an evaluation run writes: ``results.json`` (config, versions, results) and a printed table."""
 
+import contextlib
 import json
 import os
 import platform
@@ -7,8 +8,9 @@ import sys
 from pathlib import Path
 
 from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.features.folder_lock import FolderBusyError, FolderLock
 
-__all__ = ["format_table", "versions", "write_results"]
+__all__ = ["format_table", "locked_output", "versions", "write_results"]
 
 RESULTS_NAME = "results.json"
 
@@ -51,3 +53,21 @@ def format_table(header: list[str], rows: list[list]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def locked_output(out_dir: Path):
+    """Hold the run lock of an evaluation's ``--out`` folder (created if needed) for the whole run, so that a second
+    run into it stops at once, before it deletes or writes anything."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FolderLock(out_dir)
+        lock.acquire()
+    except FolderBusyError:
+        raise FolderBusyError(
+            f"'{out_dir}' is used by another evaluation run. Wait for it to finish, or use another --out folder."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -3,10 +3,13 @@
 Every patch carries the ps x ps pixel labels under it (``patch_pixel_labels``). Two classifiers of patches:
 
 - k-NN (``knn_segment``): features standardised with statistics of the train set (``Standardizer``), cosine or L2
-  distance, and each pixel of a query patch takes the most common label of the same pixel in its k nearest train
-  patches. The search runs by blocks of queries and of train patches, so millions of train patches fit in memory.
-- logistic regression (``logistic_segment``): scikit-learn on the most common label of each patch, the predicted
-  label spread over the patch's pixels.
+  distance (in bfloat16 as the official ADE20K setting, or float32), and each pixel of a query patch takes the most
+  common label of the same pixel in its k nearest train patches, ignore labels included; train patches whose most
+  common label is an ignore label are not fitted. The search runs by blocks of queries and of train patches, so
+  millions of train patches fit in memory.
+- logistic regression (``logistic_segment``): scikit-learn's L-BFGS on the most common label of each patch (the
+  official uses cuML's: same loss, tolerance and iterations; see ``logistic_segment``), the predicted label spread
+  over the patch's pixels.
 """
 
 import logging
@@ -22,21 +25,29 @@ from capi_backbones.evals.metrics import DEFAULT_IGNORE_LABELS
 __all__ = [
     "DEFAULT_SEGMENTATION_KS",
     "DISTANCES",
+    "KNN_DTYPES",
     "LOGISTIC_C_GRID",
+    "LOGISTIC_TOLERANCE",
     "Standardizer",
+    "fit_patches",
     "knn_segment",
     "logistic_segment",
     "patch_pixel_labels",
     "patch_mode_labels",
+    "native_bfloat16",
+    "resolve_knn_dtype",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEGMENTATION_KS = (1, 3, 10, 30)
 DISTANCES = ("cosine", "L2")
+KNN_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 where native (the official ADE20K setting), else float32
 LOGISTIC_C_GRID = tuple(float(c) for c in 10 ** np.linspace(-6, 5, 8))
+LOGISTIC_TOLERANCE = 1e-12  # the official (cuML) tolerance; scikit-learn's default 1e-4 stops too early
+LOGISTIC_MAX_ITER = 1000
 DISTANCE_BUDGET = 2**24  # entries of one (query x train) distance block: 64 MiB in float32
-VOTE_BUDGET = 2**24  # entries of one (query x pixel x class) vote block
+VOTE_BUDGET = 2**24  # entries of one (query x neighbour x pixel) vote block
 
 
 def patch_pixel_labels(masks: Tensor, patch_size: int) -> Tensor:
@@ -82,12 +93,65 @@ class Standardizer:
         return out.sub_(self.mean.to(out.device, torch.float32)).div_(self.std.to(out.device, torch.float32))
 
 
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_knn_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """``"auto"`` (the official bfloat16 where ``device`` has it natively, else float32), ``"bfloat16"`` or
+    ``"float32"`` -> the dtype of the k-NN search."""
+    if name not in KNN_DTYPES:
+        raise ValueError(f"Unknown k-NN dtype '{name}'. Choose one of {list(KNN_DTYPES)}.")
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return getattr(torch, name)
+
+
 def _distances(queries: Tensor, keys: Tensor, distance: str) -> Tensor:
+    """The official distances, computed in the dtype of the inputs: cosine ``1 - a/|a| . b/|b|``, L2 ``cdist``
+    (in bfloat16, which CPU ``cdist`` lacks, the matrix-product form that ``cdist`` uses for large inputs)."""
     if distance == "cosine":
-        return 1 - torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T
+        queries = queries / torch.norm(queries, dim=-1)[:, None]
+        keys = keys / torch.norm(keys, dim=-1)[:, None]
+        return 1 - queries @ keys.T
     if distance == "L2":
-        return torch.cdist(queries, keys)
+        if queries.dtype != torch.bfloat16 or queries.device.type == "cuda":
+            return torch.cdist(queries, keys)
+        q_norm, k_norm = queries.pow(2).sum(-1, keepdim=True), keys.pow(2).sum(-1, keepdim=True)
+        q_ext = torch.cat([-2 * queries, q_norm, torch.ones_like(q_norm)], dim=-1)
+        k_ext = torch.cat([keys, torch.ones_like(k_norm), k_norm], dim=-1)
+        return (q_ext @ k_ext.T).clamp_min_(1e-30).sqrt_()
     raise ValueError(f"Unknown distance '{distance}'. Choose one of {list(DISTANCES)}.")
+
+
+def _order_keys(distances: Tensor, first_index: int) -> Tensor:
+    """int64 keys that sort like (distance, train index): the float's bits made monotonic, then the index. Equal
+    distances (frequent in bfloat16) go to the earlier train patch, so the neighbours do not depend on blocks."""
+    if distances.dtype == torch.bfloat16:
+        bits = distances.view(torch.int16).to(torch.int64)
+        bits = torch.where(bits < 0, bits ^ 0x7FFF, bits)
+    else:
+        bits = distances.to(torch.float32).view(torch.int32).to(torch.int64)
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    index = torch.arange(first_index, first_index + distances.shape[1], device=distances.device)
+    return (bits << 32) | index
+
+
+def fit_patches(train_pixel_labels: Tensor, ignore_labels: Sequence[int], chunk: int = 65_536) -> Tensor:
+    """Indices of the train patches the official fit keeps: those whose most common pixel label (``Tensor.mode``:
+    ties to the smallest) is not an ignore label. Computed by blocks of rows."""
+    ignored = torch.tensor([int(label) for label in ignore_labels], dtype=torch.long)
+    keep = []
+    for start in range(0, len(train_pixel_labels), chunk):
+        modes = train_pixel_labels[start : start + chunk].long().mode(dim=1).values
+        keep.append(torch.nonzero(~torch.isin(modes, ignored)).flatten() + start)
+    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -100,12 +164,19 @@ def knn_segment(
     distance: str = "cosine",
     standardizer: Standardizer | None = None,
     ignore_labels: Sequence[int] = DEFAULT_IGNORE_LABELS,
+    dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     query_chunk: int | None = None,
     train_chunk: int = 65_536,
     progress: bool = False,
 ) -> dict[int, Tensor]:
-    """Pixel labels of query patches from their k nearest train patches, for each k in ``ks``.
+    """Pixel labels of query patches from their k nearest train patches, for each k in ``ks``, as the official
+    ``KNNClassifier``.
+
+    The fit leaves out the train patches whose most common pixel label is an ignore label (``fit_patches``). Each
+    pixel of a query patch then takes the most common label of the same pixel in its k nearest kept train patches,
+    ignore labels included (a pixel can be predicted as an ignore label, which the metrics count as a miss); ties
+    go to the smallest label (``Tensor.mode``). Neighbours at equal distance are taken in train order.
 
     Args:
         train_features: (M, D) train patch features, any float dtype (e.g. float16 or a memory-mapped array to save
@@ -115,12 +186,13 @@ def knn_segment(
         ks: numbers of neighbours; one search for the largest serves them all.
         distance: ``"cosine"`` or ``"L2"``, on the standardised features.
         standardizer: applied to train and query features (fit it on the train features); None: raw features.
-        ignore_labels: labels that do not vote (a pixel whose neighbours all carry one gets ``ignore_labels[0]``).
+        ignore_labels: train patches whose most common label is one of these are not fitted.
+        dtype: of the distance computation (the official ADE20K setting is ``torch.bfloat16``; see
+            ``resolve_knn_dtype``); features are standardised in float32, then cast.
         device: where the search runs (default: the device of ``query_features``).
 
     Returns:
-        ``{k: labels}``, labels (Q, L) with the dtype of ``train_pixel_labels``, on the CPU. A pixel takes the most
-        common label of its neighbours' pixels at the same place; ties go to the smallest label.
+        ``{k: labels}``, labels (Q, L) with the dtype of ``train_pixel_labels``, on the CPU.
     """
     if train_features.ndim != 2 or query_features.ndim != 2 or train_features.shape[1] != query_features.shape[1]:
         raise ValueError(
@@ -131,70 +203,47 @@ def knn_segment(
         raise ValueError(
             f"train_pixel_labels must be ({len(train_features)}, L), got {tuple(train_pixel_labels.shape)}."
         )
-    if len(train_features) == 0:
-        raise ValueError("The train set has no patches.")
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {tuple(ks)}.")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"The k-NN dtype must be torch.float32 or torch.bfloat16, got {dtype}.")
     _distances(query_features[:1].float(), query_features[:1].float(), distance)  # check the name early
+    kept = fit_patches(train_pixel_labels, ignore_labels)
+    if len(kept) == 0:
+        raise ValueError("Every train patch is mostly ignore labels: the k-NN has nothing to fit.")
     device = query_features.device if device is None else torch.device(device)
-    k_max = min(max(ks), len(train_features))
+    k_max = min(max(ks), len(kept))
     n_queries, n_pixels = len(query_features), train_pixel_labels.shape[1]
-    ignored = [int(i) for i in ignore_labels]
-    num_classes = _largest_label(train_pixel_labels, ignored) + 1
-    train_chunk = min(train_chunk, len(train_features))
+    train_chunk = min(train_chunk, len(kept))
     query_chunk = query_chunk or max(1, DISTANCE_BUDGET // train_chunk)
-    prepare = standardizer if standardizer is not None else (lambda x: x.float())
+    standardize = standardizer if standardizer is not None else (lambda x: x.float())
 
-    # 1. the k_max nearest train patches of every query: train blocks outside (each standardised once), queries
-    #    inside; a running top-k of (Q, k_max) is all that is kept between blocks
-    best_distance = torch.full((n_queries, k_max), float("inf"), device=device)
-    best_index = torch.zeros((n_queries, k_max), dtype=torch.long, device=device)
-    blocks = range(0, len(train_features), train_chunk)
+    def prepare(features: Tensor) -> Tensor:
+        return standardize(features.to(device)).to(dtype)
+
+    # 1. the k_max nearest kept train patches of every query: train blocks outside (each prepared once), queries
+    #    inside; a running top-k of (distance, train order) keys, (Q, k_max), is all that is kept between blocks
+    best = torch.full((n_queries, k_max), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    blocks = range(0, len(kept), train_chunk)
     for t0 in _progress(blocks, progress, "k-NN segmentation"):
-        keys = prepare(train_features[t0 : t0 + train_chunk].to(device))  # (t, D)
+        keys = prepare(train_features[kept[t0 : t0 + train_chunk]])  # (t, D)
         for q0 in range(0, n_queries, query_chunk):
-            queries = prepare(query_features[q0 : q0 + query_chunk].to(device))  # (q, D)
-            dist, index = _distances(queries, keys, distance).topk(min(k_max, len(keys)), dim=1, largest=False)
-            dist = torch.cat([best_distance[q0 : q0 + query_chunk], dist], dim=1)
-            index = torch.cat([best_index[q0 : q0 + query_chunk], index + t0], dim=1)
-            dist, order = dist.topk(k_max, dim=1, largest=False)  # (q, k_max), nearest first
-            best_distance[q0 : q0 + query_chunk], best_index[q0 : q0 + query_chunk] = dist, index.gather(1, order)
+            queries = prepare(query_features[q0 : q0 + query_chunk])  # (q, D)
+            block = _order_keys(_distances(queries, keys, distance), t0)
+            block = block.topk(min(k_max, block.shape[1]), dim=1, largest=False).values
+            merged = torch.cat([best[q0 : q0 + query_chunk], block], dim=1)
+            best[q0 : q0 + query_chunk] = merged.topk(k_max, dim=1, largest=False, sorted=True).values
         del keys
+    neighbours = kept[(best & 0xFFFFFFFF).cpu()]  # (Q, k_max) train rows, nearest first
 
-    # 2. per pixel, the most common label of the neighbours' pixels at the same place
+    # 2. per pixel, the most common label of the neighbours' pixels at the same place (official: Tensor.mode)
     results = {k: torch.empty(n_queries, n_pixels, dtype=train_pixel_labels.dtype) for k in ks}
-    vote_chunk = max(1, VOTE_BUDGET // (n_pixels * (num_classes + 1)))
+    vote_chunk = max(1, VOTE_BUDGET // (n_pixels * k_max))
     for q0 in range(0, n_queries, vote_chunk):
-        index = best_index[q0 : q0 + vote_chunk].cpu()
-        neighbour_labels = train_pixel_labels[index].to(device).long()  # (q, k_max, L)
+        neighbour_labels = train_pixel_labels[neighbours[q0 : q0 + vote_chunk]]  # (q, k_max, L)
         for k in ks:
-            results[k][q0 : q0 + len(index)] = _pixel_mode(neighbour_labels[:, :k], num_classes, ignored).cpu()
+            results[k][q0 : q0 + len(neighbour_labels)] = neighbour_labels[:, :k].mode(dim=1).values
     return results
-
-
-def _largest_label(labels: Tensor, ignored: list[int], chunk: int = 65_536) -> int:
-    """The largest label that is not ignored (0 if there is none), by blocks of rows: no copy of all labels."""
-    largest = 0
-    for start in range(0, len(labels), chunk):
-        block = labels[start : start + chunk]
-        keep = torch.ones_like(block, dtype=torch.bool)
-        for label in ignored:
-            keep &= block != label
-        if keep.any():
-            largest = max(largest, int(block[keep].max()))
-    return largest
-
-
-def _pixel_mode(labels: Tensor, num_classes: int, ignored: list[int]) -> Tensor:
-    """(q, k, L) labels -> (q, L): per pixel the most common non-ignored label over k (ties: smallest)."""
-    q, _, n_pixels = labels.shape
-    votable = (labels >= 0) & (labels < num_classes) & ~torch.isin(labels, torch.tensor(ignored, device=labels.device))
-    slot = torch.where(votable, labels, num_classes)  # ignored labels vote in a dropped extra column
-    counts = torch.zeros(q, n_pixels, num_classes + 1, device=labels.device)
-    counts.scatter_add_(2, slot.permute(0, 2, 1), torch.ones_like(slot, dtype=counts.dtype).permute(0, 2, 1))
-    counts = counts[..., :num_classes]
-    best = counts.argmax(dim=2)  # the first (smallest) label among the most voted
-    return torch.where(counts.sum(dim=2) > 0, best, ignored[0] if ignored else 0)
 
 
 def logistic_segment(
@@ -205,21 +254,27 @@ def logistic_segment(
     c: float,
     standardizer: Standardizer | None = None,
     ignore_labels: Sequence[int] = DEFAULT_IGNORE_LABELS,
-    max_iter: int = 1000,
+    max_iter: int = LOGISTIC_MAX_ITER,
+    tol: float = LOGISTIC_TOLERANCE,
 ) -> Tensor:
-    """Multinomial logistic regression (scikit-learn, L2, lbfgs, inverse strength ``c``) fitted on the most common
-    label of each train patch (patches whose most common label is an ignore label are left out); each query patch's
-    predicted label is given to all its pixels. Returns (Q, L) labels with the dtype of ``train_pixel_labels``."""
+    """Multinomial logistic regression (L2, inverse strength ``c``) fitted on the most common label of each train
+    patch (patches whose most common label is an ignore label are left out, ``fit_patches``); each query patch's
+    predicted label is given to all its pixels. Returns (Q, L) labels with the dtype of ``train_pixel_labels``.
+
+    The official fit is cuML's L-BFGS with ``tol=1e-12``, ``max_iter=1000``, 50 line-search steps and a memory of
+    5 corrections. This is scikit-learn's ``lbfgs`` with the same tolerance (its gradient tolerance), iterations
+    and line-search steps; scikit-learn fixes the memory at scipy's 10 corrections (not settable), the one setting
+    that differs."""
     from sklearn.linear_model import LogisticRegression
 
     prepare = standardizer if standardizer is not None else (lambda x: x.float())
-    targets = patch_mode_labels(train_pixel_labels)
-    keep = ~torch.isin(targets, torch.tensor(list(ignore_labels), dtype=targets.dtype))
-    if len(torch.unique(targets[keep])) < 2:
+    keep = fit_patches(train_pixel_labels, ignore_labels)
+    targets = patch_mode_labels(train_pixel_labels[keep])
+    if len(torch.unique(targets)) < 2:
         raise ValueError("Logistic regression needs at least 2 classes among the train patches.")
     x_train = prepare(train_features[keep]).numpy()
-    estimator = LogisticRegression(C=c, max_iter=max_iter)
-    estimator.fit(x_train, targets[keep].numpy())
+    estimator = LogisticRegression(C=c, max_iter=max_iter, tol=tol)
+    estimator.fit(x_train, targets.numpy())
     predicted = torch.from_numpy(estimator.predict(prepare(query_features).numpy())).to(train_pixel_labels.dtype)
     return predicted[:, None].expand(-1, train_pixel_labels.shape[1]).contiguous()
 

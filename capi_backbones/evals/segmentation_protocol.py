@@ -2,9 +2,12 @@
 into per-patch pixel labels, k-NN and logistic regression with hyper-parameters chosen on held-out data, mIoU and
 pixel accuracy on test, and a picture of image | ground truth | prediction for a few test images."""
 
+import itertools
 import json
 import logging
 import os
+import stat
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,20 +18,32 @@ from PIL import Image
 from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_write_text
-from capi_backbones.evals.datasets import SELECTION_FRACTION, SegmentationData, held_out_split
+from capi_backbones.evals.datasets import SegmentationData, segmentation_held_out_split
 from capi_backbones.evals.feature_cache import extract_split
+from capi_backbones.evals.figure import save_png
 from capi_backbones.evals.metrics import DEFAULT_IGNORE_LABELS, miou, pixel_accuracy
+from capi_backbones.evals.report import locked_output
 from capi_backbones.evals.segmentation import (
     DEFAULT_SEGMENTATION_KS,
     DISTANCES,
     LOGISTIC_C_GRID,
+    LOGISTIC_MAX_ITER,
+    LOGISTIC_TOLERANCE,
     Standardizer,
     knn_segment,
     logistic_segment,
     patch_pixel_labels,
+    resolve_knn_dtype,
 )
 
-__all__ = ["CLASSIFIERS", "SegmentationSettings", "label_palette", "read_mask", "run_segmentation"]
+__all__ = [
+    "CLASSIFIERS",
+    "SegmentationSettings",
+    "label_palette",
+    "read_mask",
+    "run_segmentation",
+    "select_knn_setting",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +57,36 @@ class SegmentationSettings:
     ks: tuple[int, ...] = DEFAULT_SEGMENTATION_KS
     distances: tuple[str, ...] = DISTANCES
     c_grid: tuple[float, ...] = LOGISTIC_C_GRID
-    logreg_max_iter: int = 1000
+    logreg_max_iter: int = LOGISTIC_MAX_ITER
+    logreg_tol: float = LOGISTIC_TOLERANCE
+    knn_dtype: str = "auto"  # "auto": bfloat16 (official) where the device has it natively, else float32
     ignore_labels: tuple[int, ...] = DEFAULT_IGNORE_LABELS
     num_classes: int | None = None  # None: the largest label of the train masks + 1
     n_pictures: int = 4
     device: str = "cpu"  # where the k-NN search runs
 
 
+def _rounded(row: dict, keys=("val_miou", "miou", "pixel_accuracy")) -> dict:
+    """Scores rounded to 4 decimals for reading; the full-precision values stay under ``raw``."""
+    raw = {key: row[key] for key in keys}
+    return {**row, **{key: round(value, 4) for key, value in raw.items()}, "raw": raw}
+
+
+def select_knn_setting(scores, ks: Sequence[int], distances: Sequence[str]) -> tuple[int, str]:
+    """The (k, distance) of the best validation score ``scores["knn/<distance>/k=<k>"]``; among equal scores the
+    first in the official grid order (``itertools.product(ks, distances)``: k outer, distance inner)."""
+    return max(itertools.product(ks, distances), key=lambda s: scores[f"knn/{s[1]}/k={s[0]}"])
+
+
 def read_mask(path: Path, size: tuple[int, int] | None, resolution: int) -> np.ndarray:
     """A PNG label map resized to resolution x resolution with nearest, as int64 (H, W). ``size`` (W, H) is the
     image's size, which the mask must have."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ValueError(f"Cannot read mask '{path}': {error.strerror or error}.") from error
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"Mask '{path}' is not a regular file (a FIFO, device or folder). Masks must be PNG files.")
     try:
         with Image.open(path) as mask:
             mask.load()
@@ -131,6 +166,20 @@ def run_segmentation(
     unknown = [c for c in settings.classifiers if c not in CLASSIFIERS]
     if unknown or not settings.classifiers:
         raise ValueError(f"Unknown classifier(s) {unknown or []}. Choose from {', '.join(CLASSIFIERS)}.")
+    unknown = [d for d in settings.distances if d not in DISTANCES]
+    if unknown or not settings.distances:
+        raise ValueError(f"Unknown distance(s) {unknown or []}. Choose from {', '.join(DISTANCES)}.")
+    if not settings.ks or min(settings.ks) < 1:
+        raise ValueError(f"k-NN neighbours must be positive integers, got {list(settings.ks)}.")
+    knn_dtype = resolve_knn_dtype(settings.knn_dtype, settings.device)
+    started = time.perf_counter()
+    with locked_output(out_dir):
+        payload = _segment(data, extractor, out_dir, settings, knn_dtype, progress)
+    payload["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return payload
+
+
+def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn_dtype, progress: bool) -> dict:
     resolution, patch_size = extractor.image_size, extractor.model.patch_size
     splits = {"train": data.train, "test": data.test} | ({"val": data.val} if data.val is not None else {})
     features: dict[str, Tensor] = {}
@@ -170,22 +219,26 @@ def run_segmentation(
     if len(torch.unique(train_valid)) < 2:
         raise ValueError("The train masks hold a single class: segmentation needs at least 2.")
 
-    # hyper-parameters are chosen on DATA/val or a seeded 10% of the train images; then the chosen classifier is
-    # fitted on all of train (+ val) and scored on test, as in the official evaluation
+    # hyper-parameters are chosen on DATA/val or on the official held-out 10% of the train images; then the chosen
+    # classifier is fitted on train + val and scored on test, as in the official evaluation
     patches = grid[0] * grid[1]
     n_train = len(kept_pairs["train"])
     if "val" in features:
         fit_x, fit_y, val_x, val_y = features["train"], labels["train"], features["val"], labels["val"]
-        all_x, all_y = torch.cat([fit_x, val_x]), torch.cat([fit_y, val_y])
+        n_fit, n_selection = n_train, len(kept_pairs["val"])
     else:
-        fit_images, val_images = held_out_split(n_train, SELECTION_FRACTION)
+        fit_images, val_images = segmentation_held_out_split(n_train)
         if len(val_images) == 0:
-            raise ValueError("The train split is too small to hold out 10% of its images to choose hyper-parameters.")
+            raise ValueError(
+                f"The train split has {n_train} readable image(s): too few to hold out 10% (at least 10 images) to "
+                "choose hyper-parameters. Add images or a val/ split."
+            )
+        n_fit, n_selection = len(fit_images), len(val_images)
         fit_rows = torch.from_numpy((fit_images[:, None] * patches + np.arange(patches)).reshape(-1))
         val_rows = torch.from_numpy((val_images[:, None] * patches + np.arange(patches)).reshape(-1))
         fit_x, fit_y = features["train"][fit_rows], labels["train"][fit_rows]
         val_x, val_y = features["train"][val_rows], labels["train"][val_rows]
-        all_x, all_y = features["train"], labels["train"]
+    all_x, all_y = torch.cat([fit_x, val_x]), torch.cat([fit_y, val_y])
     standardizer = Standardizer.fit(fit_x)  # fitted on train only, never on val or test
     ignore = settings.ignore_labels
     scores = _Scores(
@@ -194,35 +247,35 @@ def run_segmentation(
 
     rows, test_predictions = [], {}
     if "knn" in settings.classifiers:
+        search = dict(standardizer=standardizer, ignore_labels=ignore, dtype=knn_dtype, device=settings.device)
         for distance in settings.distances:
             if all(f"knn/{distance}/k={k}" in scores for k in settings.ks):
                 continue
-            predictions = knn_segment(fit_x, fit_y, val_x, ks=settings.ks, distance=distance,
-                                      standardizer=standardizer, ignore_labels=ignore, device=settings.device,
-                                      progress=progress)  # fmt: skip
+            predictions = knn_segment(fit_x, fit_y, val_x, ks=settings.ks, distance=distance, progress=progress,
+                                      **search)  # fmt: skip
             for k, predicted in predictions.items():
                 scores[f"knn/{distance}/k={k}"] = miou(val_y, predicted, ignore)
-        distance, k = max(((d, k) for d in settings.distances for k in settings.ks),
-                          key=lambda s: scores[f"knn/{s[0]}/k={s[1]}"])  # fmt: skip
-        predicted = knn_segment(all_x, all_y, features["test"], ks=(k,), distance=distance,
-                                standardizer=standardizer, ignore_labels=ignore, device=settings.device)[k]  # fmt: skip
+        k, distance = select_knn_setting(scores, settings.ks, settings.distances)
+        predicted = knn_segment(all_x, all_y, features["test"], ks=(k,), distance=distance, **search)[k]
         test_predictions["knn"] = predicted
-        rows.append({"classifier": "knn", "setting": f"{distance} k={k}", "val_miou": scores[f"knn/{distance}/k={k}"],
-                     "miou": miou(labels["test"], predicted, ignore),
-                     "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)})  # fmt: skip
+        rows.append(_rounded({"classifier": "knn", "setting": f"{distance} k={k}", "selected": True,
+                              "val_miou": scores[f"knn/{distance}/k={k}"],
+                              "miou": miou(labels["test"], predicted, ignore),
+                              "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)}))  # fmt: skip
     if "logreg" in settings.classifiers:
         for c in settings.c_grid:
             if f"logreg/C={c:g}" not in scores:
                 predicted = logistic_segment(fit_x, fit_y, val_x, c=c, standardizer=standardizer, ignore_labels=ignore,
-                                             max_iter=settings.logreg_max_iter)  # fmt: skip
+                                             max_iter=settings.logreg_max_iter, tol=settings.logreg_tol)  # fmt: skip
                 scores[f"logreg/C={c:g}"] = miou(val_y, predicted, ignore)
         c = max(settings.c_grid, key=lambda value: scores[f"logreg/C={value:g}"])
         predicted = logistic_segment(all_x, all_y, features["test"], c=c, standardizer=standardizer,
-                                     ignore_labels=ignore, max_iter=settings.logreg_max_iter)  # fmt: skip
+                                     ignore_labels=ignore, max_iter=settings.logreg_max_iter,
+                                     tol=settings.logreg_tol)  # fmt: skip
         test_predictions["logreg"] = predicted
-        rows.append({"classifier": "logreg", "setting": f"C={c:g}", "val_miou": scores[f"logreg/C={c:g}"],
-                     "miou": miou(labels["test"], predicted, ignore),
-                     "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)})  # fmt: skip
+        rows.append(_rounded({"classifier": "logreg", "setting": f"C={c:g}", "selected": True,
+                              "val_miou": scores[f"logreg/C={c:g}"], "miou": miou(labels["test"], predicted, ignore),
+                              "pixel_accuracy": pixel_accuracy(labels["test"], predicted, ignore)}))  # fmt: skip
 
     picture = None
     if settings.n_pictures > 0:
@@ -234,9 +287,11 @@ def run_segmentation(
                                  resolution, ignore)  # fmt: skip
     return {
         "protocol": "segmentation",
-        "settings": {**asdict(settings), "resolution": resolution, "num_classes_used": num_classes},
+        "settings": {**asdict(settings), "resolution": resolution, "num_classes_used": num_classes,
+                     "knn_dtype_used": str(knn_dtype).removeprefix("torch.")},
         "dataset": {"root": str(data.root), "splits": data.note, "skipped": skipped,
-                    "counts": {name: len(pairs) for name, pairs in kept_pairs.items()}},
+                    "counts": {**{name: len(pairs) for name, pairs in kept_pairs.items()}, "fitted_images": n_fit,
+                               "selection_images": n_selection}},
         "selection_scores": dict(scores.scores),
         "results": rows,
         "picture": None if picture is None else str(picture),
@@ -245,7 +300,6 @@ def run_segmentation(
 
 def _write_picture(path: Path, pairs, truth: np.ndarray, guess: np.ndarray, resolution: int, ignore) -> Path:
     from capi_backbones.features import load_image
-    from capi_backbones.viz.grid import save_png
 
     rows = []
     for (image_path, _), t, g in zip(pairs, truth, guess, strict=True):

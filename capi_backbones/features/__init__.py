@@ -1,18 +1,60 @@
-"""Feature extraction: image loading, the size policy, the FeatureExtractor and sharded writing to disk."""
+"""Feature extraction: image loading, the size policy, the FeatureExtractor and sharded writing to disk.
 
-from capi_backbones.features.extractor import (
-    ExtractionInterrupted,
-    ExtractionSummary,
-    FeatureExtractor,
-    FolderBusyError,
-    resolve_model,
-)
-from capi_backbones.features.images import expand_inputs, find_image_files, load_image, pil_to_rgb, to_rgb_tensor
-from capi_backbones.features.output import FeatureOutput
-from capi_backbones.features.preprocessing import Preprocessor, resize_and_normalize
-from capi_backbones.features.shards import SavedShard, read_shard
-from capi_backbones.features.verification import VerificationReport, verify_output
-from capi_backbones.features.writer import ShardWriter, load_index, load_saved_features
+The names below are imported on first use (PEP 562), so the light modules of this package (``features.index``,
+the on-disk format) can be imported, for example by the CLI's argument checks, without torch.
+"""
+
+from importlib import import_module
+
+# public name -> the module that defines it
+_LAZY = {
+    "ExtractionInterrupted": "disk",
+    "ExtractionSummary": "disk",
+    "FeatureExtractor": "extractor",
+    "resolve_model": "extractor",
+    "FolderBusyError": "folder_lock",
+    "expand_inputs": "images",
+    "find_image_files": "images",
+    "load_image": "images",
+    "pil_to_rgb": "images",
+    "to_rgb_tensor": "images",
+    "load_index": "index",
+    "load_saved_features": "index",
+    "FeatureOutput": "output",
+    "Preprocessor": "preprocessing",
+    "resize_and_normalize": "preprocessing",
+    "SavedShard": "shards",
+    "read_shard": "shards",
+    "VerificationReport": "verification",
+    "verify_output": "verification",
+    "ShardWriter": "writer",
+}
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
+    from capi_backbones.features.disk import ExtractionInterrupted, ExtractionSummary
+    from capi_backbones.features.extractor import FeatureExtractor, resolve_model
+    from capi_backbones.features.folder_lock import FolderBusyError
+    from capi_backbones.features.images import expand_inputs, find_image_files, load_image, pil_to_rgb, to_rgb_tensor
+    from capi_backbones.features.index import load_index, load_saved_features
+    from capi_backbones.features.output import FeatureOutput
+    from capi_backbones.features.preprocessing import Preprocessor, resize_and_normalize
+    from capi_backbones.features.shards import SavedShard, read_shard
+    from capi_backbones.features.verification import VerificationReport, verify_output
+    from capi_backbones.features.writer import ShardWriter
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ExtractionInterrupted",

@@ -1,56 +1,35 @@
-"""FeatureExtractor: images in, CAPI features out (in memory or sharded on disk)."""
+"""FeatureExtractor: images in, CAPI features out. In memory here; sharded on disk through
+``capi_backbones.features.disk`` (``FeatureExtractor.extract_to_disk``)."""
 
 import contextlib
 import hashlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from capi_backbones.constants import PATCH_SIZE
-from capi_backbones.features.folder_lock import FolderBusyError, FolderLock
-from capi_backbones.features.images import ImageSource, expand_inputs, iter_file_paths, to_rgb_tensor
+from capi_backbones.features.images import ImageSource, expand_inputs, to_rgb_tensor
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
-from capi_backbones.features.writer import (
-    DEFAULT_SHARD_SIZE,
-    ShardWriter,
-    check_writer_options,
-    load_index,
-    make_folder,
-    merge_rank_manifests,
-    prepare_folder,
-)
-from capi_backbones.models import ARCHITECTURES, CapiModel
+from capi_backbones.features.writer import DEFAULT_SHARD_SIZE
+from capi_backbones.images import file_stamp
+from capi_backbones.models import CapiModel
+from capi_backbones.runtime.devices import resolve_device
+from capi_backbones.runtime.precision import autocast_dtype, resolve_precision
 
-__all__ = ["ExtractionInterrupted", "ExtractionSummary", "FeatureExtractor", "FolderBusyError", "resolve_model"]
+if TYPE_CHECKING:
+    from capi_backbones.features.disk import ExtractionSummary
+
+__all__ = ["FeatureExtractor", "resolve_model", "weights_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a full batch of their size, in batches; then the largest runs
-
-
-@dataclass
-class ExtractionSummary:
-    """What :meth:`FeatureExtractor.extract_to_disk` did."""
-
-    out_dir: Path
-    index_path: Path  # out_dir / "index.json"
-    n_written: int  # images whose features were written in this run
-    n_skipped: int  # images already in the index (resumed), not recomputed
-    failed: dict[str, str] = field(default_factory=dict)  # recorded name -> error message, for this run
-    shards: list[str] = field(default_factory=list)  # shard names written in this run
-    failed_before: dict[str, str] = field(default_factory=dict)  # unchanged images that failed in an earlier run,
-    # skipped (name -> recorded error); retry_failed=True tries them again
 
 
 def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike | None") -> tuple[CapiModel, str]:
@@ -62,41 +41,10 @@ def resolve_model(model: "CapiModel | str | None", weights: "str | os.PathLike |
     - any other name or source (``capi_vitl14_lvd``, a path, ``hf-hub:owner/repo``): ``from_pretrained(model)``;
     - ``None`` with ``weights``: ``from_pretrained(weights)`` (the architecture is read off the checkpoint).
     """
-    if isinstance(model, CapiModel):
-        if weights is not None:
-            raise ValueError("Pass either a CapiModel or weights, not both. Load weights into the model yourself.")
-        return model, "custom CapiModel"
-    if model is not None and not isinstance(model, str):
-        raise TypeError(f"model must be a CapiModel, a model name or None, got {type(model).__name__}.")
-    from capi_backbones.pretrained import from_pretrained  # the loader sits below features
+    from capi_backbones.pretrained import resolve_model_spec  # the loader sits below features; it decides
 
-    if model in ARCHITECTURES:
-        if weights is None:
-            raise ValueError(
-                f"'{model}' is an architecture, not a set of weights. Pass weights=PATH to a checkpoint, a pretrained "
-                f"name such as 'capi_vitl14_lvd', or a model you built yourself, e.g. "
-                f"FeatureExtractor(create_model('{model}', pretrained=False)) for random weights."
-            )
-        return from_pretrained(Path(weights), arch=model), f"{model} from {os.fspath(weights)}"
-    if model is not None and weights is not None:
-        raise ValueError(
-            f"weights can only go with an architecture name ({', '.join(ARCHITECTURES)}), got model='{model}'."
-        )
-    if model is None and weights is None:
-        raise ValueError("Give a model: a CapiModel, a pretrained name such as 'capi_vitl14_lvd', or weights=PATH.")
-    if model is None:
-        return from_pretrained(Path(weights)), os.fspath(weights)  # a Path: never mistaken for a registered name
-    return from_pretrained(model), model
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"Unknown device {device!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device '{device}' was asked for, but CUDA is not available here. Use device='cpu'.")
-    return device
+    spec = resolve_model_spec(model, weights)
+    return spec.load(), spec.description
 
 
 def weights_fingerprint(model: CapiModel) -> str:
@@ -111,20 +59,25 @@ def weights_fingerprint(model: CapiModel) -> str:
 
 
 class _PreprocessedImages(Dataset):
-    """Decodes and preprocesses one image per item; errors are returned (not raised) so a worker survives them."""
+    """Decodes and preprocesses one image per item; errors are returned (not raised) so a worker survives them.
+    With ``stamps``, a file's identity (``capi_backbones.images.file_stamp``) is taken before it is decoded, so
+    that it never describes newer content than the features (a file replaced meanwhile is redone next time)."""
 
-    def __init__(self, sources: list[ImageSource], preprocessor: Preprocessor) -> None:
+    def __init__(self, sources: list[ImageSource], preprocessor: Preprocessor, stamps: bool = False) -> None:
         self.sources = sources
         self.preprocessor = preprocessor
+        self.stamps = stamps
 
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Exception | None]:
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Exception | None, dict | None]:
+        source = self.sources[index]
         try:
-            return index, self.preprocessor(to_rgb_tensor(self.sources[index])), None
+            stamp = file_stamp(source) if self.stamps and isinstance(source, str | os.PathLike) else None
+            return index, self.preprocessor(to_rgb_tensor(source)), None, stamp
         except (OSError, ValueError, TypeError) as error:
-            return index, None, error
+            return index, None, error, None
 
 
 class FeatureExtractor:
@@ -146,8 +99,10 @@ class FeatureExtractor:
         batch_size: images per forward pass. Results do not depend on it.
         keep_aspect: True keeps the aspect ratio (images of different shapes get different patch grids);
             False resizes every image to an ``image_size`` square.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"`` or ``"fp16"``
-            (autocast, CUDA only: half precision on the CPU is refused because it is far slower there).
+        precision: ``"auto"`` (bf16 autocast where the device runs bf16 natively: CUDA with bf16, CPUs with
+            AVX512-BF16 or AMX; fp32 elsewhere; logged once), ``"fp32"`` (the official numbers), ``"bf16"`` or
+            ``"fp16"`` (autocast; see ``capi_backbones.runtime.precision``). The index of ``extract_to_disk``
+            records the precision that ran.
         num_workers: DataLoader worker processes decoding and resizing images while the model runs (0: in the
             calling process).
 
@@ -177,10 +132,9 @@ class FeatureExtractor:
         if isinstance(getattr(model, "model", None), CapiModel):  # a wrapper such as timm's CapiTimmModel
             model = model.model
         given_model = isinstance(model, CapiModel)
-        if device is None:
-            default = "cuda" if torch.cuda.is_available() else "cpu"
-            device = next(model.parameters()).device if given_model else default
-        self.device = _check_device(device)
+        if device is None and given_model:
+            device = next(model.parameters()).device
+        self.device = resolve_device(device)  # None: CUDA when available, else the CPU
         self.autocast_dtype = self._autocast_dtype(precision, self.device)
         self.precision = precision
         patch_size = model.patch_size if given_model else PATCH_SIZE
@@ -190,23 +144,14 @@ class FeatureExtractor:
         if image_size is None:
             image_size = model.default_image_size
         self.model = model.to(self.device).eval()
+        resolve_precision(precision, self.device)  # says once what "auto" chose (and warns of emulated bf16)
         self.preprocessor = Preprocessor(image_size=image_size, patch_size=model.patch_size, keep_aspect=keep_aspect)
         self.batch_size = batch_size
         self.num_workers = num_workers
 
     @staticmethod
     def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-        if precision == "auto":
-            return torch.bfloat16 if device.type == "cuda" else None
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be 'auto' or one of {list(PRECISIONS)}, got {precision!r}.")
-        dtype = PRECISIONS[precision]
-        if dtype is not None and device.type != "cuda":
-            raise ValueError(
-                f"precision '{precision}' is only allowed on CUDA (device is '{device}'): half-precision matmuls are "
-                "very slow on CPUs. Use precision='fp32' or 'auto'."
-            )
-        return dtype
+        return autocast_dtype(resolve_precision(precision, device, announce=False))  # said once the model is loaded
 
     @property
     def image_size(self) -> int:
@@ -263,126 +208,22 @@ class FeatureExtractor:
         dtype: str = "float32",
         progress: bool = True,
         retry_failed: bool = False,
-    ) -> ExtractionSummary:
-        """Extract features of image files and directories into shards under ``out_dir``; resumable.
+    ) -> "ExtractionSummary":
+        """Extract features of image files and directories into resumable shards under ``out_dir``: see
+        :func:`capi_backbones.features.disk.extract_to_disk`, which this calls with this extractor."""
+        from capi_backbones.features.disk import extract_to_disk
 
-        Writes ``out_dir/index.json`` and shards ``shard_00000.safetensors`` (or ``shard_00000/`` folders of
-        ``.npy`` files with ``format="npy"``), each holding up to ``shard_size`` images of one processed size
-        (see ``capi_backbones.features.writer`` for the layout and the rules below). Each shard is written to a
-        temporary name and renamed, and the index is rewritten the same way after each shard, so no partial shard
-        ever appears. Ctrl-C and SIGTERM write the finished images into a last shard and the index, then raise
-        KeyboardInterrupt.
-
-        A re-run into the same ``out_dir`` skips the images already listed in the index (and refuses to mix in
-        features made with other settings or another model; it first checks that the listed shards are intact and
-        redoes the images of missing or truncated ones). A second run into a folder that a run is writing raises
-        :class:`FolderBusyError`. An image that cannot be read, is too elongated, or makes the model fail (out of
-        memory, ...) is logged with its name, recorded under ``failed`` in the index, and skipped; the run goes on.
-        Later runs skip it too (listed in ``failed_before``) until the file changes, or with ``retry_failed=True``.
-        ``dtype`` is the storage dtype, ``"float32"`` or ``"float16"``.
-
-        Many processes: when ``torch.distributed`` is initialised (e.g. under ``torchrun``), every rank calls this
-        with the same arguments; rank ``r`` of ``N`` extracts every N-th remaining image and writes its own shards,
-        and one index results. Each rank returns the summary of the whole run. An interrupted run resumes with
-        any number of ranks.
-        """
-        paths = [p.resolve() for p in iter_file_paths(expand_inputs(inputs))]
-        paths = list(dict.fromkeys(paths))  # a file given twice is done once
-        out_dir = Path(out_dir)
-        options = {"format": format, "dtype": dtype, "settings": self._settings(pooled), "root": _common_root(inputs)}
-        rank, world_size = _process_group()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(_sigterm_as_interrupt())
-            if world_size == 1:
-                check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
-                make_folder(out_dir)
-                stack.enter_context(FolderLock(out_dir))
-                writer = ShardWriter(out_dir, shard_size=shard_size, **options)
-            else:
-                setup_error = None
-                if rank == 0:
-                    try:
-                        check_writer_options(format=format, shard_size=shard_size, dtype=dtype)
-                        make_folder(out_dir)
-                        stack.enter_context(FolderLock(out_dir))
-                        prepare_folder(out_dir, **options)
-                    except Exception as error:  # every rank raises it, not only rank 0
-                        setup_error = error
-                shared = [setup_error]
-                torch.distributed.broadcast_object_list(shared, src=0)
-                if shared[0] is not None:
-                    raise shared[0]
-                writer = ShardWriter(out_dir, shard_size=shard_size, rank=rank, world_size=world_size, **options)
-            summary = self._extract_into(writer, paths, pooled=pooled, progress=progress, retry_failed=retry_failed)
-            summary.out_dir = out_dir
-            if world_size > 1:
-                torch.distributed.barrier()  # every rank's manifest is complete
-                if rank == 0:
-                    merge_rank_manifests(out_dir, load_index(out_dir))
-                summaries = [None] * world_size
-                torch.distributed.all_gather_object(summaries, summary)  # also waits for the merge
-                summary = _combine(summaries)
-        return summary
-
-    def _extract_into(
-        self, writer: ShardWriter, paths: list[Path], *, pooled: bool, progress: bool, retry_failed: bool
-    ) -> ExtractionSummary:
-        """Extract this rank's share of the images of ``paths`` not yet done into ``writer``."""
-        remaining = [p for p in paths if p not in writer.done]
-        n_skipped = len(paths) - len(remaining)
-        failed_before = {}
-        todo = []
-        for path in remaining:
-            error = None if retry_failed else writer.failed_before(path)
-            if error is None:
-                todo.append(path)
-            else:
-                failed_before[writer.name_of(path)] = error
-        if n_skipped or failed_before:
-            logger.info(
-                "Resuming in %s: %d of %d images already done, %d failed before (unchanged, skipped).",
-                writer.out_dir,
-                n_skipped,
-                len(paths),
-                len(failed_before),
-            )
-        rank, world_size = _process_group()
-        todo = todo[rank::world_size]
-        failed: dict[str, str] = {}
-        bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress)
-        try:
-            batches = self._iter_batches(todo, pooled=pooled, single_size=False, failures=failed)
-            n_written = 0
-            for indices, output in batches:
-                for k, i in enumerate(indices):
-                    writer.add(todo[i], output.select(k))
-                n_written += len(indices)
-                bar.update(n_written + len(failed) - bar.n)  # written and failed images so far
-                bar.set_postfix(failed=len(failed), refresh=False)
-            bar.update(n_written + len(failed) - bar.n)
-        except KeyboardInterrupt:
-            with _signals_ignored():
-                self._record_failures(writer, failed)
-                writer.finish()  # keep the finished images
-            raise
-        finally:
-            bar.close()
-        self._record_failures(writer, failed)
-        writer.finish()
-        return ExtractionSummary(
-            out_dir=writer.out_dir,
-            index_path=writer.index_path,
-            n_written=len(todo) - len(failed),
-            n_skipped=n_skipped,
-            failed={writer.name_of(Path(name)): message for name, message in failed.items()},
-            shards=writer.shards_written,
-            failed_before=failed_before,
+        return extract_to_disk(
+            self,
+            inputs,
+            out_dir,
+            format=format,
+            shard_size=shard_size,
+            pooled=pooled,
+            dtype=dtype,
+            progress=progress,
+            retry_failed=retry_failed,
         )
-
-    @staticmethod
-    def _record_failures(writer: ShardWriter, failed: dict[str, str]) -> None:
-        for name, message in failed.items():
-            writer.add_failure(Path(name), message)
 
     def _settings(self, pooled: bool) -> dict:
         return {
@@ -392,28 +233,45 @@ class FeatureExtractor:
             "image_size": self.image_size,
             "keep_aspect": self.keep_aspect,
             "pooled": pooled,
+            "precision": resolve_precision(self.precision, self.device),
             "mean": list(self.preprocessor.mean),
             "std": list(self.preprocessor.std),
         }
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _iter_batches(
-        self, sources: list[ImageSource], *, pooled: bool, single_size: bool, failures: dict[str, str] | None = None
-    ) -> Iterator[tuple[list[int], FeatureOutput]]:
-        """Decode (in workers), group by processed size, run the model. Yields (input indices, batch output).
-
-        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
-        skipped. With ``single_size`` a second processed size raises a ValueError right away.
-        """
+    def _decoded(self, sources: list[ImageSource], *, stamps: bool = False) -> Iterator[tuple]:
+        """``(index, preprocessed pixels or None, error or None, file stamp or None)`` per image, decoded in the
+        worker processes (stamps of files only with ``stamps``)."""
         loader = DataLoader(
-            _PreprocessedImages(sources, self.preprocessor),
+            _PreprocessedImages(sources, self.preprocessor, stamps),
             batch_size=None,  # one image per item: batches are formed here, by size
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 * self.batch_size if self.num_workers else None,
         )
+        return iter(loader)
+
+    def _iter_batches(
+        self,
+        sources: list[ImageSource],
+        *,
+        pooled: bool,
+        single_size: bool,
+        failures: dict[str, str] | None = None,
+        decoded: Iterator | None = None,
+        stamps: dict[int, dict] | None = None,
+    ) -> Iterator[tuple[list[int], FeatureOutput]]:
+        """Decode (in workers, or take ``decoded`` from :meth:`_decoded`), group by processed size, run the model.
+        Yields (input indices, batch output).
+
+        With ``stamps`` (a dict), the file stamps that ``decoded`` carries are stored there by input index.
+        Errors: raised, unless ``failures`` is given, where ``str(source) -> message`` is recorded and the image
+        skipped. With ``single_size`` a second processed size raises a ValueError right away.
+        """
         pending: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}
-        for index, pixels, error in loader:
+        for index, pixels, error, stamp in self._decoded(sources) if decoded is None else decoded:
+            if stamps is not None and stamp is not None:
+                stamps[index] = stamp  # the identity of the file these pixels came from
             if error is not None:
                 if failures is None:
                     raise error
@@ -486,70 +344,3 @@ class FeatureExtractor:
             grid_size=(h, w),
             image_size=tuple(batch.shape[-2:]),
         )
-
-
-class ExtractionInterrupted(KeyboardInterrupt):
-    """SIGTERM during ``extract_to_disk``, handled like Ctrl-C (finished images saved). ``exit_code`` = 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by signal {signum}")
-        self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (sent by schedulers, ``kill``, torchrun) into :class:`ExtractionInterrupted` in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise ExtractionInterrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Let the final flush after an interrupt finish: a second Ctrl-C or SIGTERM would lose the finished images."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group, or (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _combine(summaries: list[ExtractionSummary]) -> ExtractionSummary:
-    """The summary of a whole multi-rank run from the summaries of its ranks."""
-    first = summaries[0]
-    return ExtractionSummary(
-        out_dir=first.out_dir,
-        index_path=first.index_path,
-        n_written=sum(s.n_written for s in summaries),
-        n_skipped=first.n_skipped,
-        failed={name: message for s in summaries for name, message in s.failed.items()},
-        shards=[name for s in summaries for name in s.shards],
-        failed_before=first.failed_before,
-    )
-
-
-def _common_root(inputs) -> Path:
-    """The deepest folder holding every input (a directory counts as itself, a file as its parent)."""
-    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    folders = [p if p.is_dir() else p.parent for p in (Path(i).resolve() for i in items)]
-    return Path(os.path.commonpath(folders))

@@ -4,20 +4,17 @@ Accepted inputs (see :func:`expand_inputs` and :func:`to_rgb_tensor`):
 
 - ``PIL.Image.Image`` in any common mode (see :func:`pil_to_rgb`);
 - a path (``str`` or ``pathlib.Path``) to an image file, or to a directory searched recursively for files with
-  an extension in :data:`capi_backbones.constants.IMAGE_EXTENSIONS` (hidden files and folders are skipped);
+  an image extension (see :func:`capi_backbones.images.find_image_files`);
 - a numpy ``uint8`` array of shape (H, W) (grayscale), (H, W, 1), (H, W, 3) (RGB) or (H, W, 4) (RGBA, alpha dropped);
 - a torch tensor of shape (C, H, W) or (B, C, H, W) with C = 1 or 3, either ``uint8`` in [0, 255] or floating point
   in [0, 1]. Tensors hold *raw* RGB pixels: the extractor resizes and normalises them (do not pass normalised ones).
 
-Colour conversions: palette (P, PA), grayscale (L, LA, 1), CMYK and YCbCr become RGB; the alpha channel of RGBA/LA/PA
-is dropped (colours are kept as stored, not composited on a background); 16-bit (I;16*) and 32-bit integer (I) images
-holding values in [0, 65535] are scaled to [0, 255] by ``round(v / 257)`` (65535 -> 255), never clipped; float (F)
-images must hold values in [0, 1]. EXIF orientation is applied to files and to PIL images that still carry the tag
-(``PIL.ImageOps.exif_transpose``).
+Files are found and decoded by :mod:`capi_backbones.images`, the pipeline training and evaluation use too (hidden
+files skipped, links named as given, EXIF orientation applied, colour modes converted, a pixel cap). PIL images get
+the same mode conversions and their EXIF orientation, if they still carry the tag.
 """
 
 import os
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,7 +23,15 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from capi_backbones.constants import IMAGE_EXTENSIONS
+from capi_backbones.images import (
+    UnreadableFolder,
+    check_regular_file,
+    expand_path,
+    find_image_files,
+    is_image_path,
+    load_image,
+    pil_to_rgb,
+)
 
 __all__ = [
     "ImageSource",
@@ -43,30 +48,18 @@ __all__ = [
 ImageSource = Image.Image | str | os.PathLike | np.ndarray | Tensor
 
 EXIF_ORIENTATION = 0x0112
-_SIXTEEN_BIT_MAX = 65535
-_MODES_VIA_RGBA = ("P", "PA")  # palette images may carry transparency: expand it first, then drop it
 _ACCEPTED = "PIL images, image paths, directories, numpy uint8 arrays (H, W[, C]) and torch tensors ([B,] C, H, W)"
 
 
-def is_image_path(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def find_image_files(directory: Path) -> list[Path]:
-    """Image files under ``directory`` (recursive, sorted, hidden files and folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and is_image_path(Path(f)))
-    return found
-
-
-def expand_inputs(inputs: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+def expand_inputs(
+    inputs: ImageSource | Sequence[ImageSource], *, unreadable: list[UnreadableFolder] | None = None
+) -> list[ImageSource]:
     """Flatten the user's inputs into a list with one entry per image, in input order.
 
-    A single input or a list of them; directories expand to their image files, (B, C, H, W) tensors to B images.
-    Raises FileNotFoundError for a missing path, ValueError for an empty directory, a file without an image
-    extension, or no inputs at all.
+    A single input or a list of them; directories expand to their image files (see
+    :func:`capi_backbones.images.expand_path`), (B, C, H, W) tensors to B images. Raises FileNotFoundError for a
+    missing path, ValueError for an empty directory, a file without an image extension, or no inputs at all; a
+    sub-folder that cannot be listed raises, or is appended to ``unreadable`` (a list) when given.
     """
     items = [inputs] if _is_single_input(inputs) else list(inputs)
     if not items:
@@ -74,7 +67,7 @@ def expand_inputs(inputs: ImageSource | Sequence[ImageSource]) -> list[ImageSour
     expanded: list[ImageSource] = []
     for item in items:
         if isinstance(item, str | os.PathLike):
-            expanded.extend(_expand_path(Path(item)))
+            expanded.extend(expand_path(item, unreadable=unreadable))
         elif isinstance(item, Tensor) and item.ndim == 4:
             expanded.extend(item.unbind(0))
         elif isinstance(item, Image.Image | np.ndarray | Tensor):
@@ -88,79 +81,11 @@ def _is_single_input(inputs) -> bool:
     return isinstance(inputs, Image.Image | str | os.PathLike | np.ndarray | Tensor)
 
 
-def _expand_path(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = find_image_files(path)
-        if not files:
-            raise ValueError(
-                f"No image files found in directory '{path}' (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
-            )
-        return files
-    if not path.exists():
-        raise FileNotFoundError(f"Image path '{path}' does not exist.")
-    if not is_image_path(path):
-        raise ValueError(
-            f"'{path}' is not an image file: its extension '{path.suffix}' is not one of "
-            f"{', '.join(IMAGE_EXTENSIONS)}. Convert it or leave it out."
-        )
-    return [path]
-
-
-def check_regular_file(path: str | os.PathLike) -> None:
-    """Raise OSError naming ``path`` unless it is a regular file (or a link to one). Never opens it, so a FIFO or a
-    device with an image extension cannot block the caller."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise OSError(f"Cannot read image '{path}': it is {kind}, not a regular file.")
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file to RGB with its EXIF orientation applied. Raises OSError/ValueError naming the file.
-
-    Only regular files are opened: a FIFO or device named ``*.jpg`` is refused without reading it."""
-    check_regular_file(path)
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # returns a new, loaded image (or a copy)
-            return pil_to_rgb(image)
-    except Exception as error:  # decoders of broken files raise many types (OSError, SyntaxError, struct.error, ...)
-        raise OSError(f"Cannot read image '{path}': {type(error).__name__}: {error}") from error
-
-
 def _apply_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip a PIL image as its EXIF orientation tag says (a no-op without the tag)."""
     if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
         return image
     return ImageOps.exif_transpose(image)
-
-
-def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any common PIL mode to 8-bit RGB (see the module docstring for the rules)."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
-    if mode in _MODES_VIA_RGBA:
-        image = image.convert("RGBA")
-    return image.convert("RGB")  # L, LA, 1, RGBA, RGBX, CMYK, YCbCr, ...: PIL's standard conversions
-
-
-def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    values = np.asarray(image)
-    if image.mode == "F" and values.size and not np.isfinite(values).all():
-        raise ValueError("F (float) image holds NaN or infinite values. Replace them before extracting features.")
-    if image.mode == "F":
-        low, high, scale = 0.0, 1.0, 255.0
-    else:  # I;16, I;16B, I;16L, I;16N, I (16-bit PNG/TIFF data in a 32-bit container)
-        low, high, scale = 0, _SIXTEEN_BIT_MAX, 255.0 / _SIXTEEN_BIT_MAX
-    if values.size and (values.min() < low or values.max() > high):
-        raise ValueError(
-            f"{image.mode} image has values in [{values.min()}, {values.max()}], outside the supported range "
-            f"[{low}, {high}]. Convert it to 8-bit RGB yourself first."
-        )
-    return np.round(values.astype(np.float64) * scale).astype(np.uint8)
 
 
 def to_rgb_tensor(source: ImageSource) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, PATCH_SIZE
 from capi_backbones.models import nearest_valid_sizes
 
 __all__ = ["MAX_ASPECT_RATIO", "Preprocessor", "resize_and_normalize"]
@@ -51,6 +51,11 @@ class Preprocessor:
             raise ValueError(
                 f"image_size must be a positive multiple of the patch size {self.patch_size}, got {self.image_size}. "
                 f"Nearest valid: {nearest}."
+            )
+        if size > MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size {size} is larger than {MAX_IMAGE_SIZE} ({MAX_IMAGE_SIZE // patch} patches a side), the "
+                "largest accepted: the model's memory grows with the square of the number of patches."
             )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:

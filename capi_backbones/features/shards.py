@@ -13,8 +13,11 @@ the file modes) and renamed into place, so a shard either exists whole or not at
 permission) are OSErrors with their errno and the file name.
 """
 
+import hashlib
+import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +28,20 @@ from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
 
-__all__ = ["FORMATS", "SavedShard", "read_shard", "write_shard"]
+__all__ = [
+    "FORMATS",
+    "NPY_SHARD_FILES",
+    "SavedShard",
+    "checksum_of_bytes",
+    "checksum_of_files",
+    "read_shard",
+    "shard_checksum",
+    "write_shard",
+]
 
 FORMATS = {"safetensors": ".safetensors", "npy": ""}  # format -> shard name suffix
 ARRAY_NAMES = ("patch_features", "registers", "pooled")
+NPY_SHARD_FILES = frozenset({*(f"{name}.npy" for name in ARRAY_NAMES), "files.json"})  # all an npy shard holds
 
 
 @dataclass
@@ -43,19 +56,47 @@ class SavedShard:
     image_size: tuple[int, int]
 
 
-def write_shard(path: Path, shard: SavedShard, *, format: str) -> None:
-    """Write ``shard`` to ``path`` (``.../shard_00000.safetensors`` or ``.../shard_00000``) atomically."""
+def write_shard(path: Path, shard: SavedShard, *, format: str) -> str:
+    """Write ``shard`` to ``path`` (``.../shard_00000.safetensors`` or ``.../shard_00000``) atomically. Returns the
+    checksum of what was written (``capi_backbones.features.index.shard_checksum`` of the final shard)."""
     tensors = {name: getattr(shard, name).contiguous() for name in ARRAY_NAMES if getattr(shard, name) is not None}
     description = {"files": shard.files, "grid_size": list(shard.grid_size), "image_size": list(shard.image_size)}
     if format == "safetensors":
         metadata = {key: json.dumps(value) for key, value in description.items()}
-        with atomic_path(path) as tmp:
-            write_bytes(tmp, save(tensors, metadata=metadata))
-    elif format == "npy":
+        data = save(tensors, metadata=metadata)
+        with ThreadPoolExecutor(1) as pool:  # hashing (which frees the GIL) runs while the file is written
+            checksum = pool.submit(checksum_of_bytes, data)  # the bytes in memory: no second read of the file
+            with atomic_path(path) as tmp:
+                write_bytes(tmp, data)
+            return checksum.result()
+    if format == "npy":
         with atomic_folder(path) as tmp:  # fails if the folder exists: ShardWriter never reuses a shard name
-            _write_npy_folder(tmp, tensors, description)
-    else:
-        raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
+            return _write_npy_folder(tmp, tensors, description)
+    raise ValueError(f"Unknown shard format '{format}'. Choose one of {list(FORMATS)}.")
+
+
+def checksum_of_bytes(data: bytes) -> str:
+    """The checksum recorded for a shard file: ``sha256:<hex>`` of its bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def checksum_of_files(files: dict[str, bytes]) -> str:
+    """The checksum recorded for an npy shard folder holding ``files`` (name -> bytes): SHA-256 over each file's
+    name, size and SHA-256, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode())
+        digest.update(hashlib.sha256(files[name]).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+def shard_checksum(path: Path) -> str:
+    """The checksum of a shard on disk (:func:`checksum_of_bytes` of a file, :func:`checksum_of_files` of an npy
+    shard folder), to compare with the one recorded when it was written."""
+    if not path.is_dir():
+        with open(path, "rb") as handle:
+            return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+    return checksum_of_files({file.name: file.read_bytes() for file in path.iterdir()})
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -70,10 +111,18 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> None:
+def _write_npy_folder(folder: Path, tensors: dict[str, Tensor], description: dict) -> str:
+    """Each file is serialised in memory and written by :func:`write_bytes`: numpy's own writer reports a full disk
+    as "N requested and M written", an OSError without errno or file name. Returns the folder's checksum."""
+    files = {}
     for name, tensor in tensors.items():
-        np.save(folder / f"{name}.npy", tensor.numpy())
-    (folder / "files.json").write_text(json.dumps(description))
+        buffer = io.BytesIO()
+        np.save(buffer, tensor.numpy())
+        files[f"{name}.npy"] = buffer.getvalue()
+    files["files.json"] = json.dumps(description).encode()
+    for name, data in files.items():
+        write_bytes(folder / name, data)
+    return checksum_of_files(files)
 
 
 def read_shard(path: str | os.PathLike) -> SavedShard:

@@ -1,22 +1,6 @@
 """ShardWriter: collects per-image features into shards on disk and keeps the resumable index.
 
-Layout of an output folder::
-
-    out_dir/
-      index.json                  # the manifest, rewritten atomically after every shard
-      shard_00000.safetensors     # or shard_00000/ (npy format), see capi_backbones.features.shards
-      shard_00001.safetensors
-      shard_00002-r0001.safetensors  # written by rank 1 of a multi-rank (torchrun) run
-      index.rank00001.json        # rank 1's own manifest while a multi-rank run is going (merged, then deleted)
-
-``index.json``::
-
-    {"version": 1, "format": "safetensors", "dtype": "float32",
-     "root": "/abs/folder",                      # image names are POSIX paths relative to it
-     "settings": {"model": ..., "config": {...}, "weights_fingerprint": ..., "image_size": 224, ...},
-     "shards": [{"name": "shard_00000.safetensors", "count": 256, "grid_size": [16, 16],
-                 "image_size": [224, 224], "bytes": 25171224, "files": ["a/1.jpg", ...]}, ...],
-     "failed": [{"file": "b/broken.jpg", "error": "Cannot read image ...", "size": 1234, "mtime_ns": ...}]}
+The layout of the folder and of ``index.json`` is described in ``capi_backbones.features.index``.
 
 An image is done once it is listed in a shard of the index; shards are only listed after they are renamed into
 place, so a crash loses at most the images not yet in a shard.
@@ -47,15 +31,24 @@ from pathlib import Path
 import torch
 
 from capi_backbones.atomic_files import atomic_write_text
-from capi_backbones.features.output import FeatureOutput
-from capi_backbones.features.shards import FORMATS, SavedShard, read_shard, write_shard
-from capi_backbones.features.verification import (
+from capi_backbones.features.index import (
+    INDEX_NAME,
+    INDEX_VERSION,
     PART_NAME,
     SHARD_NAME,
     check_listed_shards,
+    check_output_folder,
+    check_shard_name,
     find_leftovers,
+    load_index,
+    load_manifest,
+    load_saved_features,
+    save_index,
     shard_bytes,
 )
+from capi_backbones.features.output import FeatureOutput
+from capi_backbones.features.shards import FORMATS, NPY_SHARD_FILES, SavedShard, read_shard, write_shard
+from capi_backbones.images import same_file_content
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
@@ -72,8 +65,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE = 256
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INFORMATIONAL_SETTINGS = ("model",)  # recorded, not compared on resume (the same file may be named differently)
@@ -91,10 +82,9 @@ def check_writer_options(*, format: str, shard_size: int, dtype: str) -> None:
 
 
 def make_folder(out_dir: Path) -> None:
-    """Create the output folder (and its parents); a ValueError if the path is a file."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"Output path '{out_dir}' exists and is not a directory.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Create the output folder (and its parents) after :func:`~capi_backbones.features.index.check_output_folder`:
+    a ValueError for an empty path, a file, or a folder holding files named like ours but no index."""
+    check_output_folder(out_dir).mkdir(parents=True, exist_ok=True)
 
 
 def _new_index(*, format: str, dtype: str, settings: dict, root: Path) -> dict:
@@ -129,12 +119,17 @@ def _check_compatible(out_dir: Path, index: dict, new_index: dict) -> None:
         )
 
 
-def _save_index(out_dir: Path, index: dict) -> None:
-    atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=1))
-
-
 def _delete(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    """Delete a shard or temporary file of ours. An npy shard folder is deleted only if it holds nothing but the
+    files we write: a user's file inside is kept (with the folder) and named in a warning."""
+    if path.is_dir() and not path.is_symlink():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in NPY_SHARD_FILES)
+        if foreign:
+            logger.warning("Keeping %s: it holds files extract did not write (%s).", path, ", ".join(foreign))
+            return
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def merge_rank_manifests(out_dir: Path, index: dict) -> dict:
@@ -146,23 +141,84 @@ def merge_rank_manifests(out_dir: Path, index: dict) -> dict:
     listed = {entry["name"] for entry in index["shards"]}
     failed = {entry["file"]: entry for entry in index["failed"]}
     for part_path in parts:
-        try:
-            part = json.loads(part_path.read_text())
-        except json.JSONDecodeError as error:  # written atomically, so this is damage from outside
-            raise ValueError(f"'{part_path}' is not valid JSON ({error}). Delete it to start that rank over.") from None
+        part = load_manifest(part_path)
         for entry in part["shards"]:
-            _check_shard_name(out_dir, entry["name"])
+            check_shard_name(part_path, entry["name"])
             if entry["name"] not in listed:
                 index["shards"].append(entry)
                 listed.add(entry["name"])
         failed.update((entry["file"], entry) for entry in part["failed"])
     done = {name for entry in index["shards"] for name in entry["files"]}
     index["failed"] = [entry for name, entry in sorted(failed.items()) if name not in done]
-    _save_index(out_dir, index)
+    save_index(out_dir, index)
     for part_path in parts:
         part_path.unlink()
     logger.info("Merged %d rank manifest(s) into %s.", len(parts), out_dir / INDEX_NAME)
     return index
+
+
+def _shard_entry(out_dir: Path, name: str, shard: SavedShard, checksum: str, stamps: list) -> dict:
+    return {
+        "name": name,
+        "count": len(shard.files),
+        "grid_size": list(shard.grid_size),
+        "image_size": list(shard.image_size),
+        "bytes": shard_bytes(out_dir / name),
+        "sha256": checksum,
+        "files": shard.files,
+        "stamps": stamps,
+    }
+
+
+def _drop_changed_images(out_dir: Path, index: dict, format: str) -> None:
+    """Images replaced on disk since their features were written (same name, other content: see
+    ``capi_backbones.images.same_file_content``) are taken out of the index, so that they are extracted again:
+    their shard is rewritten without them under a new name (the other images keep their features), then the old
+    one is deleted. Images whose file is gone keep their features. Entries without stamps (older indexes) are
+    trusted."""
+    root = Path(index["root"])
+    numbers = (SHARD_NAME.match(p.name) for p in out_dir.iterdir())
+    next_number = 1 + max((int(m.group(1)) for m in numbers if m and m.group(2) is None), default=-1)
+    shards = index["shards"]
+    position = 0
+    while position < len(shards):
+        entry = shards[position]
+        changed = {
+            row
+            for row, (name, stamp) in enumerate(zip(entry["files"], entry.get("stamps") or [], strict=False))
+            if stamp is not None and same_file_content(os.path.normpath(root / name), stamp) is False
+        }
+        if not changed:
+            position += 1
+            continue
+        names = ", ".join(entry["files"][row] for row in sorted(changed)[:3]) + (", ..." if len(changed) > 3 else "")
+        logger.warning("%d image(s) changed since their features were written (%s): extracting them again.",
+                       len(changed), names)  # fmt: skip
+        keep = [row for row in range(entry["count"]) if row not in changed]
+        try:
+            old = read_shard(out_dir / entry["name"]) if keep else None
+        except Exception as error:  # damaged as well: all its images are extracted again
+            logger.warning("Shard %s is unreadable (%s): its images will be extracted again.", entry["name"], error)
+            keep, old = [], None
+        if keep:
+            rows = torch.tensor(keep)
+            shard = SavedShard(
+                files=[old.files[row] for row in keep],
+                patch_features=old.patch_features[rows].clone(),
+                registers=old.registers[rows].clone(),
+                pooled=None if old.pooled is None else old.pooled[rows].clone(),
+                grid_size=old.grid_size,
+                image_size=old.image_size,
+            )
+            name = f"shard_{next_number:05d}{FORMATS[format]}"
+            next_number += 1
+            checksum = write_shard(out_dir / name, shard, format=format)
+            shards[position] = _shard_entry(out_dir, name, shard, checksum, [entry["stamps"][row] for row in keep])
+            position += 1
+        else:
+            del shards[position]
+        save_index(out_dir, index)  # the rewritten shard listed and the old one not; then the old one goes
+        _delete(out_dir / entry["name"])
 
 
 def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, root: Path) -> dict:
@@ -171,7 +227,7 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
     Refuses other settings; merges rank manifests of an interrupted multi-rank run; drops listed shards that are
     missing or truncated (their images will be extracted again); deletes unlisted shards and temporary files.
     """
-    make_folder(out_dir)
+    make_folder(out_dir)  # refuses a folder that is not ours before anything is deleted
     new_index = _new_index(format=format, dtype=dtype, settings=settings, root=root)
     if not (out_dir / INDEX_NAME).exists():
         index = new_index
@@ -180,13 +236,19 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
         _check_compatible(out_dir, index, new_index)
     index = merge_rank_manifests(out_dir, index)
     bad = check_listed_shards(out_dir, index, read=False)
-    for name, problem in bad.items():
-        logger.warning("Shard %s is %s: its images will be extracted again.", out_dir / name, problem)
     index["shards"] = [entry for entry in index["shards"] if entry["name"] not in bad]
+    save_index(out_dir, index)  # first unlisted, then deleted: a crash in between leaves a leftover, never a hole
+    for name, problem in bad.items():
+        if (out_dir / name).exists():
+            logger.warning("Deleting the listed shard %s: %s. Its images will be extracted again.", out_dir / name,
+                           problem)  # fmt: skip
+            _delete(out_dir / name)
+        else:
+            logger.warning("The listed shard %s is missing: its images will be extracted again.", out_dir / name)
     for path in find_leftovers(out_dir, index):
-        logger.info("Deleting %s, left over by an interrupted run.", path)
+        logger.info("Deleting %s, left over by an interrupted run (written but never listed).", path)
         _delete(path)
-    _save_index(out_dir, index)
+    _drop_changed_images(out_dir, index, index["format"])
     return index
 
 
@@ -266,13 +328,15 @@ class ShardWriter:
             return None
         return entry["error"] if (info.st_size, info.st_mtime_ns) == (entry["size"], entry["mtime_ns"]) else None
 
-    def add(self, path: Path, output: FeatureOutput) -> None:
-        """Queue the features of one image (``output`` has batch size 1); writes a shard when a bucket fills."""
+    def add(self, path: Path, output: FeatureOutput, stamp: dict | None = None) -> None:
+        """Queue the features of one image (``output`` has batch size 1); writes a shard when a bucket fills.
+        ``stamp``: the identity of the file they were made from (``capi_backbones.images.file_stamp``), recorded
+        so that a later run redoes the image if the file is replaced."""
         name = self.name_of(path)
         self.failed_entries.pop(name, None)
         self._new_failures.pop(name, None)
         bucket = self._pending.setdefault(output.image_size, [])
-        bucket.append((name, output))
+        bucket.append((name, output, stamp))
         if len(bucket) >= self.shard_size:
             self._write(self._pending.pop(output.image_size))
         elif sum(map(len, self._pending.values())) >= MAX_PENDING_SHARDS * self.shard_size:
@@ -296,11 +360,11 @@ class ShardWriter:
             self._write(self._pending.pop(size))
         self._save()
 
-    def _write(self, bucket: list[tuple[str, FeatureOutput]]) -> None:
-        joined = FeatureOutput.concatenate([output for _, output in bucket])
+    def _write(self, bucket: list[tuple[str, FeatureOutput, dict | None]]) -> None:
+        joined = FeatureOutput.concatenate([output for _, output, _ in bucket])
         dtype = STORAGE_DTYPES[self.dtype]
         shard = SavedShard(
-            files=[name for name, _ in bucket],
+            files=[name for name, _, _ in bucket],
             patch_features=joined.patch_features.to(dtype),
             registers=joined.registers.to(dtype),
             pooled=None if joined.pooled is None else joined.pooled.to(dtype),
@@ -309,16 +373,9 @@ class ShardWriter:
         )
         shard_name = f"shard_{self._next_number:05d}{self._suffix}{FORMATS[self.format]}"
         self._next_number += 1
-        write_shard(self.out_dir / shard_name, shard, format=self.format)
+        checksum = write_shard(self.out_dir / shard_name, shard, format=self.format)
         self._own["shards"].append(
-            {
-                "name": shard_name,
-                "count": len(shard.files),
-                "grid_size": list(shard.grid_size),
-                "image_size": list(shard.image_size),
-                "bytes": shard_bytes(self.out_dir / shard_name),
-                "files": shard.files,
-            }
+            _shard_entry(self.out_dir, shard_name, shard, checksum, [stamp for _, _, stamp in bucket])
         )
         self.done.update(self._path_of(name) for name in shard.files)
         self.shards_written.append(shard_name)
@@ -332,44 +389,3 @@ class ShardWriter:
         else:
             self._own["failed"] = [self._new_failures[name] for name in sorted(self._new_failures)]
         atomic_write_text(self.manifest_path, json.dumps(self._own, indent=1))
-
-
-def _check_shard_name(out_dir: Path, name) -> None:
-    if not isinstance(name, str) or not SHARD_NAME.match(name):
-        raise ValueError(
-            f"'{out_dir / INDEX_NAME}' lists a shard named {name!r}, which is not a shard of this folder "
-            "(names look like shard_00000.safetensors); refusing to read outside the folder. The index was edited "
-            "or damaged: delete the folder to start over."
-        )
-
-
-def load_index(out_dir: str | os.PathLike) -> dict:
-    """The parsed ``index.json`` of an extraction folder (shard names checked: never a path outside it)."""
-    path = Path(out_dir) / INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No {INDEX_NAME} in '{out_dir}': not a folder written by extract_to_disk.")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"'{path}' is not valid JSON ({error}). Delete the folder to start over.") from error
-    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
-        version = index.get("version") if isinstance(index, dict) else None
-        raise ValueError(f"'{path}' has index version {version!r}; this library reads {INDEX_VERSION}.")
-    for entry in index.get("shards", []):
-        _check_shard_name(Path(out_dir), entry.get("name") if isinstance(entry, dict) else entry)
-    return index
-
-
-def load_saved_features(out_dir: str | os.PathLike) -> list[SavedShard]:
-    """Every shard listed in ``out_dir/index.json``, in writing order (rows named by ``SavedShard.files``).
-
-    Raises a ValueError naming the shards that are missing or truncated (run ``extract`` again to redo them)."""
-    out_dir = Path(out_dir)
-    index = load_index(out_dir)
-    bad = check_listed_shards(out_dir, index, read=False)
-    if bad:
-        listing = "; ".join(f"{name}: {problem}" for name, problem in bad.items())
-        raise ValueError(
-            f"'{out_dir}' has damaged shards ({listing}). Run the same extract command again to redo their images."
-        )
-    return [read_shard(out_dir / shard["name"]) for shard in index["shards"]]

@@ -1,9 +1,10 @@
 """Multi-head (cross-)attention with RoPE on q and k, no biases."""
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capi_backbones.layers.rope import Rope
+from capi_backbones.layers.rope import Rope, apply_rope
 
 __all__ = ["Attention"]
 
@@ -37,10 +38,19 @@ class Attention(nn.Module):
         b, n_q, d = x.shape
         n_k = context.shape[1]
         h, hd = self.num_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, n_q, h, hd).transpose(1, 2)  # (b, h, n_q, hd)
-        k = self.k_proj(context).reshape(b, n_k, h, hd).transpose(1, 2)  # (b, h, n_k, hd)
-        v = self.v_proj(context).reshape(b, n_k, h, hd).transpose(1, 2)
-        q = self.rope(q, coords[:, None])  # coords broadcast over heads
-        k = self.rope(k, context_coords[:, None])
+        q = self.q_proj(x).reshape(b, n_q, h, hd)  # RoPE in this layout, the one the heads are stored in
+        k = self.k_proj(context).reshape(b, n_k, h, hd)
+        v = self.v_proj(context).reshape(b, n_k, h, hd).transpose(1, 2)  # (b, h, n_k, hd)
+        # angles as (b or 1, 1, n, hd), seen as (b or 1, n, 1, hd): broadcast over heads. In self-attention q and k
+        # share them, computed once; except when rope.freqs gets a gradient, which then sums the q and k parts in
+        # the same order as before (fp32 training steps stay bit for bit)
+        cos_q, sin_q = (t.transpose(1, 2) for t in self.rope.cos_sin(coords[:, None]))
+        freqs_grad = torch.is_grad_enabled() and self.rope.freqs.requires_grad
+        if context_coords is coords and not freqs_grad:
+            cos_k, sin_k = cos_q, sin_q
+        else:
+            cos_k, sin_k = (t.transpose(1, 2) for t in self.rope.cos_sin(context_coords[:, None]))
+        q = apply_rope(q, cos_q, sin_q).transpose(1, 2)  # (b, h, n_q, hd)
+        k = apply_rope(k, cos_k, sin_k).transpose(1, 2)  # (b, h, n_k, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (b, h, n_q, hd)
         return self.proj(x.transpose(1, 2).reshape(b, n_q, d))

@@ -12,12 +12,28 @@ from torch import Tensor, nn
 
 from capi_backbones.constants import ROPE_MAX_FREQ, ROPE_MIN_FREQ
 
-__all__ = ["Rope", "rotate_half", "init_rope_freqs"]
+__all__ = ["Rope", "apply_rope", "rotate_half", "init_rope_freqs"]
+
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` for x (..., head_dim) and cos, sin broadcastable to it.
+
+    fp32 (and fp64) run exactly that expression: the official numbers, bit for bit. bf16 and fp16 compute the two
+    halves with one multiply and one fused multiply-add each (``addcmul``) and one concatenation: half the passes
+    over the tensor, no negated copy, and no intermediate rounding between the product and the sum."""
+    if x.dtype not in REDUCED_PRECISION:
+        return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos1, cos2, sin1, sin2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    return torch.cat((torch.addcmul(x1 * cos1, x2, sin1, value=-1), torch.addcmul(x2 * cos2, x1, sin2)), dim=-1)
 
 
 def init_rope_freqs(
@@ -51,7 +67,12 @@ class Rope(nn.Module):
         with torch.no_grad():
             self.freqs.copy_(init_rope_freqs(self.head_dim, device=self.freqs.device, dtype=self.freqs.dtype))
 
+    def cos_sin(self, coords: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles (..., n, head_dim) of coords (..., n, 2), to rotate several tensors at the same
+        positions (q and k in self-attention) with one computation."""
+        angle = coords @ self.freqs  # (..., n, head_dim)
+        return angle.cos(), angle.sin()
+
     def forward(self, x: Tensor, coords: Tensor) -> Tensor:
         """x: (..., n, head_dim); coords: (..., n, 2) broadcastable to x."""
-        angle = coords @ self.freqs  # (..., n, head_dim)
-        return x * angle.cos() + rotate_half(x) * angle.sin()
+        return apply_rope(x, *self.cos_sin(coords))

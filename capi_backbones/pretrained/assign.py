@@ -13,15 +13,17 @@ read faults them in again from the file.
 import ctypes
 import logging
 import mmap
+import os
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from capi_backbones.models import CapiConfig, CapiModel
 from capi_backbones.pretrained.errors import CheckpointError
+from capi_backbones.pretrained.files import read_checkpoint
 from capi_backbones.pretrained.matching import (
     architecture_name,
     checkpoint_filter_fn,
@@ -32,6 +34,7 @@ from capi_backbones.pretrained.matching import (
 __all__ = [
     "find_non_finite",
     "find_non_floating",
+    "load_checkpoint_into",
     "load_state_into_new_model",
     "non_finite_message",
     "non_floating_message",
@@ -87,10 +90,25 @@ def find_non_floating(state_dict: Mapping[str, Tensor], expected: Mapping[str, T
     }
 
 
+_CHECK_CHUNK = 1 << 22  # elements upcast at a time for dtypes torch cannot reduce (float8)
+
+
+def _non_finite_count(tensor: Tensor) -> int:
+    """NaN/Inf values of a float8 tensor (torch has no sum/isfinite for them): upcast chunk by chunk."""
+    flat = tensor.reshape(-1)
+    return sum(
+        int((~torch.isfinite(flat[i : i + _CHECK_CHUNK].float())).sum()) for i in range(0, flat.numel(), _CHECK_CHUNK)
+    )
+
+
 def find_non_finite(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
-    """Key -> number of NaN/Inf values, for the floating tensors that hold any."""
+    """Key -> number of NaN/Inf values, for the floating tensors that hold any (float8 included)."""
     counts = {}
     for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.element_size() == 1:
+            if n := _non_finite_count(tensor):
+                counts[key] = n
+            continue
         # a finite sum proves every value finite (NaN and Inf propagate) in one pass with no allocation; only a
         # non-finite sum (or an overflowing one) pays for the exact count
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
@@ -198,3 +216,46 @@ def load_state_into_new_model(
     name = architecture_name(config)
     logger.info("Loaded %d tensors from %s into %s (%s)", len(filtered), source, name or "a custom config", dtype)
     return model.eval()
+
+
+def load_checkpoint_into(
+    model: nn.Module,
+    checkpoint: "str | os.PathLike | Mapping[str, Tensor]",
+    *,
+    filter_fn: Callable[[Mapping[str, Tensor], nn.Module], Mapping[str, Tensor]] | None = None,
+    strict: bool = True,
+    allow_non_finite: bool = False,
+) -> nn.Module:
+    """Load a checkpoint file or state dict into an existing ``model`` (in place, keeping its dtype and device),
+    with the checks of every CAPI load; returns ``model``.
+
+    A file is read by ``files.read_checkpoint`` (format told by its bytes, not its name; no code runs). The tensors
+    go through ``filter_fn(state_dict, model)`` (default: ``checkpoint_filter_fn`` for a ``CapiModel``, none
+    otherwise), then: missing keys and shape mismatches raise ``CheckpointError``, unexpected keys too unless
+    ``strict=False`` (then dropped with a warning); weights stored as integers are refused; NaN/Inf values are
+    refused unless ``allow_non_finite``. Nothing is copied into ``model`` before every check has passed.
+    """
+    if isinstance(checkpoint, Mapping):
+        tensors, source = dict(checkpoint), "state dict"
+    else:
+        tensors, source = read_checkpoint(checkpoint).tensors, os.fspath(checkpoint)
+    if filter_fn is None and isinstance(model, CapiModel):
+        filter_fn = checkpoint_filter_fn
+    filtered = dict(filter_fn(tensors, model)) if filter_fn is not None else tensors
+    diff = compare_state_dict(filtered, model)
+    if diff.missing or diff.mismatched or (strict and diff.unexpected):
+        raise diff.error(source)
+    if diff.unexpected:
+        logger.warning("strict=False: ignoring %d unexpected keys: %s", len(diff.unexpected), list(diff.unexpected))
+        filtered = {k: v for k, v in filtered.items() if k not in set(diff.unexpected)}
+    non_floating = find_non_floating(filtered, model.state_dict())
+    if non_floating:
+        raise CheckpointError(non_floating_message(source, non_floating))
+    non_finite = find_non_finite(filtered)
+    if non_finite and not allow_non_finite:
+        raise CheckpointError(non_finite_message(source, non_finite))
+    if non_finite:
+        logger.warning("allow_non_finite=True: %s", non_finite_message(source, non_finite).split(":")[0])
+    model.load_state_dict(filtered, strict=True)
+    logger.info("Loaded %d tensors from %s into %s", len(filtered), source, type(model).__name__)
+    return model

@@ -10,6 +10,7 @@ deadline (for instance a server that trickles bytes) is abandoned.
 import hashlib
 import http.client
 import logging
+import math
 import os
 import socket
 import threading
@@ -22,16 +23,21 @@ from urllib.request import Request, getproxies, proxy_bypass, urlopen
 import torch
 from tqdm import tqdm
 
-from capi_backbones.atomic_files import atomic_path
+from capi_backbones.atomic_files import atomic_path, remove_stale_temporaries
 from capi_backbones.pretrained.errors import CheckpointError, DownloadError, local_copy_hint
 from capi_backbones.pretrained.files import check_complete
+from capi_backbones.pretrained.options import DOWNLOAD_TIMEOUT_ENV
+from capi_backbones.weights_registry import WEIGHTS
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "DOWNLOAD_DEADLINE_S",
     "READ_TIMEOUT_S",
+    "STALE_TEMPORARY_AGE_S",
+    "cache_file_name",
     "check_reachable",
     "checkpoint_cache_dir",
+    "download_deadline",
     "download_url",
 ]
 
@@ -39,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # DNS + TCP connect
 READ_TIMEOUT_S = 60.0  # longest wait for any byte once connected
-DOWNLOAD_DEADLINE_S = 3600.0  # the whole download (1.2 GB needs about 3 Mbit/s to make it)
+DOWNLOAD_DEADLINE_S = 3600.0  # the whole download (1.2 GB needs about 3 Mbit/s to make it); $CAPI_DOWNLOAD_TIMEOUT
+STALE_TEMPORARY_AGE_S = 2 * READ_TIMEOUT_S  # a live download writes more often (its reads time out sooner)
 _CHUNK = 1 << 20
 
 
@@ -100,6 +107,39 @@ def _verify(tmp: Path, url: str, written: int, expected: int | None, digest: str
         raise DownloadError(f"{url} sent a file whose SHA-256 is {digest}, expected {sha256.lower()}.")
 
 
+def download_deadline(deadline_s: float | None = None) -> float:
+    """``deadline_s`` if given, else ``$CAPI_DOWNLOAD_TIMEOUT``, else ``DOWNLOAD_DEADLINE_S`` (seconds, > 0)."""
+    where = "deadline_s"
+    if deadline_s is None:
+        text = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "").strip()
+        if not text:
+            return DOWNLOAD_DEADLINE_S
+        where = f"${DOWNLOAD_TIMEOUT_ENV}"
+        try:
+            deadline_s = float(text)
+        except ValueError:
+            raise ValueError(f"{where}={text!r} is not a number of seconds; set it to e.g. 7200 or unset it.") from None
+    if not (isinstance(deadline_s, int | float) and math.isfinite(deadline_s) and deadline_s > 0):
+        raise ValueError(f"{where}={deadline_s!r}: the download deadline must be a positive number of seconds.")
+    return float(deadline_s)
+
+
+def cache_file_name(url: str) -> str:
+    """The cache name of a URL: its file name with a hash of the whole URL (host, path, query: so also the
+    revision of a ``.../resolve/<revision>/model.safetensors`` URL) before the suffix, so that two URLs sharing
+    a file name never share a cache entry: ``model.safetensors`` -> ``model-3f2a9c1b0d4e5f60.safetensors``.
+    The registered weights' URLs keep their official file names (torch.hub's layout, shared with the official
+    hubconf), which the registry keeps unique."""
+    registered = {w.url: w.file_name for w in WEIGHTS.values()}
+    if url in registered:
+        return registered[url]
+    name = os.path.basename(urlsplit(url).path) or "checkpoint.pth"
+    stem, dot, suffix = name.rpartition(".")
+    stem, suffix = (stem, dot + suffix) if stem else (name, "")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return f"{stem}-{digest}{suffix}"
+
+
 def download_url(
     url: str,
     *,
@@ -107,20 +147,26 @@ def download_url(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     sha256: str | None = None,
-    deadline_s: float = DOWNLOAD_DEADLINE_S,
+    deadline_s: float | None = None,
 ) -> Path:
     """Download ``url`` into the cache (default: torch hub checkpoints) once; return the cached path.
 
-    Checked before the rename (see the module docstring); any failure raises ``DownloadError`` and leaves
-    nothing under the final name. ``sha256``: expected hex digest. ``deadline_s``: limit for the whole download.
+    The cache entry is keyed by the URL (``cache_file_name``), never by its file name alone; ``file_name``
+    overrides it (callers pass it only for URLs whose names are unique: the registered weights). Checked before
+    the rename (see the module docstring); any failure raises ``DownloadError`` and leaves nothing under the final
+    name, and temporaries left by killed downloads are removed. ``sha256``: expected hex digest. ``deadline_s``:
+    limit for the whole download (default ``$CAPI_DOWNLOAD_TIMEOUT``, else 3600 s).
     """
-    file_name = file_name or os.path.basename(urlsplit(url).path) or "checkpoint.pth"
-    target = Path(cache_dir) if cache_dir is not None else checkpoint_cache_dir()
-    target = target / file_name
+    deadline_s = download_deadline(deadline_s)
+    file_name = file_name or cache_file_name(url)
+    folder = Path(cache_dir) if cache_dir is not None else checkpoint_cache_dir()
+    target = folder / file_name
     if target.is_file():
         logger.info("Using cached %s", target)
         return target
-    local = local_copy_hint(f"/path/to/{file_name}")
+    for stale in remove_stale_temporaries(folder, min_age_s=STALE_TEMPORARY_AGE_S):
+        logger.info("Removed %s, left by a download that was killed", stale)
+    local = local_copy_hint(f"/path/to/{os.path.basename(urlsplit(url).path) or file_name}")
     hint = f"To use a local copy instead, download it elsewhere and pass its path: {local} (or place it at {target})."
     try:
         check_reachable(url)
@@ -139,7 +185,7 @@ def download_url(
             written, hasher = 0, hashlib.sha256()
             with (
                 open(tmp, "wb") as out,
-                tqdm(total=expected, unit="B", unit_scale=True, desc=file_name, disable=not progress or None) as bar,
+                tqdm(total=expected, unit="B", unit_scale=True, desc=target.name, disable=not progress or None) as bar,
             ):
                 while chunk := response.read1(_CHUNK):  # returns what has arrived, so the deadline is checked
                     out.write(chunk)

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from capi_backbones.atomic_files import atomic_path, atomic_write_text
 from capi_backbones.models import CapiConfig
+from capi_backbones.models.config import MAX_IMAGE_SIZE
 from capi_backbones.pretrained.errors import CheckpointError
-from capi_backbones.pretrained.matching import add_backbone_prefix
+from capi_backbones.pretrained.matching import add_backbone_prefix, architecture_name
 
 __all__ = [
     "CONFIG_METADATA_KEY",
@@ -109,6 +110,14 @@ def sniff_format(path: str | os.PathLike) -> str:
             return "pytorch-zip"
         if _safetensors_header(f, size) is not None:
             return "safetensors"
+        length = int.from_bytes(head[:8], "little")
+        if len(head) > 8 and head[8:9] == b"{" and 2 <= length <= _MAX_SAFETENSORS_HEADER:  # safetensors' layout
+            what = (
+                f"cut inside its header (the header is {length} bytes, the file has {size - 8} after the length)"
+                if length > size - 8
+                else "damaged: its header is not a JSON object"
+            )
+            raise CheckpointError(f"{path} is a safetensors file {what}. {_fix_hint(path)}")
     if head[:1] == b"\x80":  # legacy pickle-based torch.save (pickle protocol 2+)
         return "pytorch-legacy"
     what = next((desc for magic, desc in _MAGIC if head.lstrip().lower().startswith(magic.lower())), None)
@@ -200,8 +209,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], CapiConfig | None,
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path} has an invalid {CONFIG_METADATA_KEY!r} metadata entry: {error}") from error
     image_size = metadata.get(IMAGE_SIZE_METADATA_KEY)
-    if image_size is not None and not (image_size.isdigit() and int(image_size) > 0):
-        raise CheckpointError(f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {image_size!r}.")
+    if image_size is not None and not (image_size.isdigit() and 0 < int(image_size) <= MAX_IMAGE_SIZE):
+        raise CheckpointError(
+            f"{path} has an invalid {IMAGE_SIZE_METADATA_KEY!r} metadata entry {image_size[:20]!r} (a number of "
+            f"pixels from 1 to {MAX_IMAGE_SIZE} is expected)."
+        )
     return tensors, config, None if image_size is None else int(image_size)
 
 
@@ -234,8 +246,16 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 
 
 def read_config_json(path: Path) -> CapiConfig:
+    """The ``CapiConfig`` of a ``config.json`` (``"model_type"``, written for the Hub's tooling, must say capi
+    when present; files written before it existed have none)."""
     try:
-        return CapiConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"it holds a {type(values).__name__}, not an object")
+        model_type = values.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"its model_type is {model_type!r}, not {MODEL_TYPE!r}: it is not a CAPI config")
+        return CapiConfig.from_dict(values)
     except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path} is not a valid CapiConfig JSON: {error}. Fix or delete it.") from error
 
@@ -288,30 +308,60 @@ def save_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+MODEL_TYPE = "capi"  # config.json's "model_type", as the Hugging Face Hub's tooling reads it
+PACKAGE_URL = "https://github.com/capi-backbones/capi-backbones"
+OFFICIAL_URL = "https://github.com/facebookresearch/capi"
+
 _MODEL_CARD = """---
 library_name: capi-backbones
 license: apache-2.0
 pipeline_tag: image-feature-extraction
-tags: [capi, vision, self-supervised-learning]
+tags:
+- capi
+- vision
+- image-feature-extraction
+- self-supervised-learning
+- pytorch
 ---
 
-# CAPI backbone
+# CAPI backbone: {name}
 
-A [CAPI](https://arxiv.org/abs/2502.08769) vision backbone saved with
-[capi-backbones](https://github.com/facebookresearch/capi). Load it with
-`capi_backbones.from_pretrained("hf-hub:<owner>/<repo>")` or from a local copy of this folder.
+A [CAPI](https://arxiv.org/abs/2502.08769) vision backbone ({shape}), saved with the
+[capi-backbones]({package_url}) package. CAPI itself (paper code and the released weights) is
+[facebookresearch/capi]({official_url}).
+
+```python
+import capi_backbones
+
+model = capi_backbones.from_pretrained("hf-hub:{repo_id}")  # or the path of a local copy of this folder
+pooled, registers, feature_map = model(images)
+```
 """
 
 
-def save_pretrained_folder(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` (config in the metadata), ``config.json`` and, if absent, a ``README.md``
-    model card into ``folder`` (created if needed), each file atomically."""
+def model_card(config: CapiConfig, repo_id: str | None = None) -> str:
+    """The README.md of a ``save_pretrained`` folder: Hub metadata (library, pipeline tag, tags) and how to load."""
+    shape = f"embed_dim {config.embed_dim}, depth {config.depth}, patch {config.patch_size}"
+    return _MODEL_CARD.format(
+        name=architecture_name(config) or "custom",
+        shape=shape,
+        package_url=PACKAGE_URL,
+        official_url=OFFICIAL_URL,
+        repo_id=repo_id or "<owner>/<repo>",
+    )
+
+
+def save_pretrained_folder(model: nn.Module, folder: str | os.PathLike, *, repo_id: str | None = None) -> Path:
+    """Write ``model.safetensors`` (config in the metadata), ``config.json`` (the ``CapiConfig`` fields and
+    ``"model_type": "capi"``) and, if absent, a ``README.md`` model card (naming ``repo_id`` when given) into
+    ``folder`` (created if needed), each file atomically."""
     folder = Path(folder)
     config = getattr(model, "config", None)
     if not isinstance(config, CapiConfig):
         raise ValueError(f"save_pretrained needs a model with a CapiConfig .config, got {type(config).__name__}.")
     save_safetensors(model, folder / HUB_WEIGHTS_FILE)
-    atomic_write_text(folder / HUB_CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    values = {"model_type": MODEL_TYPE, **config.to_dict()}
+    atomic_write_text(folder / HUB_CONFIG_FILE, json.dumps(values, indent=2, sort_keys=True) + "\n")
     if not (folder / "README.md").exists():
-        atomic_write_text(folder / "README.md", _MODEL_CARD)
+        atomic_write_text(folder / "README.md", model_card(config, repo_id))
     return folder

@@ -20,7 +20,9 @@ import torch
 
 from capi_backbones.models import CapiConfig, CapiModel
 from capi_backbones.pretrained.files import save_pretrained_folder
-from capi_backbones.pretrained.sources import PretrainedWeights, download_hub_files, parse_hub_source
+from capi_backbones.pretrained.local import load
+from capi_backbones.pretrained.options import LoadOptions
+from capi_backbones.pretrained.sources import PretrainedWeights, ResolvedSource, parse_hub_source
 
 __all__ = ["CapiHubModel"]
 
@@ -41,7 +43,7 @@ class CapiHubModel(CapiModel):
     ) -> str | None:
         """Write ``model.safetensors``, ``config.json`` and a model card into ``save_directory``; with
         ``push_to_hub=True`` also upload them to ``repo_id`` (default: the folder's name)."""
-        save_pretrained_folder(self, save_directory)
+        save_pretrained_folder(self, save_directory, repo_id=repo_id)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
         return None
@@ -62,7 +64,7 @@ class CapiHubModel(CapiModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained_folder(self, tmp)
+            save_pretrained_folder(self, tmp, repo_id=repo_id)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp,
@@ -93,28 +95,24 @@ class CapiHubModel(CapiModel):
         ``arch`` (name or CapiConfig; default: the saved config), ``device`` ("cpu"; ``map_location`` is an alias),
         ``dtype`` (float32), ``strict`` (True). Offline, fails fast naming the repo and the local alternative.
         """
-        from capi_backbones.pretrained.loader import load_local  # the loader returns this class: import on use
-
-        source = str(pretrained_model_name_or_path)
-        if not os.path.isdir(source):
-            if os.path.exists(source) or source.endswith((".pth", ".pt", ".safetensors")):
-                raise ValueError(f"{source} is not a folder; load single files with capi_backbones.from_pretrained.")
+        source = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(source):
+            resolved = ResolvedSource("path", source)
+        elif os.path.exists(source) or source.endswith((".pth", ".pt", ".safetensors")):
+            raise ValueError(f"{source} is not a folder; load single files with capi_backbones.from_pretrained.")
+        else:
             repo_id, parsed_revision = parse_hub_source(source)
-            folder = download_hub_files(
-                repo_id,
-                revision or parsed_revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
-            source = str(folder)
-        return load_local(
-            source,
-            model_cls=cls,
+            resolved = ResolvedSource("hf-hub", repo_id, revision=parsed_revision)
+        options = LoadOptions(
             arch=arch,
             device=device if map_location is None else map_location,
             dtype=dtype,
             strict=strict,
             allow_non_finite=allow_non_finite,
+            cache_dir=cache_dir,
+            revision=revision,
+            token=token,
+            force_download=force_download,
+            local_files_only=local_files_only,
         )
+        return load(resolved, options, model_cls=cls)

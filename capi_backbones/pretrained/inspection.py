@@ -25,7 +25,7 @@ from capi_backbones.pretrained.matching import (
     has_backbone_prefix,
     strip_backbone_prefix,
 )
-from capi_backbones.pretrained.sources import HF_HUB_PREFIX, download_hub_files, fetch_checkpoint, parse_hub_source
+from capi_backbones.pretrained.sources import fetch, resolve_source
 
 __all__ = ["CheckpointInfo", "inspect_checkpoint"]
 
@@ -54,11 +54,7 @@ class CheckpointInfo:
 
 
 def _local_file(source: str | os.PathLike) -> tuple[Path, CapiConfig | None]:
-    text = str(source)
-    if text.startswith(HF_HUB_PREFIX):
-        path = download_hub_files(*parse_hub_source(text))
-    else:
-        path, _ = fetch_checkpoint(source)
+    path = fetch(resolve_source(source))
     return folder_files(path) if path.is_dir() else (path, None)
 
 

@@ -2,12 +2,43 @@
 
 Run it with ``capi-backbones train CONFIG.yaml key=value ...`` or ``python -m capi_backbones.train ...``
 (``torchrun --nproc_per_node N -m capi_backbones.train ...`` for several GPUs). This package imports the
-models (and ``pretrained`` for export), never ``features`` or ``viz``.
+models (and ``pretrained`` for export), never ``features`` or ``viz``. The config (``train.config``) is plain
+data: importing it, or this package, does not import torch (``capi-backbones train --print-config`` stays light);
+the torch modules are imported on first use of their names.
 """
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from capi_backbones.train.config import PRESETS, ConfigError, TrainConfig, load_config, save_config
-from capi_backbones.train.export import ExportResult, export_teacher, load_teacher
-from capi_backbones.train.trainer import NonFiniteLossError, StepMetrics, Trainer, TrainResult, train
+
+_LAZY = {  # public name -> defining module, imported on first attribute access (PEP 562)
+    "ExportResult": "capi_backbones.train.export",
+    "export_teacher": "capi_backbones.train.export",
+    "load_teacher": "capi_backbones.train.export",
+    "NonFiniteLossError": "capi_backbones.train.trainer",
+    "StepMetrics": "capi_backbones.train.trainer",
+    "Trainer": "capi_backbones.train.trainer",
+    "TrainResult": "capi_backbones.train.trainer",
+    "train": "capi_backbones.train.trainer",
+}
+
+if TYPE_CHECKING:
+    from capi_backbones.train.export import ExportResult, export_teacher, load_teacher
+    from capi_backbones.train.trainer import NonFiniteLossError, StepMetrics, Trainer, TrainResult, train
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'capi_backbones.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "PRESETS",

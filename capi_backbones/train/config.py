@@ -16,8 +16,9 @@ trades compute for memory and changes no number.
 Load a YAML file (or a preset name) and apply ``section.key=value`` overrides with :func:`load_config`.
 """
 
+import contextlib
 import dataclasses
-import types
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "ClusteringConfig",
     "ConfigError",
     "DataConfig",
+    "MonitorConfig",
     "OptimConfig",
     "PRESETS",
     "TrainConfig",
@@ -43,6 +45,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "load_config_text",
     "save_config",
 ]
 
@@ -61,6 +64,8 @@ def _yaml():
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+MONITOR_REPRESENTATIONS = ("pooled", "avg_patch")
 RECIPE_DROP_PATH_RATE = 0.2  # batch-subset stochastic depth of the student in the official recipe
 
 
@@ -132,6 +137,7 @@ class TrainerConfig:
     output_dir: str = "runs/capi"  # run directory: config, checkpoints, metrics, loss curves
     seed: int = 0  # seeds weights, data order, augmentations and masks
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast where native: CUDA sm80+, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     parallel: str = "ddp"  # ddp | fsdp (torch.distributed.fsdp.fully_shard) when launched with torchrun
     compile: bool = False  # torch.compile the teacher and student forwards
     activation_checkpointing: str = "none"  # none | full | selective: recompute student blocks in backward
@@ -145,15 +151,35 @@ class TrainerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """A k-NN monitor while training: the teacher's k-NN top-1 on a labelled folder every ``every`` steps."""
+
+    data: str = ""  # labelled folder: train/ + test/ (or val/) class folders, as `eval classify` reads; "" = off
+    every: int = 200  # steps between evaluations (also one before the first step of a run)
+    student: bool = False  # also the student's k-NN top-1
+    k: int = 20  # neighbours of the k-NN vote (DINOv2's k-NN)
+    representation: str = "pooled"  # pooled (the official global representation) | avg_patch
+    max_images: int = 5000  # at most this many images per split (evenly spaced), to bound time and memory
+    batch_size: int = 256  # images per forward
+
+
+@dataclass
 class TrainConfig:
     model: CapiConfig = field(default_factory=_recipe_model)  # the backbone; drop_path_rate is the student's
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> "TrainConfig":
         """Check the values that the dataclass types cannot; returns self."""
+        for section in fields(self):
+            for entry in fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), entry.name)
+                numbers = value if isinstance(value, tuple) else (value,)
+                if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                    raise ConfigError(f"{section.name}.{entry.name} must be a finite number, got {value}.")
         if self.data.image_size % self.model.patch_size:
             p = self.model.patch_size
             raise ConfigError(
@@ -164,6 +190,11 @@ class TrainConfig:
             raise ConfigError(f"data.masking={self.data.masking!r}; allowed: uniform, block, inverse_block.")
         if self.train.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.train.device!r}; allowed: auto, cpu, cuda.")
+        if self.train.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"train.precision={self.train.precision!r}; allowed: {', '.join(TRAIN_PRECISIONS)}.")
+        if self.monitor.representation not in MONITOR_REPRESENTATIONS:
+            allowed = ", ".join(MONITOR_REPRESENTATIONS)
+            raise ConfigError(f"monitor.representation={self.monitor.representation!r}; allowed: {allowed}.")
         if self.train.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.train.parallel!r}; allowed: ddp, fsdp.")
         if self.train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
@@ -180,6 +211,10 @@ class TrainConfig:
             "train.checkpoint_every": self.train.checkpoint_every,
             "train.keep_checkpoints": self.train.keep_checkpoints,
             "train.nan_limit": self.train.nan_limit,
+            "monitor.every": self.monitor.every,
+            "monitor.k": self.monitor.k,
+            "monitor.max_images": self.monitor.max_images,
+            "monitor.batch_size": self.monitor.batch_size,
         }
         for name, value in positive.items():
             if value < 1:
@@ -223,7 +258,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# ---- dict <-> dataclass ---------------------------------------------------------------------------------------------
+# ---- dict <-> dataclass (OmegaConf structured configs type and check the values) ----------------------------------
 def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
     """Plain nested dict (tuples as lists), ready for YAML."""
 
@@ -236,6 +271,17 @@ def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+def _omegaconf():
+    """OmegaConf, imported on first use with the install hint when it is missing."""
+    try:
+        import omegaconf
+    except ImportError as error:
+        raise ImportError(
+            f"Training configs need OmegaConf and PyYAML ({error}). Install them with: {TRAIN_EXTRA_HINT}"
+        ) from None
+    return omegaconf
+
+
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
@@ -245,83 +291,73 @@ def _valid_keys() -> list[str]:
     return [f"{name}.{f.name}" for name, cls in _section_types().items() for f in fields(cls)]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the field type ``annotation``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
-            return None
-        (annotation,) = [a for a in options if a is not type(None)]
-        return _coerce(value, annotation, key)
-    if origin is tuple:
-        item_types = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = _yaml().safe_load(value)
-        if not isinstance(value, list | tuple) or len(value) != len(item_types):
-            raise ConfigError(f"{key} expects a list of {len(item_types)} values like [0.6, 1.0], got {value!r}.")
-        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types, strict=True))
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "yes", "on", "1"):
-                return True
-            if text in ("false", "no", "off", "0"):
-                return False
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            if isinstance(value, str):
-                number = float(value.replace("_", ""))
-                if not number.is_integer():
-                    raise ValueError
-                return int(number)
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if annotation is str:
-            if isinstance(value, dict | list):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        raise ConfigError(f"{key} expects {annotation.__name__}, got {value!r}.") from None
-    raise ConfigError(f"{key}: unsupported field type {annotation}.")
-
-
-def _check_key(section: str, key: str | None = None) -> tuple[type, dict[str, Any]]:
+def _field_type(section: str, key: str | None = None) -> Any:
+    """The annotation of ``section.key`` (the section's class when ``key`` is None); a ConfigError naming the
+    valid keys when there is no such key."""
     sections = _section_types()
     if section not in sections:
         raise ConfigError(f"Unknown config section {section!r}. Valid keys: {', '.join(_valid_keys())}.")
+    if key is None:
+        return sections[section]
     hints = typing.get_type_hints(sections[section])
-    if key is not None and key not in hints:
+    if key not in hints:
         raise ConfigError(f"Unknown config key '{section}.{key}'. Valid keys: {', '.join(_valid_keys())}.")
-    return sections[section], hints
+    return hints[key]
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return f"a list of {len(typing.get_args(annotation))} values like [0.6, 1.0]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _prepared(value: Any, annotation: Any) -> Any:
+    """The two readings OmegaConf does not do itself: an integral float for an int (``1e3``, which YAML and the
+    command line give as a float or a string), and a ``[a, b]`` string from the command line for a tuple."""
+    if annotation is int and isinstance(value, float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+    if typing.get_origin(annotation) is tuple and isinstance(value, str):
+        with contextlib.suppress(Exception):
+            return _yaml().safe_load(value)
+    return value
 
 
 def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """Apply a nested dict ``{section: {key: value}}`` on top of ``base`` (the defaults when None)."""
-    config = dataclasses.replace(base) if base is not None else TrainConfig()
+    """Apply a nested dict ``{section: {key: value}}`` on top of ``base`` (the defaults when None).
+
+    The values are typed and checked by OmegaConf against the dataclasses (a structured config); its errors
+    become one line naming the key, the expected type and the value."""
     if not isinstance(values, dict):
         raise ConfigError(f"A config must be a mapping of sections, got {type(values).__name__}.")
+    updates: dict[str, dict[str, Any]] = {}
     for section, entries in values.items():
-        _check_key(section)
+        _field_type(section)
         if not isinstance(entries, dict):
             raise ConfigError(f"Config section {section!r} must be a mapping of keys, got {entries!r}.")
-        current = getattr(config, section)
-        updates = {}
-        for key, value in entries.items():
-            _, hints = _check_key(section, key)
-            updates[key] = _coerce(value, hints[key], f"{section}.{key}")
-        try:
-            setattr(config, section, dataclasses.replace(current, **updates))
-        except ValueError as error:  # CapiConfig's own checks (head dim, registers)
-            raise ConfigError(f"{section}: {error}") from None
-    return config
+        updates[section] = {key: _prepared(value, _field_type(section, key)) for key, value in entries.items()}
+    omegaconf = _omegaconf()
+    merged = omegaconf.OmegaConf.structured(base if base is not None else TrainConfig)
+    try:
+        merged = omegaconf.OmegaConf.merge(merged, updates)
+    except omegaconf.errors.OmegaConfBaseException:
+        for section, entries in updates.items():  # find the value it refused, for a message that names it
+            for key, value in entries.items():
+                try:
+                    omegaconf.OmegaConf.merge(merged, {section: {key: value}})
+                except omegaconf.errors.OmegaConfBaseException:
+                    raise ConfigError(
+                        f"{section}.{key} expects {_type_name(_field_type(section, key))}, got {value!r}."
+                    ) from None
+        raise
+    try:
+        return omegaconf.OmegaConf.to_object(merged)
+    except omegaconf.errors.OmegaConfBaseException as error:  # an ${interpolation} that does not resolve
+        raise ConfigError(f"{error.full_key}: {str(error).splitlines()[0]}.") from None
+    except ValueError as error:  # CapiConfig's own checks (head dim, registers)
+        raise ConfigError(f"model: {error}") from None
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -335,7 +371,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
                 f"Override {item!r} is not of the form section.key=value (e.g. optim.lr=5e-4). "
                 f"Valid keys: {', '.join(_valid_keys())}."
             )
-        _check_key(section, key)
+        _field_type(section, key)
         nested.setdefault(section, {})[key] = value
     return config_from_dict(nested, config)
 
@@ -371,6 +407,15 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     if overrides:
         config = apply_overrides(config, overrides)
     return config.validate()
+
+
+def load_config_text(text: str) -> TrainConfig:
+    """The config of a YAML text as ``dump_config`` writes it (a run's config.yaml)."""
+    try:
+        values = _yaml().safe_load(text) or {}
+    except _yaml().YAMLError as error:
+        raise ConfigError(f"not valid YAML: {error}".splitlines()[0]) from None
+    return config_from_dict(values)
 
 
 def _read_yaml(path: Path) -> Any:

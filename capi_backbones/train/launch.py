@@ -14,9 +14,7 @@ import sys
 from capi_backbones.atomic_files import WriteError
 from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
 from capi_backbones.constants import EXIT_INPUTS_FAILED as EXIT_NON_FINITE
-from capi_backbones.train.checkpointing import CheckpointNotFoundError
 from capi_backbones.train.config import ConfigError, dump_config, load_config
-from capi_backbones.train.trainer import NonFiniteLossError, train
 
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_NON_FINITE", "EXIT_USAGE", "main", "run"]
 
@@ -43,9 +41,16 @@ def run(
         return _fail(prog, f"--max-steps must be >= 1, got {max_steps}.", EXIT_USAGE)
     try:
         config = load_config(config_source, overrides)
-        if print_config:
-            print(dump_config(config), end="")
-            return 0
+        text = dump_config(config) if print_config else None
+    except (ConfigError, ImportError) as error:
+        return _fail(prog, str(error), EXIT_ENVIRONMENT if isinstance(error, ImportError) else EXIT_USAGE)
+    if text is not None:  # before torch is imported
+        print(text, end="")
+        return 0
+    from capi_backbones.train.checkpointing import CheckpointNotFoundError
+    from capi_backbones.train.trainer import NonFiniteLossError, train
+
+    try:
         result = train(config, max_steps=max_steps)
     except NonFiniteLossError as error:
         return _fail(prog, str(error), EXIT_NON_FINITE)
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.output_dir=runs/a")
     parser.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     quiet_other_ranks()
     return run(args.config, args.overrides, max_steps=args.max_steps, print_config=args.print_config, prog=parser.prog)

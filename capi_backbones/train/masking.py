@@ -7,14 +7,12 @@ masked. ``n_masked = int(mask_ratio * n_tokens)`` for every strategy, so all mas
 same counts. All randomness comes from a ``torch.Generator`` passed in: no global RNG is touched.
 """
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
 __all__ = [
     "MASKING_STRATEGIES",
@@ -25,7 +23,6 @@ __all__ = [
     "inverse_block_mask",
     "n_masked_tokens",
     "sample_block_shape",
-    "step_generator",
     "uniform_mask",
 ]
 
@@ -170,12 +167,6 @@ MASKING_STRATEGIES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator that is a pure function of ``(seed, step)`` (a hash, so nearby seeds don't overlap)."""
-    digest = hashlib.blake2b(f"capi-masking:{seed}:{step}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-
 @dataclass
 class MaskedBatch:
     """A collated batch. Indices are per image, row-major in the (h, w) patch grid, ascending."""
@@ -202,16 +193,10 @@ def _pin(t: Tensor | None) -> Tensor | None:
 
 
 class MaskingCollator:
-    """``collate_fn`` that stacks images and draws one mask per image.
-
-    Determinism and resume: unless a ``generator`` is passed to ``__call__``, the masks of the k-th batch
-    collated since ``start_step`` are drawn from ``step_generator(seed, start_step + k)``: a pure function
-    of the batch's position, whatever the number of DataLoader workers. Inside a worker, k is
-    ``calls * num_workers + worker_id``, which holds because the DataLoader hands batches to workers
-    round-robin (its default ``in_order=True``). Build one DataLoader iterator per run (an infinite
-    sampler) and, on resume at iteration ``i``, call ``set_step(i)`` (or ``load_state_dict``) before
-    creating the iterator. ``state_dict()`` is exact when collating in the main process (``num_workers=0``).
-    """
+    """Draws the masks of a ``(h, w)`` patch grid (``sample_indices``) and, as a ``collate_fn`` called with a
+    ``generator``, stacks images and draws one mask per image. It holds no state: the trainer seeds each
+    sample's mask by its stream position (``train.data.PositionMaskingCollate``), so masks do not depend on
+    batches, ranks, workers or resumes."""
 
     def __init__(
         self,
@@ -221,8 +206,6 @@ class MaskingCollator:
         prediction_ratio: float = 0.05,
         strategy: str = "inverse_block",
         roll: bool = True,
-        seed: int = 0,
-        start_step: int = 0,
     ) -> None:
         h, w = grid_size
         _check_grid(h, w, mask_ratio)
@@ -233,7 +216,6 @@ class MaskingCollator:
         self.prediction_ratio = prediction_ratio
         self.strategy = strategy
         self.roll = roll
-        self.seed = seed
         self.n_tokens = h * w
         self.n_masked = n_masked_tokens(self.n_tokens, mask_ratio)
         self.n_visible = self.n_tokens - self.n_masked
@@ -245,28 +227,6 @@ class MaskingCollator:
                 f"prediction_ratio={prediction_ratio} of {self.n_masked} masked patches gives n_predict="
                 f"{self.n_predict}; it must give 1 to {self.n_masked} (raise the ratio or use a larger grid)."
             )
-        self.set_step(start_step)
-
-    def set_step(self, step: int) -> None:
-        """Make the next batch collated (per DataLoader iterator) the one of global step ``step``."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}.")
-        self.start_step = step
-        self._calls = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "next_step": self.start_step + self._calls}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed") != self.seed:
-            raise ValueError(f"Masking state was saved with seed {state.get('seed')!r}, this collator has {self.seed}.")
-        self.set_step(int(state["next_step"]))
-
-    def _next_generator(self) -> torch.Generator:
-        worker = get_worker_info()
-        k = self._calls if worker is None else self._calls * worker.num_workers + worker.id
-        self._calls += 1
-        return step_generator(self.seed, self.start_step + k)
 
     def _mask(self, generator: torch.Generator) -> Tensor:
         h, w = self.grid_size
@@ -286,12 +246,10 @@ class MaskingCollator:
         predict = torch.gather(masked, 1, chosen).sort(dim=1).values
         return masks, visible, predict
 
-    def __call__(self, batch: Sequence[Tensor | Sequence], generator: torch.Generator | None = None) -> MaskedBatch:
+    def __call__(self, batch: Sequence[Tensor | Sequence], generator: torch.Generator) -> MaskedBatch:
         if len(batch) == 0:
             raise ValueError("Cannot collate an empty batch.")
         images = torch.stack([self._image(item, i) for i, item in enumerate(batch)])  # (B, 3, H, W)
-        if generator is None:
-            generator = self._next_generator()
         masks, visible, predict = self.sample_indices(len(batch), generator)
         return MaskedBatch(images=images, visible_indices=visible, predict_indices=predict, masks=masks)
 

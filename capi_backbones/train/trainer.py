@@ -1,4 +1,7 @@
-"""The CAPI pretraining loop: models, optimizers, schedules, logging, checkpoints, signals and resume.
+"""The CAPI pretraining loop: it builds the models and optimizers and runs the steps, in order.
+
+What a checkpoint holds, writing and resuming it: ``train.checkpointing``. The run directory's other files (config,
+metrics, curves) and the progress shown: ``train.run_dir``. The k-NN monitor: ``train.monitor``.
 
 One step (spec section 7): teacher forward + clustering loss backward; student forward + CAPI loss backward;
 AdamW step on the student; EMA update of the teacher; clustering optimizer step. A step whose losses are not
@@ -12,9 +15,6 @@ so an interrupted run continues bit for bit (on CPU).
 import contextlib
 import dataclasses
 import logging
-import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,21 +23,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.nn.parallel import DistributedDataParallel
 
-from capi_backbones.atomic_files import remove_stale_temporaries
+from capi_backbones.images import load_image
 from capi_backbones.models import CapiModel
+from capi_backbones.runtime.precision import native_bf16, resolve_precision
+from capi_backbones.runtime.signals import handle_stop_signals
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
-from capi_backbones.train.config import TrainConfig, config_from_dict, config_to_dict, save_config
+from capi_backbones.train.config import TrainConfig
 from capi_backbones.train.data import (
     ImageStream,
     PositionMaskingCollate,
@@ -59,20 +55,21 @@ from capi_backbones.train.ema import ema_update_
 from capi_backbones.train.heads import L2NormLinear
 from capi_backbones.train.losses import capi_loss
 from capi_backbones.train.masking import MaskedBatch, MaskingCollator
-from capi_backbones.train.metrics import MetricsWriter, draw_curves, read_metrics
+from capi_backbones.train.metrics import MetricsWriter
 from capi_backbones.train.param_groups import apply_schedules, build_param_groups
+from capi_backbones.train.run_dir import (
+    METRICS_FILE,
+    draw_run_curves,
+    log_window,
+    prepare_run_dir,
+    progress_bar,
+)
 from capi_backbones.train.schedules import warmup_truncated_cosine
 from capi_backbones.train.step import StudentNet, assignment_entropies, teacher_assignments, teacher_targets
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-RANK_SEED_TAG = 3  # derive_seed tag of the per-rank torch seed (stochastic depth)
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "loss_curves.png"
-CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,13 +109,19 @@ class Trainer:
     """Builds the student, teacher, clustering layer and optimizers from a :class:`TrainConfig`, resumes
     from the run directory's newest checkpoint when ``train.resume`` is set, and runs steps."""
 
-    def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, context: DistributedContext | None = None, sync_free: bool | None = None
+    ) -> None:
         self.config = config.validate()
         self.context = context or init_distributed(config.train.device)
         self.device = self.context.device
+        # sync-free steps (no host read between log steps, fused AdamW) where a host read waits for the device
+        self.sync_free = self.device.type != "cpu" if sync_free is None else sync_free
         self.run_dir = Path(config.train.output_dir)
         self.step = 0
         self.nan_streak = 0
+        self._pending: list[tuple[StepMetrics, Tensor]] = []  # steps whose values are still on the device
+        self._unreported: list[StepMetrics] = []  # flushed steps not yet handed to run()'s callbacks
         self._signal_received = False  # set by the signal handler, on this rank only
         self._stop_agreed = False  # every rank knows some rank got a signal (from the step's all-reduce)
         mc, cc, oc = config.model, config.clustering, config.optim
@@ -135,10 +138,13 @@ class Trainer:
                 f"{self.local_batch}."
             )
         self.image_paths = find_images(config.data.root)  # fails early on a missing or empty folder
+        first_readable_image(self.image_paths, config.data.root)
         logger.info(
             "Found %d images under %s; building the student, teacher and clustering layer on %s...",
             len(self.image_paths), config.data.root, self.device,
         )  # fmt: skip
+        self.monitor = self._build_monitor()
+        self.last_knn = None  # the monitor's latest scores (KnnScores)
         self.grid = (config.data.image_size // mc.patch_size,) * 2
         self.masking = MaskingCollator(
             self.grid,
@@ -146,7 +152,6 @@ class Trainer:
             prediction_ratio=config.data.prediction_ratio,
             strategy=config.data.masking,
             roll=config.data.roll,
-            seed=config.train.seed,
         )
 
         # ---- models: identical init on every rank ----
@@ -169,7 +174,9 @@ class Trainer:
             bias=cc.bias,
             device=self.device,
         ).train()
+        self.precision = training_precision(config.train.precision, self.device)
         self._wrap_parallel()
+        fused = {"fused": True} if self.sync_free else {}  # only the fused kernels skip a step on the device
         self.optimizer = torch.optim.AdamW(
             build_param_groups(
                 self.student,
@@ -182,15 +189,16 @@ class Trainer:
             lr=oc.lr,
             betas=oc.betas,
             weight_decay=oc.weight_decay,
+            **fused,
         )
         self.clustering_optimizer = torch.optim.AdamW(
-            self.clustering.parameters(), lr=cc.lr, betas=cc.betas, weight_decay=cc.weight_decay
+            self.clustering.parameters(), lr=cc.lr, betas=cc.betas, weight_decay=cc.weight_decay, **fused
         )
         self._ema_pairs = (list(self.teacher.parameters()), list(self.student.backbone.parameters()))
         self._sum, self._max = reducers(self.context)
         self._autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if self.device.type == "cuda"
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if self.precision == "bf16"
             else contextlib.nullcontext
         )
         self._student_forward = self._student_ddp if self._student_ddp is not None else self.student
@@ -198,7 +206,17 @@ class Trainer:
         if config.train.compile:
             self._student_forward = torch.compile(self._student_forward)
             self._teacher_encode = torch.compile(self._teacher_encode)
-        torch.manual_seed(derive_seed(config.train.seed, RANK_SEED_TAG, self.context.rank))
+        torch.manual_seed(derive_seed(config.train.seed, checkpointing.RANK_SEED_TAG, self.context.rank))
+        self.checkpoints = checkpointing.RunCheckpoints(
+            self.run_dir,
+            config,
+            self.context,
+            student=self.student,
+            teacher=self.teacher,
+            optimizer=self.optimizer,
+            clustering=self.clustering,
+            clustering_optimizer=self.clustering_optimizer,
+        )
         self.resumed_from = self._maybe_resume()
 
     # ---- set-up ---------------------------------------------------------------------------------------------
@@ -209,8 +227,8 @@ class Trainer:
         if self.config.train.parallel == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-            cuda = self.device.type == "cuda"
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+            bf16_cuda = self.device.type == "cuda" and self.precision == "bf16"
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_cuda else None
             kw = {"mp_policy": policy} if policy is not None else {}
             for model in (self.student.backbone, self.teacher):
                 for block in [*model.encoder.blocks, *model.decoder.blocks]:
@@ -218,11 +236,34 @@ class Trainer:
             fully_shard(self.student, **kw)
             fully_shard(self.teacher, **kw)
             register_fsdp_forward_method(self.teacher, "encode")
+            register_fsdp_forward_method(self.teacher, "forward_features")  # the k-NN monitor
         else:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._student_ddp = DistributedDataParallel(self.student, device_ids=device_ids)
         # the clustering layer stays replicated: same init everywhere, gradients averaged by hand
         broadcast_parameters(self.clustering)
+
+    def _build_monitor(self):
+        """The k-NN monitor of ``monitor.data`` (None when unset), built before the models so that a bad folder
+        fails early."""
+        mc = self.config.monitor
+        if not mc.data:
+            return None
+        if mc.student and self.config.train.parallel == "fsdp" and self.context.is_distributed:
+            raise ValueError("monitor.student=true is not available with train.parallel=fsdp; use ddp or drop it.")
+        from capi_backbones.train.monitor import KnnMonitor  # reads images (features) and scores (evals)
+
+        return KnnMonitor(mc, self.config.data.image_size, self.device)
+
+    def evaluate_monitor(self, writer: MetricsWriter | None = None):
+        """Run the k-NN monitor on the current teacher (and student) and record its scores at ``self.step``."""
+        scores = self.monitor.evaluate(self.teacher, self.student.backbone, self._autocast)
+        self.last_knn = scores
+        if writer is not None and self.context.is_main:
+            writer.write({"step": self.step, **scores.record(), "time": time.time()})
+        student = "" if scores.student is None else f", student {scores.student:.3f}"
+        logger.info("step %d | k-NN top-1: teacher %.3f%s (%.1f s)", self.step, scores.teacher, student, scores.seconds)
+        return scores
 
     def _data_loader(self, start_step: int, end_step: int):
         dc = self.config.data
@@ -267,7 +308,12 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def train_step(self, batch: MaskedBatch) -> StepMetrics:
-        """Run step ``self.step`` on this rank's share of the global batch and advance the step counter."""
+        """Run step ``self.step`` on this rank's share of the global batch and advance the step counter.
+
+        Without host synchronisation (``sync_free``, on accelerators) the returned metrics hold NaN until
+        :meth:`flush_metrics` reads the values of the pending steps from the device (``run`` does so at log steps,
+        checkpoints and stops); the non-finite guard then skips the updates on the device. On the CPU a read costs
+        nothing, so each step reads its values at once and skips non-finite updates on the host."""
         start = time.perf_counter()
         step = self.step
         values = self.schedules(step)
@@ -287,50 +333,79 @@ class Trainer:
         n_tokens = targets.shape[0] * targets.shape[1]
         stop = 1.0 if self._signal_received else 0.0
         scalars = torch.stack([loss.detach(), clustering_loss.detach().float(), entropy]).to(usage)
-        extra = torch.tensor([stop, float(n_tokens)], device=usage.device)
+        extra = usage.new_full((2,), float(n_tokens))  # made on the device: a host copy would wait for it
+        extra[0] = stop
         packed = torch.cat([scalars, extra, usage])
         if self.context.is_distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        reduced = packed.cpu()
-        world = self.context.world_size
-        loss_value, closs_value, entropy_value = (reduced[:3] / world).tolist()
-        stop_any, total_tokens = reduced[3].item(), reduced[4].item()
-        mean_usage = reduced[5:] / total_tokens
-        prototype_entropy = float(-torch.xlogy(mean_usage, mean_usage).sum())
-        self._stop_agreed = stop_any > 0
-        finite = math.isfinite(loss_value) and math.isfinite(closs_value)
+        mean_usage = packed[5:] / packed[4]
+        record = torch.cat(
+            [packed[:3] / self.context.world_size, -torch.xlogy(mean_usage, mean_usage).sum()[None], packed[3:4]]
+        )  # loss, clustering loss, target entropy, prototype entropy, stop requests
+        finite = torch.isfinite(record[:2]).all()
 
-        if finite:
-            self.nan_streak = 0
+        if self.sync_free:  # fused AdamW skips its update where found_inf is set; the EMA keeps the teacher
+            skip = (~finite).float()
+            self.optimizer.found_inf = self.clustering_optimizer.found_inf = skip
+            self.optimizer.step()
+            ema_update_(*self._ema_pairs, torch.where(finite, values["momentum"], 1.0))
+            all_reduce_grads_mean(self.clustering.parameters(), self.context.world_size)
+            self.clustering_optimizer.step()
+        elif finite:  # a read from the CPU: free
             self.optimizer.step()
             ema_update_(*self._ema_pairs, values["momentum"])
-            all_reduce_grads_mean(self.clustering.parameters(), world)
+            all_reduce_grads_mean(self.clustering.parameters(), self.context.world_size)
             self.clustering_optimizer.step()
-        else:
-            self.nan_streak += 1
-            logger.warning(
-                "Step %d: non-finite loss (loss=%s, clustering loss=%s); skipped the update (%d in a row).",
-                step, loss_value, closs_value, self.nan_streak,
-            )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         self.clustering_optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.nan_streak >= self.config.train.nan_limit:
-            raise NonFiniteLossError(
-                f"{self.nan_streak} non-finite steps in a row (last at step {step}: loss={loss_value}, "
-                f"clustering loss={closs_value}). Lower optim.lr, check the data, or raise train.nan_limit; "
-                f"restart from the last checkpoint in {self.run_dir / checkpointing.CHECKPOINT_DIR}."
-            )
-        return StepMetrics(
+        nan = float("nan")
+        metrics = StepMetrics(
             step=step,
-            loss=loss_value,
-            clustering_loss=closs_value,
-            target_entropy=entropy_value,
-            prototype_entropy=prototype_entropy,
-            finite=finite,
+            loss=nan,
+            clustering_loss=nan,
+            target_entropy=nan,
+            prototype_entropy=nan,
+            finite=True,
             seconds=time.perf_counter() - start,
             **values,
         )
+        self._pending.append((metrics, torch.cat([record, finite[None].to(record.dtype)])))
+        if not self.sync_free:
+            self.flush_metrics()
+        return metrics
+
+    def flush_metrics(self) -> list[StepMetrics]:
+        """Read the values of the steps run since the last flush from the device (one transfer), fill in their
+        metrics, count non-finite steps in a row and agree on stop requests; returns those metrics. Raises
+        NonFiniteLossError after ``train.nan_limit`` non-finite steps in a row."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        rows = torch.stack([row for _, row in pending]).cpu().tolist()
+        done = []
+        for (metrics, _), row in zip(pending, rows, strict=True):
+            metrics.loss, metrics.clustering_loss, metrics.target_entropy, metrics.prototype_entropy = row[:4]
+            metrics.finite = row[5] > 0
+            self._stop_agreed = self._stop_agreed or row[4] > 0
+            done.append(metrics)
+            if metrics.finite:
+                self.nan_streak = 0
+                continue
+            self.nan_streak += 1
+            logger.warning(
+                "Step %d: non-finite loss (loss=%s, clustering loss=%s); skipped the update (%d in a row).",
+                metrics.step, metrics.loss, metrics.clustering_loss, self.nan_streak,
+            )  # fmt: skip
+            if self.nan_streak >= self.config.train.nan_limit:
+                folder = self.run_dir / checkpointing.CHECKPOINT_DIR
+                raise NonFiniteLossError(
+                    f"{self.nan_streak} non-finite steps in a row (last at step {metrics.step}: loss={metrics.loss}, "
+                    f"clustering loss={metrics.clustering_loss}). Lower optim.lr, check the data, or raise "
+                    f"train.nan_limit; restart from the last checkpoint in {folder}."
+                )
+        self._unreported.extend(done)
+        return done
 
     def _run_teacher(self, compute, batch: MaskedBatch):
         """``teacher_targets`` or ``teacher_assignments`` of the batch: the EMA encoder and the online clustering."""
@@ -392,98 +467,26 @@ class Trainer:
             self.student.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    # ---- checkpoints ----------------------------------------------------------------------------------------
-    def _model_states(self) -> dict[str, Any]:
-        """Full (unsharded) states keyed by parameter name, for DDP, FSDP and single-process runs alike, so a
-        checkpoint resumes under any of them. Collective under torch.distributed; only rank 0 gets the values."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=self.context.is_distributed)
-        return {
-            "student": get_model_state_dict(self.student, options=options),
-            "teacher": get_model_state_dict(self.teacher, options=options),
-            "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=options),
-        }
-
-    def _load_model_states(self, state: dict[str, Any]) -> None:
-        options = StateDictOptions(full_state_dict=True, strict=True)
-        set_model_state_dict(self.student, state["student"], options=options)
-        set_model_state_dict(self.teacher, state["teacher"], options=options)
-        set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], options=options)
-
+    # ---- checkpoints (their contents: checkpointing.RunCheckpoints) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The full training state (collective under torch.distributed: call it on every rank)."""
-        rng = checkpointing.capture_rng_state()
-        if self.context.is_distributed:
-            gathered: list[Any] = [None] * self.context.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_states = gathered
-        else:
-            rng_states = [rng]
-        return {
-            "format": checkpointing.CHECKPOINT_FORMAT,
-            "step": self.step,
-            "world_size": self.context.world_size,
-            "config": config_to_dict(self.config),
-            **self._model_states(),
-            "clustering": self.clustering.state_dict(),
-            "clustering_optimizer": self.clustering_optimizer.state_dict(),
-            "nan_streak": self.nan_streak,
-            "rng": rng_states,
-        }
+        return self.checkpoints.state_dict(self.step, self.nan_streak)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_compatible(state)
-        self._load_model_states(state)
-        self.clustering.load_state_dict(state["clustering"])
-        self.clustering_optimizer.load_state_dict(state["clustering_optimizer"])
-        self.step = int(state["step"])
-        self.nan_streak = int(state["nan_streak"])
-        if state["world_size"] == self.context.world_size:
-            checkpointing.restore_rng_state(state["rng"][self.context.rank])
-        else:
-            logger.warning(
-                "Checkpoint was written by %d ranks, this run has %d: data order and schedules continue exactly, "
-                "but the stochastic-depth RNG is reseeded.", state["world_size"], self.context.world_size,
-            )  # fmt: skip
-            torch.manual_seed(derive_seed(self.config.train.seed, RANK_SEED_TAG, self.step * 4096 + self.context.rank))
-
-    def _check_compatible(self, state: dict[str, Any]) -> None:
-        saved = config_from_dict(state["config"])
-        for section in ("model", "clustering"):
-            old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(self.config, section))
-            diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
-            if diff:
-                details = ", ".join(f"{section}.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-                raise ValueError(
-                    f"Cannot resume: the checkpoint's {section} settings differ ({details}). "
-                    "Use the run's own config.yaml, or a new train.output_dir."
-                )
-        for section in ("optim", "data"):
-            if getattr(saved, section) != getattr(self.config, section):
-                logger.warning("Resuming with %s settings that differ from the checkpoint's.", section)
+        self.step, self.nan_streak = self.checkpoints.load_state_dict(state)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/checkpoint-{step}.pt`` (rank 0; collective under torch.distributed)."""
-        state = self.state_dict()
-        path = checkpointing.checkpoint_path(self.run_dir, self.step)
-        if self.context.is_main:
-            checkpointing.save_checkpoint(state, path, keep_last=self.config.train.keep_checkpoints)
-            if self.config.train.plot_every_checkpoint:
-                self.draw_curves()
-        if self.context.is_distributed:
-            dist.barrier()
+        path = self.checkpoints.save(self.step, self.nan_streak)
+        if self.context.is_main and self.config.train.plot_every_checkpoint:
+            self.draw_curves()
         return path
 
     def _maybe_resume(self) -> Path | None:
-        found = checkpointing.list_checkpoints(self.run_dir)
-        if not found:
+        resumed = self.checkpoints.resume()
+        if resumed is None:
             return None
-        if not self.config.train.resume:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (newest: {found[-1][1].name}) and train.resume=false. "
-                "Set train.resume=true to continue that run, or choose another train.output_dir."
-            )
-        path, state = checkpointing.load_newest_checkpoint(self.run_dir)
-        self.load_state_dict(state)
+        path, self.step, self.nan_streak = resumed
         logger.info("Resumed from %s at step %d", path, self.step)
         return path
 
@@ -495,22 +498,19 @@ class Trainer:
         self._signal_received = True
 
     def draw_curves(self) -> Path:
-        return draw_curves(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / CURVES_FILE)
+        """loss_curves.png (see ``run_dir.draw_run_curves``)."""
+        return draw_run_curves(self.run_dir)
 
     def _prepare_run_dir(self) -> MetricsWriter:
         writer = MetricsWriter(self.run_dir / METRICS_FILE)
         if self.context.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for folder in (self.run_dir, self.run_dir / checkpointing.CHECKPOINT_DIR):
-                for path in remove_stale_temporaries(folder):
-                    logger.info("Removed %s, left by an interrupted write.", path)
-            save_config(self.config, self.run_dir / CONFIG_FILE)
-            writer.truncate_after(self.step)  # records past the checkpoint are re-done
+            writer = prepare_run_dir(self.run_dir, self.config, self.step)
         return writer
 
     def run(self, max_steps: int | None = None, callbacks: Sequence[Callable[[StepMetrics], None]] = ()) -> TrainResult:
         """Train until ``optim.total_steps`` (or ``max_steps`` more steps, then checkpoint), a stop signal, or
-        an error. ``callbacks`` are called with each step's metrics."""
+        an error. ``callbacks`` are called with each step's metrics once its values are read (at once on the CPU;
+        at the next log or checkpoint step when sync-free)."""
         tc = self.config.train
         start_step = self.step
         end_step = self.config.optim.total_steps
@@ -528,7 +528,11 @@ class Trainer:
         )  # fmt: skip
         window: list[StepMetrics] = []
         last_saved = -1
-        with _stop_signals(self.request_stop), self._progress_bar(start_step, end_step) as bar:
+        every = self.config.monitor.every
+        if self.monitor is not None and start_step == 0:
+            self.evaluate_monitor(writer)  # the random init: the baseline of the curve
+        bar_on = self.config.train.progress_bar and self.context.is_main
+        with handle_stop_signals(self.request_stop), progress_bar(bar_on, start_step, end_step) as bar:
             tick = time.perf_counter()
             for batch in self._data_loader(start_step, end_step):
                 metrics = self.train_step(batch)
@@ -536,18 +540,38 @@ class Trainer:
                 metrics.seconds, tick = now - tick, now
                 result.history.append(metrics)
                 window.append(metrics)
-                if bar is not None:
-                    images_per_s = self.config.optim.batch_size / metrics.seconds if metrics.seconds > 0 else 0.0
-                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {metrics.loss:.4f}", refresh=False)
-                    bar.update(1)
-                for callback in callbacks:
-                    callback(metrics)
                 done = self.step
-                # ranks stop together: a signal seen after this step's all-reduce counts at the next step
-                stop = self._stop_agreed or (self._signal_received and not self.context.is_distributed)
+                if bar is not None:
+                    bar.update(1)
+                # sync-free: the values are read from the device at log and checkpoint steps, the same on every rank
+                alone = not self.context.is_distributed
+                if (
+                    done % tc.log_every == 0
+                    or done % tc.checkpoint_every == 0
+                    or done == end_step
+                    or (self._signal_received and alone)
+                ):
+                    self.flush_metrics()
+                flushed, self._unreported = self._unreported, []
+                if bar is not None and flushed:
+                    images_per_s = self.config.optim.batch_size / metrics.seconds if metrics.seconds > 0 else 0.0
+                    knn = "" if self.last_knn is None else f", k-NN {self.last_knn.teacher:.3f}"
+                    bar.set_postfix_str(f"{images_per_s:.1f} img/s, loss {flushed[-1].loss:.4f}{knn}", refresh=False)
+                for callback in callbacks:
+                    for step_metrics in flushed:
+                        callback(step_metrics)
+                # ranks stop together: a signal seen after this step's all-reduce counts at the next flush
+                stop = self._stop_agreed or (self._signal_received and alone)
                 if done % tc.log_every == 0 or done == end_step or stop:
                     self._log(window, writer)
                     window = []
+                if (
+                    self.monitor is not None
+                    and not stop
+                    and (done % every == 0 or done == self.config.optim.total_steps)
+                ):
+                    self.evaluate_monitor(writer)
+                    tick = time.perf_counter()  # the next step's time leaves the evaluation out
                 if done % tc.checkpoint_every == 0 or stop:
                     result.last_checkpoint = self.save_checkpoint()
                     last_saved = done
@@ -562,74 +586,38 @@ class Trainer:
         result.end_step = self.step
         return result
 
-    @contextlib.contextmanager
-    def _progress_bar(self, start_step: int, end_step: int):
-        """A tqdm bar over the steps (rate, ETA, img/s and loss) on rank 0 when ``train.progress_bar`` is set
-        and stderr is a terminal; log lines go above it. Yields None when there is no bar."""
-        if not (self.config.train.progress_bar and self.context.is_main):
-            yield None
-            return
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        bar = tqdm(
-            total=end_step, initial=start_step, unit="step", desc="train", disable=None,
-            dynamic_ncols=True,
-        )  # fmt: skip
-        if bar.disable:  # not a terminal: the log lines are the progress
-            bar.close()
-            yield None
-            return
-        with logging_redirect_tqdm(), bar:
-            yield bar
-
     def _log(self, window: list[StepMetrics], writer: MetricsWriter) -> None:
-        if not window or not self.context.is_main:
+        if self.context.is_main:
+            log_window(window, writer, self.config, None if self.last_knn is None else self.last_knn.teacher)
+
+
+def training_precision(asked: str, device: torch.device) -> str:
+    """``"bf16"`` (autocast) or ``"fp32"`` for ``train.precision``: ``auto`` is bf16 where the device multiplies
+    bf16 natively (CUDA sm80+, CPUs with AVX512-BF16 or AMX), fp32 elsewhere; said once in the log."""
+    chosen = resolve_precision(asked, device, announce=False)
+    if asked == "auto":
+        native = "runs bf16 natively" if chosen == "bf16" else "has no native bf16"
+        logger.info("Training in %s on %s (%s); train.precision=%s to change it.", chosen, device, native,
+                    "fp32" if chosen == "bf16" else "bf16")  # fmt: skip
+    elif chosen == "bf16" and not native_bf16(device):
+        logger.warning("train.precision=bf16 on %s, where bf16 is emulated: likely slower than fp32.", device)
+    return chosen
+
+
+def first_readable_image(paths: Sequence[Path], root: str) -> None:
+    """Decode images of ``paths`` until one works; a ValueError of one line when none does (a folder of broken
+    or foreign files would otherwise fail in the data loader, after the models are built)."""
+    first_error = None
+    for path in paths:
+        try:
+            load_image(path)
             return
-        last = window[-1]
-        finite = [m for m in window if m.finite] or window
-        seconds = sum(m.seconds for m in window)
-        images_per_s = len(window) * self.config.optim.batch_size / seconds if seconds > 0 else float("nan")
-
-        def mean(key: str) -> float:
-            return sum(getattr(m, key) for m in finite) / len(finite)
-
-        record = {
-            "step": last.step + 1,  # steps done
-            "loss": mean("loss"),
-            "clustering_loss": mean("clustering_loss"),
-            "target_entropy": mean("target_entropy"),
-            "prototype_entropy": mean("prototype_entropy"),
-            "lr": last.lr,
-            "weight_decay": last.weight_decay,
-            "momentum": last.momentum,
-            "clustering_lr": last.clustering_lr,
-            "images_per_s": images_per_s,
-            "steps_per_s": len(window) / seconds if seconds > 0 else float("nan"),
-            "skipped_steps": sum(not m.finite for m in window),
-            "time": time.time(),
-        }
-        writer.write(record)
-        logger.info(
-            "step %d/%d | %.1f img/s | loss %.4f | clustering %.4f | H(target) %.3f | H(usage) %.3f | "
-            "lr %.3g | mom %.5f",
-            last.step + 1, self.config.optim.total_steps, images_per_s, record["loss"], record["clustering_loss"],
-            record["target_entropy"], record["prototype_entropy"], last.lr, last.momentum,
-        )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _stop_signals(handler: Callable):
-    """Route SIGTERM and SIGUSR1 to ``handler`` for the duration (main thread only), then restore."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            first_error = first_error or error
+    raise ValueError(
+        f"None of the {len(paths)} image files under {root} can be read (first: {first_error}). "
+        "Point data.root at a folder of readable images."
+    )
 
 
 def train(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from capi_backbones.evals import knn_classify
+from capi_backbones.evals import knn_classify, knn_top1
 
 
 def brute_force_votes(train, labels, queries, k, num_classes, temperature=0.07):
@@ -37,3 +37,14 @@ def test_knn_errors_say_what_is_wrong():
         knn_classify(torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.randn(2, 4), num_classes=2)
     with pytest.raises(ValueError, match="Expected train"):
         knn_classify(torch.randn(3, 4), torch.tensor([0, 1, 1]), torch.randn(2, 5))
+
+
+def test_knn_top1_is_the_share_of_test_samples_whose_weighted_vote_is_right():
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    train_labels, test_labels = torch.randint(0, 3, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
+    expected = brute_force_votes(train, train_labels, test, 20, 4).argmax(1)  # class 3 appears in test only
+    assert knn_top1(train, train_labels, test, test_labels) == pytest.approx((expected == test_labels).double().mean())
+    assert knn_top1(train, train_labels, train, train_labels, k=1) == 1.0  # each train sample is its own neighbour
+    with pytest.raises(ValueError, match="test_labels"):
+        knn_top1(train, train_labels, test, test_labels[:3])

@@ -1,6 +1,8 @@
 """The probe heads against direct computations, and the grid trainer (optimizer groups, schedule, resume)."""
 
 import math
+import os
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +17,17 @@ from capi_backbones.evals import (
     probe_lr_schedule,
     train_probe_grid,
 )
+
+
+def official_attention_pooling(probe: AttentiveProbe, tokens: torch.Tensor) -> torch.Tensor:
+    """The official AttnPoolClassifier forward, literally: ``kv`` of all tokens, then scaled dot-product attention
+    of the learned query, per head."""
+    b, n, d = tokens.shape
+    h = probe.num_heads
+    q = probe.query_token.view(1, h, 1, d // h).expand(b, -1, -1, -1)  # (B, h, 1, d_h)
+    k, v = probe.kv(tokens).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, N, d_h)
+    pooled = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, h, 1, d_h)
+    return probe.linear(pooled.reshape(b, d))
 
 
 def test_linear_probe_is_x_w_plus_b_with_the_official_init():
@@ -50,7 +63,7 @@ def test_attentive_probe_equals_attention_written_by_hand():
             pooled.append(weights @ values)
         expected[b] = torch.cat(pooled) @ probe.linear.weight.double().T + probe.linear.bias.double()
     torch.testing.assert_close(probe(tokens).double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(probe.forward_reference(tokens).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(official_attention_pooling(probe, tokens).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_attentive_probe_gradients_equal_the_official_computation():
@@ -60,7 +73,7 @@ def test_attentive_probe_gradients_equal_the_official_computation():
         p.data.normal_(0, 0.3)
     tokens, target = torch.randn(6, 9, 128), torch.tensor([0, 1, 2, 3, 0, 1])
     grads = []
-    for forward in (probe.forward, probe.forward_reference):
+    for forward in (probe.forward, lambda x: official_attention_pooling(probe, x)):
         probe.zero_grad()
         torch.nn.functional.cross_entropy(forward(tokens), target).backward()
         grads.append({name: p.grad.clone() for name, p in probe.named_parameters()})
@@ -147,3 +160,106 @@ def test_cached_batches_are_a_function_of_the_iteration():
     assert torch.equal(a(7)[1], b(7)[1]) and torch.equal(a(0)[1], b(0)[1])
     epoch = torch.cat([a(i)[0]["x"] for i in range(3)])  # 3 full batches of 16 per epoch, no repeats
     assert len({tuple(row.tolist()) for row in epoch}) == 48
+
+
+def test_defaults_are_the_official_global_batch_and_its_lr_scaling():
+    config = ProbeTrainingConfig()
+    assert config.batch_size == 8 * 128 and config.is_official  # the official launcher: 8 processes of 128
+    grid = ProbeGrid({"a": ("linear", 8)}, 3, learning_rates=(1e-3,), weight_decays=(5e-4,))
+    (group,) = [g for g in grid.param_groups(config.batch_size) if g["weight_decay"] == 5e-4]
+    assert group["base_lr"] == pytest.approx(1e-3 * (128 * 8) / 256.0)  # lr * (batch_size * world_size) / 256
+    assert ProbeTrainingConfig(batch_size=128).is_official is False
+
+
+def test_optimizer_betas_are_the_official_0_9_and_0_95(monkeypatch):
+    seen = {}
+    real = torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        seen.update(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    features, labels = toy_problem(n=16)
+    config = ProbeTrainingConfig(iterations=1, warmup_iterations=0, batch_size=8, learning_rates=(1e-3,),
+                                 weight_decays=(1e-3,))  # fmt: skip
+    grid = ProbeGrid({"x": ("linear", 8)}, 3, learning_rates=(1e-3,), weight_decays=(1e-3,))
+    train_probe_grid(grid, CachedBatches(features, labels, 8), config, progress=False)
+    assert seen["betas"] == (0.9, 0.95)
+
+
+def test_micro_batches_take_the_same_steps_as_the_whole_batch():
+    features, labels = toy_problem(n=96)
+    tokens = {"x": features["x"], "t": torch.randn(96, 5, 64, generator=torch.Generator().manual_seed(3))}
+    grids = []
+    for micro in (None, 7):
+        config = ProbeTrainingConfig(iterations=6, warmup_iterations=1, batch_size=32, learning_rates=(1e-2,),
+                                     weight_decays=(1e-3,), micro_batch_size=micro)  # fmt: skip
+        torch.manual_seed(0)
+        grid = ProbeGrid({"x": ("linear", 8), "t": ("attentive", 64)}, 3, learning_rates=(1e-2,),
+                         weight_decays=(1e-3,))  # fmt: skip
+        grids.append(train_probe_grid(grid, CachedBatches(tokens, labels, 32), config, progress=False))
+    for (name, a), b in zip(grids[0].state_dict().items(), grids[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path):
+    features, labels = toy_problem()
+    config = ProbeTrainingConfig(iterations=5, warmup_iterations=1, batch_size=16, learning_rates=(1e-2,),
+                                 weight_decays=(1e-3,))  # fmt: skip
+
+    def fresh():
+        torch.manual_seed(0)
+        return ProbeGrid({"x": ("linear", 8)}, 3, learning_rates=(1e-2,), weight_decays=(1e-3,))
+
+    ckpt = tmp_path / "linear.pt"
+    train_probe_grid(fresh(), CachedBatches(features, labels, 16), config, checkpoint=ckpt, trained_on="a",
+                     progress=False)  # fmt: skip
+    calls = []
+
+    def counting(i):
+        calls.append(i)
+        return CachedBatches(features, labels, 16)(i)
+
+    train_probe_grid(fresh(), counting, config, checkpoint=ckpt, trained_on="a", progress=False)
+    assert calls == []  # same data: the finished grid is reused
+    train_probe_grid(fresh(), counting, config, checkpoint=ckpt, trained_on="b", progress=False)
+    assert calls == [0, 1, 2, 3, 4]  # other data: trained again from scratch
+    assert torch.load(ckpt, weights_only=True)["trained_on"] == "b"
+
+
+def test_a_full_disk_while_saving_probes_is_a_write_error_and_leaves_nothing(tmp_path):
+    from capi_backbones.atomic_files import WriteError
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        features, labels = toy_problem(n=32, d=512)
+        config = ProbeTrainingConfig(iterations=1, warmup_iterations=0, batch_size=16, learning_rates=(1e-3, 1e-2),
+                                     weight_decays=(1e-3,))  # fmt: skip
+        grid = ProbeGrid({"x": ("linear", 512)}, 3, learning_rates=(1e-3, 1e-2), weight_decays=(1e-3,))
+        with pytest.raises(WriteError, match="No space left on device"):  # not torch's RuntimeError
+            train_probe_grid(grid, CachedBatches(features, labels, 16), config, checkpoint=full / "linear.pt",
+                             progress=False)  # fmt: skip
+        assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_bfloat16_probes_train_under_autocast_and_are_not_called_official():
+    features, labels = toy_problem(n=64, d=64)
+    grids = {}
+    for dtype in ("float32", "bfloat16"):
+        config = ProbeTrainingConfig(iterations=20, warmup_iterations=2, batch_size=32, learning_rates=(1e-1,),
+                                     weight_decays=(1e-3,), dtype=dtype)  # fmt: skip
+        torch.manual_seed(0)
+        grid = ProbeGrid({"x": ("linear", 64)}, 3, learning_rates=(1e-1,), weight_decays=(1e-3,))
+        grids[dtype] = train_probe_grid(grid, CachedBatches(features, labels, 32), config, progress=False)
+    a, b = (grids[d].probes[0].linear.weight for d in ("float32", "bfloat16"))
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05)  # bf16 matmuls: close, not identical
+    assert b.dtype == torch.float32  # the parameters and the optimizer stay in float32
+    assert not ProbeTrainingConfig(dtype="bfloat16").is_official
+    with pytest.raises(ValueError, match="probe dtype"):
+        ProbeTrainingConfig(dtype="float16")

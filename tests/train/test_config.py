@@ -1,6 +1,8 @@
 """Training config: defaults are the official recipe (spec section 7), YAML + dotted overrides, clear errors."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -13,6 +15,7 @@ from capi_backbones.train.config import (
     TrainConfig,
     apply_overrides,
     config_to_dict,
+    dump_config,
     load_config,
     save_config,
 )
@@ -102,6 +105,13 @@ def test_save_and_reload_round_trip(tmp_path):
         ("train.parallel=zero", "allowed: ddp, fsdp"),
         ("optim.batch_size=0", "optim.batch_size must be >= 1"),
         ("data.crop_scale=[0.9,0.5]", "0 < low <= high <= 1"),
+        ("data.crop_scale=[0.1,0.2,0.3]", "data.crop_scale expects a list of 2 values"),
+        ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+        ("optim.weight_decay=-inf", "optim.weight_decay must be a finite number"),
+        ("clustering.betas=[0.9, inf]", "clustering.betas must be a finite number"),
+        ("optim.total_steps=true", "optim.total_steps expects int, got 'true'"),
+        ("data.root=${nope}", "data.root: Interpolation key 'nope' not found"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):
@@ -153,3 +163,31 @@ def test_model_section_is_the_capi_config_and_old_files_still_load(tmp_path):
     assert TrainConfig().model == dataclasses.replace(ARCHITECTURES["capi_vitl14"], drop_path_rate=0.2)
     with pytest.raises(ConfigError, match="model: encoder width 30 with 2 heads"):
         load_config("tiny", ["model.embed_dim=30", "model.num_heads=2"])
+
+
+def test_yaml_values_as_older_versions_wrote_them(tmp_path):
+    """Files written by hand or by earlier versions: numbers as strings (YAML reads 5e-4 and 1e3 as strings),
+    integral floats for ints, tuples as lists, booleans as yes/no; a key missing from the file keeps its default."""
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        "optim:\n  lr: 5e-4\n  total_steps: 1e3\n  batch_size: 32.0\n  betas: [0.8, 0.9]\n"
+        "data:\n  hflip: no\n  crop_scale: [0.5, 1]\n"
+    )
+    config = load_config(path)
+    assert config.optim.lr == 5e-4 and config.optim.total_steps == 1000 and config.optim.batch_size == 32
+    assert isinstance(config.optim.total_steps, int) and isinstance(config.optim.batch_size, int)
+    assert config.optim.betas == (0.8, 0.9) and config.data.crop_scale == (0.5, 1.0)
+    assert config.data.hflip is False and config.data.mask_ratio == TrainConfig().data.mask_ratio
+    assert dump_config(load_config(path)) == dump_config(config)
+
+
+def test_print_config_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from capi_backbones.cli.main import main\n"
+        "assert main(['train', 'tiny', 'optim.lr=0.002', '--print-config']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "lr: 0.002" in done.stdout

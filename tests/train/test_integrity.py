@@ -6,8 +6,11 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from test_loop import tiny_config
 
 from capi_backbones.atomic_files import WriteError
@@ -114,7 +117,7 @@ def test_train_logs_its_first_line_before_the_heavy_imports(tmp_path, monkeypatc
     handler.emit = lambda record: events.append(record.getMessage())
     logging.getLogger().addHandler(handler)
     try:
-        assert main(["train", "tiny", f"train.output_dir={tmp_path}", "--print-config"]) == 0
+        assert main(["train", "tiny", f"train.output_dir={tmp_path}", f"data.root={tmp_path / 'none'}"]) == 2
     finally:
         logging.getLogger().removeHandler(handler)
     assert events[0].startswith("Starting: loading PyTorch") and events[1] == "import"
@@ -183,3 +186,111 @@ def test_missing_train_dependencies_name_the_extra(tmp_path, monkeypatch, capsys
     assert main(["train", "tiny", "--print-config"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PyYAML" in err[-1] and "pip install 'capi-backbones[train]'" in err[-1]
+    monkeypatch.setitem(sys.modules, "omegaconf", None)
+    assert main(["train", "tiny", "--print-config"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OmegaConf" in err[-1] and "pip install 'capi-backbones[train]'" in err[-1]
+
+
+@pytest.mark.parametrize("where", ["write", "close"])
+def test_a_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys, where):
+    """ENOSPC while torch.save writes the next checkpoint (in a write, or when the file object is closed, as torch
+    2.14 reports it): one line, exit 3 (not 1: non-finite steps), the previous checkpoint intact, no temporary."""
+    config = tiny_config(tmp_path, "optim.total_steps=1")
+    save_config(config, tmp_path / "run.yaml")
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    first = checkpointing.checkpoint_path(tmp_path / "run", 1)
+    saved = first.read_bytes()
+
+    real_open = Path.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if where == "write" and self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+            if where == "close":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_(self, mode="r", *args, **kwargs):
+        file = real_open(self, mode, *args, **kwargs)
+        return FullDisk(file) if "checkpoint-" in self.name and "w" in mode else file
+
+    monkeypatch.setattr(Path, "open", open_)
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "run.yaml"), "optim.total_steps=2"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "checkpoint-00000002" in err[0]
+    assert first.read_bytes() == saved
+    assert [p for _, p in checkpointing.list_checkpoints(tmp_path / "run")] == [first]
+    assert [p.name for p in (tmp_path / "run").rglob("*.tmp")] == []
+
+
+def test_a_data_root_without_a_readable_image_is_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.jpg", "b.png", "c.webp"):
+        (broken / name).write_bytes(b"not an image")
+    code = main(["train", "tiny", f"data.root={broken}", f"train.output_dir={tmp_path / 'run'}", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "None of the 3 image files" in err[0] and str(broken) in err[0] and "data.root" in err[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    code = main(["train", "tiny", f"data.root={config.data.root}", "train.device=cuda",
+                 f"train.output_dir={tmp_path / 'run'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.device=cuda" in err[0] and "CUDA is not available" in err[0]
+
+
+def test_overrides_after_the_options(tmp_path, capsys):
+    """`train tiny --max-steps 1 data.root=photos`: overrides before, between or after the options."""
+    config = tiny_config(tmp_path, "optim.total_steps=3")
+    save_config(config, tmp_path / "run.yaml")
+    assert main(["train", str(tmp_path / "run.yaml"), "--max-steps", "1", "train.log_every=1", "optim.lr=0.002"]) == 0
+    assert checkpointing.list_checkpoints(tmp_path / "run")[-1][0] == 1
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.002 and saved["train"]["log_every"] == 1
+    assert main(["train", "--print-config", "tiny", "optim.lr=0.25", "--max-steps", "2", "data.hflip=false"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.25 and printed["data"]["hflip"] is False
+    from capi_backbones.train.launch import main as module_main  # python -m capi_backbones.train (torchrun's)
+
+    assert module_main(["tiny", "--print-config", "optim.lr=0.125"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 0.125
+    with pytest.raises(SystemExit) as stopped:  # not an override: still refused, as argparse does
+        main(["train", "tiny", "--max-steps", "1", "stray"])
+    assert stopped.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_resumed_with_other_settings_keeps_both_configs(tmp_path, caplog):
+    config = tiny_config(tmp_path, "optim.total_steps=2")
+    save_config(config, tmp_path / "run.yaml")
+    assert main(["train", str(tmp_path / "run.yaml"), "--max-steps", "1"]) == 0
+    run = tmp_path / "run"
+    first = (run / "config.yaml").read_text()
+    caplog.set_level(logging.WARNING)
+    assert main(["train", str(tmp_path / "run.yaml"), "optim.total_steps=3", "optim.lr=0.002"]) == 0
+    assert (run / "config-until-step-00000001.yaml").read_text() == first  # what checkpoint 1 was made with
+    now = yaml.safe_load((run / "config.yaml").read_text())
+    assert now["optim"]["total_steps"] == 3 and now["optim"]["lr"] == 0.002
+    assert any("optim.total_steps, optim.lr" in m and "config-until-step-00000001.yaml" in m for m in caplog.messages)
+    assert main(["train", str(tmp_path / "run.yaml"), "optim.total_steps=3", "optim.lr=0.002"]) == 0  # same again
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config-until-step-00000001.yaml", "config.yaml"]

@@ -17,7 +17,7 @@ TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_embed_dim=32", "model.pred_depth=2",
     "model.pred_num_heads=2", "model.n_registers=4", "clustering.n_prototypes=64", "data.image_size=56",
     "data.prediction_ratio=0.3", "optim.batch_size=8", "optim.total_steps=4", "train.log_every=2",
-    "train.checkpoint_every=100", "data.num_workers=0", "train.device=cpu",
+    "train.checkpoint_every=100", "data.num_workers=0", "train.device=cpu", "train.precision=fp32",
 ]  # fmt: skip
 
 

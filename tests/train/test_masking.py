@@ -5,7 +5,6 @@ from collections import deque
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from capi_backbones.train.masking import (
     MASKING_STRATEGIES,
@@ -15,7 +14,6 @@ from capi_backbones.train.masking import (
     inverse_block_mask,
     n_masked_tokens,
     sample_block_shape,
-    step_generator,
     uniform_mask,
 )
 
@@ -177,7 +175,7 @@ def test_collator_shapes_and_index_sets(strategy):
     n_masked = int(n_tokens * 0.65)
     assert (collate.n_masked, collate.n_visible, collate.n_predict) == (n_masked, n_tokens - n_masked, n_masked // 10)
     images = _images(6)
-    out = collate([(img, 3) for img in images])  # (image, label) tuples are accepted
+    out = collate([(img, 3) for img in images], _gen(4))  # (image, label) tuples are accepted
     assert isinstance(out, MaskedBatch)
     assert torch.equal(out.images, torch.stack(images))
     assert out.visible_indices.shape == (6, collate.n_visible) and out.visible_indices.dtype == torch.long
@@ -203,58 +201,12 @@ def test_collator_predicts_a_uniform_subset_of_the_masked():
     assert torch.allclose(ratio, torch.full((16,), 0.25), atol=0.05)
 
 
-def test_collator_step_determinism_and_resume():
-    batch = _images(3)
-    a = MaskingCollator((16, 12), seed=5)
-    first = [a(batch) for _ in range(4)]
-    state = a.state_dict()
-    assert state == {"seed": 5, "next_step": 4}
-    after = a(batch)
-
-    b = MaskingCollator((16, 12), seed=5)
-    assert all(torch.equal(x.masks, b(batch).masks) for x in first)  # same seed, same sequence
-    c = MaskingCollator((16, 12), seed=5, start_step=2)
-    assert torch.equal(c(batch).masks, first[2].masks)  # start mid-way
-    d = MaskingCollator((16, 12), seed=5)
-    d.load_state_dict(state)
-    resumed = d(batch)
-    assert torch.equal(resumed.masks, after.masks) and torch.equal(resumed.predict_indices, after.predict_indices)
-    e = MaskingCollator((16, 12), seed=6)
-    assert not torch.equal(e(batch).masks, first[0].masks)
-    with pytest.raises(ValueError, match="seed"):
-        e.load_state_dict(state)
-
-
 def test_collator_explicit_generator():
     batch = _images(2)
     collate = MaskingCollator((16, 12))
     x, y = collate(batch, _gen(9)), collate(batch, _gen(9))
     assert torch.equal(x.masks, y.masks) and torch.equal(x.predict_indices, y.predict_indices)
-    assert collate.state_dict()["next_step"] == 0  # an explicit generator does not consume steps
-    implicit = collate(batch)  # the documented relation: batch k of a run uses step_generator(seed, k)
-    assert torch.equal(implicit.masks, collate(batch, step_generator(0, 0)).masks)
-
-
-class _TinyImages(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 24
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.full((3, 16, 16), float(i))
-
-
-def test_collator_masks_do_not_depend_on_num_workers():
-    def run(num_workers: int) -> list[MaskedBatch]:
-        collate = MaskingCollator((4, 4), prediction_ratio=0.5, seed=3, start_step=7)
-        loader = DataLoader(_TinyImages(), batch_size=2, num_workers=num_workers, collate_fn=collate)
-        return list(loader)
-
-    single, multi = run(0), run(2)
-    assert len(single) == len(multi) == 12
-    for s, m in zip(single, multi, strict=True):
-        assert torch.equal(s.images, m.images)
-        assert torch.equal(s.masks, m.masks) and torch.equal(s.predict_indices, m.predict_indices)
-    assert any(not torch.equal(single[0].masks, s.masks) for s in single[1:])  # workers don't repeat each other
+    assert not torch.equal(x.masks, collate(batch, _gen(10)).masks)
 
 
 def test_collator_errors():
@@ -266,8 +218,8 @@ def test_collator_errors():
         MaskingCollator((4, 4), mask_ratio=1.0)
     collate = MaskingCollator((16, 16))
     with pytest.raises(ValueError, match="square patches"):
-        collate([torch.zeros(3, 224, 210)])
+        collate([torch.zeros(3, 224, 210)], _gen(0))
     with pytest.raises(TypeError, match="image tensor"):
-        collate(["not an image"])
+        collate(["not an image"], _gen(0))
     with pytest.raises(ValueError, match="empty"):
-        collate([])
+        collate([], _gen(0))
