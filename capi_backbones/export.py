@@ -18,13 +18,21 @@ Leaving out ``pooled`` ("dense only") leaves the predictor out of the graph. The
     export_torch(model, "capi_vitl14.pt2")      # torch.export.load("capi_vitl14.pt2").module()(images)
     export_onnx(model, "capi_vitl14.onnx", outputs=("patch_features",))  # needs onnx and onnxscript
 
-Files are written under a temporary name and renamed when complete. ONNX files hold their weights inline (one
-file, under protobuf's 2 GB: ViT-L/14 in fp32 is 1.8 GB).
+The size rule is part of the graphs: the images are first viewed as (B, C, H/14, 14, W/14, 14) patches, which fails
+for sides that are not multiples of 14 (onnxruntime names the node ``check_size_multiple_of_14``; the .pt2 module
+also checks its input shapes). The dynamic dimensions of the ONNX graph are named: ``batch``, ``height``, ``width``
+(the input) and ``height_patches``, ``width_patches`` (the patch map).
+
+Files are written under a temporary name, checked (an ONNX file by ``onnx.checker`` and its declared opset), and
+renamed only then: a failed export never replaces a good file. ONNX files hold their weights inline (one file,
+under protobuf's 2 GB: ViT-L/14 in fp32 is 1.8 GB).
 """
 
 import contextlib
+import io
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,8 +45,10 @@ from capi_backbones.models import CapiModel
 
 __all__ = [
     "INPUT_NAME",
+    "MIN_OPSET",
     "OUTPUTS",
     "ExportedBackbone",
+    "check_opset",
     "check_outputs",
     "export_onnx",
     "export_program",
@@ -50,6 +60,25 @@ logger = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 OUTPUTS = ("pooled", "registers", "patch_features")
+MIN_OPSET = 18  # torch's ONNX exporter writes opset 18 when asked for less, without an error
+SIZE_CHECK_NODE = "check_size_multiple_of_14"  # the graph's size rule, as onnxruntime names it in its error
+_SYMBOL = re.compile(r"\bs\d+\b")  # torch's symbolic sizes in ONNX dim names ("s34", "14*s53")
+
+
+def check_opset(opset_version: int | None) -> int | None:
+    """``opset_version`` if the exporter can write it (``MIN_OPSET`` up to the installed onnx's newest), else
+    ``ValueError``. None (torch's default) passes."""
+    if opset_version is None:
+        return None
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset_version <= newest:
+        raise ValueError(
+            f"ONNX opset {opset_version} cannot be exported: use an opset from {MIN_OPSET} to {newest} (the newest "
+            "the installed onnx knows), or leave it out for torch's default."
+        )
+    return opset_version
 
 
 def check_outputs(outputs: str | Sequence[str]) -> tuple[str, ...]:
@@ -79,6 +108,10 @@ class ExportedBackbone(nn.Module):
         self.outputs = check_outputs(outputs)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        b, c, h, w = images.shape
+        p = self.model.patch_size
+        # the size rule inside the graph: this view of the patches fails unless H and W are multiples of p
+        images = images.reshape(b, c, h // p, p, w // p, p).reshape(b, c, h, w)
         out = self.model.forward_features(images, pooled="pooled" in self.outputs)
         return tuple(getattr(out, name) for name in self.outputs)
 
@@ -129,8 +162,10 @@ def export_torch(
     ``torch.export.load(path).module()``, a module that takes ``images`` and returns the outputs as a tuple."""
     path = _check_target(path, ".pt2", overwrite)
     program = export_program(model, outputs)
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: torch wants a name ending in .pt2
-        torch.export.save(program, file)
+    buffer = io.BytesIO()  # torch's C++ writer aborts the process when the disk fills: write the bytes from Python
+    torch.export.save(program, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
     logger.info("Wrote %s (outputs: %s)", path, ", ".join(check_outputs(outputs)))
     return path
 
@@ -149,6 +184,7 @@ def export_onnx(
     missing = [name for name in ("onnx", "onnxscript") if not _importable(name)]
     if missing:
         raise ImportError(f"ONNX export needs {' and '.join(missing)}: pip install {' '.join(missing)}.")
+    check_opset(opset_version)
     names = check_outputs(outputs)
     program = export_program(model, names)
     with atomic_path(path) as tmp:
@@ -161,9 +197,44 @@ def export_onnx(
             opset_version=opset_version,
             dynamo=True,
             external_data=False,  # one file: an external .data file would keep the temporary name
+            verbose=False,  # no progress prints
         )
+        _finish_onnx(tmp, path, opset_version)
     logger.info("Wrote %s (outputs: %s)", path, ", ".join(names))
     return path
+
+
+def _finish_onnx(tmp: Path, path: Path, opset_version: int | None) -> None:
+    """Name the dynamic dimensions and the size check of the ONNX file ``tmp``, then check it: valid ONNX, at the
+    opset asked for. Raises ``ValueError`` (the caller's temporary file is then deleted, ``path`` untouched)."""
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    declared = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset_version is not None and declared != opset_version:
+        raise ValueError(f"ONNX export at opset {opset_version} gave opset {declared}; {path} was not written.")
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    names = {}
+    for dim, name in zip((dims[0], dims[2], dims[3]), ("batch", "height", "width"), strict=True):
+        names[dim] = name
+        symbols = _SYMBOL.findall(dim)
+        if name != "batch" and len(symbols) == 1:
+            names[symbols[0]] = f"{name}_patches"
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = names.get(d.dim_param) or _SYMBOL.sub(
+                    lambda m: names.get(m.group(), m.group()), d.dim_param
+                )
+    guard = next((n for n in proto.graph.node if n.op_type == "Reshape" and INPUT_NAME in n.input), None)
+    if guard is not None:
+        guard.name = SIZE_CHECK_NODE
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"ONNX export gave an invalid graph ({reason}); {path} was not written.") from None
+    onnx.save(proto, str(tmp))
 
 
 def max_difference(

@@ -83,6 +83,8 @@ GLOBAL_POOL_TYPES = ("pred", "avg", "pred_avg", "")
 PREDICTOR_POOLS = ("pred", "pred_avg")  # poolings that run predictor block 1
 CROP_PCT = 0.875  # timm's standard evaluation crop: resize the shorter side to 224 / 0.875 = 256, centre crop 224
 MODEL_PREFIX = "model."  # state-dict keys of the wrapped CapiModel
+# first key components of CAPI state dicts: timm (model.*), official (backbone.*), native
+CHECKPOINT_ROOTS = frozenset({"model", "backbone", "encoder", "decoder", "mask_token", "registers", "patch_embed"})
 _DECODER_BLOCK = re.compile(r"^decoder\.blocks\.(\d+)\.")
 
 
@@ -313,6 +315,16 @@ class CapiTimmModel(nn.Module):
         return take
 
     # ---- pretrained -------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that also takes official (``backbone.*``) and native CAPI state dicts:
+        mapped and checked by ``checkpoint_filter_fn`` (a pre-hook); ``strict=False`` tolerates missing and
+        unexpected keys there too."""
+        self._strict_load = strict  # torch passes strict=True to the pre-hooks whatever the caller asked
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._strict_load = True
+
     def load_pretrained(self, checkpoint_path: str | os.PathLike) -> None:
         """Load a CAPI checkpoint file (official ``backbone.``-prefixed .pth, ours, .safetensors, a
         ``save_pretrained`` folder) through the package's checked loader, strictly. Called by timm for
@@ -354,14 +366,16 @@ def _adapt_in_chans(state: dict[str, Tensor], native: CapiModel) -> None:
 
 
 def checkpoint_filter_fn(
-    state_dict: Mapping[str, Tensor], model: CapiTimmModel, *, source: str = "state dict"
+    state_dict: Mapping[str, Tensor], model: CapiTimmModel, *, source: str = "state dict", complete: bool = True
 ) -> dict[str, Tensor]:
     """A CAPI checkpoint in any layout -> this model's keys, checked for a strict load (timm's ``filter_fn``).
 
     Official files (``backbone.*``) and native ``CapiModel`` state dicts go through the CAPI filter (training heads
     dropped); ``CapiTimmModel`` state dicts (``model.*``) keep their ``head.*`` tensors. The predictor parts this
     model does not hold are dropped (one log line), the patch embedding is adapted to ``in_chans``, then the
-    backbone is checked: keys and shapes, no integer weights, no NaN/Inf. Raises ``CheckpointError``."""
+    backbone is checked: keys and shapes, no integer weights, no NaN/Inf. Raises ``CheckpointError``.
+    ``complete=False`` (a ``load_state_dict(..., strict=False)``) tolerates missing and unexpected keys, as torch
+    does; shapes and values are still checked."""
     native = model.model
     if any(key.startswith(MODEL_PREFIX) for key in state_dict):
         backbone = {k[len(MODEL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
@@ -377,6 +391,8 @@ def checkpoint_filter_fn(
         backbone = {k: v for k, v in backbone.items() if k not in set(unused)}
     _adapt_in_chans(backbone, native)
     diff = compare_state_dict(backbone, {k: tuple(v.shape) for k, v in native.state_dict().items()})
+    if not complete:
+        diff = dataclasses.replace(diff, missing=(), unexpected=())
     if not diff.ok:
         c = model.config
         raise diff.error(f"{source} (loaded by timm)", hint=f"The model has embed_dim {c.embed_dim}, depth {c.depth}.")
@@ -385,17 +401,24 @@ def checkpoint_filter_fn(
         raise CheckpointError(non_floating_message(source, non_floating))
     non_finite = find_non_finite(backbone)
     if non_finite:
-        raise CheckpointError(non_finite_message(source, non_finite).replace(", or pass allow_non_finite=True", ""))
+        what = non_finite_message(source, non_finite).split(": the weights")[0]
+        raise CheckpointError(
+            f"{what}: the weights are damaged or come from a diverged run. Use an earlier checkpoint."
+        )
     return {MODEL_PREFIX + k: v for k, v in backbone.items()} | rest
 
 
-def _accept_capi_checkpoints(module: CapiTimmModel, state_dict: dict, prefix: str, *args) -> None:
+def _accept_capi_checkpoints(
+    module: CapiTimmModel, state_dict: dict, prefix: str, local_metadata, strict: bool, *args
+) -> None:
     """``load_state_dict`` hook: official, native and timm CAPI state dicts load into the model
-    (``checkpoint_filter_fn``: mapped, checked, unused predictor tensors dropped); the load stays strict."""
+    (``checkpoint_filter_fn``: mapped, checked, unused predictor tensors dropped); the load stays as strict as
+    asked. A dict without backbone keys (a head alone, with ``strict=False``) is left to torch."""
     keys = [k for k in state_dict if k.startswith(prefix)]
-    if not keys:
+    if not any(k[len(prefix) :].split(".", 1)[0] in CHECKPOINT_ROOTS for k in keys):
         return
-    filtered = checkpoint_filter_fn({k[len(prefix) :]: state_dict[k] for k in keys}, module)
+    complete = getattr(module, "_strict_load", True)
+    filtered = checkpoint_filter_fn({k[len(prefix) :]: state_dict[k] for k in keys}, module, complete=complete)
     for key in keys:
         del state_dict[key]
     state_dict.update({prefix + k: v for k, v in filtered.items()})

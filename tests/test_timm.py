@@ -3,7 +3,11 @@ timm's forward_intermediates / features_only conventions, the fine-tuning interf
 grad checkpointing, img_size, heads) and pretrained loading through the strict loader."""
 
 import importlib
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -345,3 +349,19 @@ def test_wrapped_model_keeps_the_native_contract():
         out = model.model.forward_features(x, pooled=False)  # what FeatureExtractor and other CapiModel code call
         assert out.pooled is None and torch.equal(out.patch_features, native.forward_features(x).patch_features)
         assert all(torch.equal(a, b) for a, b in zip(model.model(x), native(x), strict=True))
+
+
+def test_the_timm_door_imports_no_training_code():
+    """Layering: the timm models (and their no_weight_decay, which reads the recipe's rules in models.param_rules)
+    import nothing from capi_backbones.train."""
+    code = (
+        "import sys, timm, capi_backbones.timm\n"
+        "m = timm.create_model('capi_vits14', embed_dim=64, depth=1, num_heads=2, pred_embed_dim=64, pred_depth=1,"
+        " pred_num_heads=2)\n"
+        "assert m.no_weight_decay() == {'model.patch_embed.bias'}\n"
+        "print(sorted(n for n in sys.modules if n.startswith('capi_backbones.train')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -129,3 +129,19 @@ def test_a_timm_state_dict_round_trips_and_a_wrong_one_is_named_briefly(tmp_path
     with pytest.raises(CheckpointError, match="does not match the model") as error:
         create(num_classes=3).load_state_dict({k: torch.zeros(v.shape) for k, v in big.items()})
     assert len(str(error.value)) < 2500  # a summary, not every key
+
+
+def test_partial_loads_with_strict_false_work_as_in_torch():
+    """A head alone (fine-tuning code restoring a classifier) and a partial backbone load with strict=False; the
+    values are still checked."""
+    model = create(num_classes=3)
+    head = {"head.weight": torch.ones(3, 64), "head.bias": torch.zeros(3)}
+    result = model.load_state_dict(head, strict=False)
+    assert torch.equal(model.head.weight, torch.ones(3, 64)) and "model.registers" in result.missing_keys
+    registers = torch.full_like(model.model.registers, 0.5)
+    result = model.load_state_dict({"backbone.registers": registers}, strict=False)
+    assert torch.equal(model.model.registers, registers) and "head.weight" in result.missing_keys
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        model.load_state_dict({"backbone.registers": torch.full_like(registers, float("nan"))}, strict=False)
+    with pytest.raises(CheckpointError, match="1 missing"):
+        model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "model.registers"})

@@ -8,6 +8,8 @@ from capi_backbones.layers.rope import Rope, apply_rope
 
 __all__ = ["Attention"]
 
+torch.fx.wrap("apply_rope")  # its dtype branch is a leaf of symbolic tracing (fx leaves are per module)
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, device=None, dtype=None) -> None:
@@ -44,12 +46,17 @@ class Attention(nn.Module):
         # angles as (b or 1, 1, n, hd), seen as (b or 1, n, 1, hd): broadcast over heads. In self-attention q and k
         # share them, computed once; except when rope.freqs gets a gradient, which then sums the q and k parts in
         # the same order as before (fp32 training steps stay bit for bit)
-        cos_q, sin_q = (t.transpose(1, 2) for t in self.rope.cos_sin(coords[:, None]))
-        freqs_grad = torch.is_grad_enabled() and self.rope.freqs.requires_grad
-        if context_coords is coords and not freqs_grad:
+        cos_q, sin_q = self.rope.cos_sin(coords[:, None])
+        cos_q, sin_q = cos_q.transpose(1, 2), sin_q.transpose(1, 2)
+        share = context_coords is coords
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips a block guarded by this test alone)
+            if not isinstance(coords, torch.fx.Proxy):  # symbolically traced graphs share the angles: the same values
+                share = share and not (torch.is_grad_enabled() and self.rope.freqs.requires_grad)
+        if share:
             cos_k, sin_k = cos_q, sin_q
         else:
-            cos_k, sin_k = (t.transpose(1, 2) for t in self.rope.cos_sin(context_coords[:, None]))
+            cos_k, sin_k = self.rope.cos_sin(context_coords[:, None])
+            cos_k, sin_k = cos_k.transpose(1, 2), sin_k.transpose(1, 2)
         q = apply_rope(q, cos_q, sin_q).transpose(1, 2)  # (b, h, n_q, hd)
         k = apply_rope(k, cos_k, sin_k).transpose(1, 2)  # (b, h, n_k, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (b, h, n_q, hd)

@@ -3,6 +3,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capi_backbones.layers.attention import Attention
@@ -22,13 +23,24 @@ class RMSNorm(nn.RMSNorm):
     passes. The factor is rounded to bf16 (a relative error under 2^-9 per token, the size of bf16's own rounding)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype not in REDUCED_PRECISION or (self.weight is not None and self.weight.dtype != x.dtype):
-            return super().forward(x)
-        dims = tuple(range(-len(self.normalized_shape), 0))
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
-        scale = torch.rsqrt(norm.square() / math.prod(self.normalized_shape) + eps).to(x.dtype)
-        return x * scale if self.weight is None else x * scale * self.weight
+        if not torch.jit.is_scripting():  # TorchScript compiles torch's own path (below) only
+            return _rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+def _rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None) -> Tensor:
+    """``RMSNorm.forward``; a function so that symbolic tracing records it as one call (``torch.fx.wrap``): its
+    dtype branch runs on the real tensor."""
+    if x.dtype not in REDUCED_PRECISION or (weight is not None and weight.dtype != x.dtype):
+        return F.rms_norm(x, normalized_shape, weight, eps)  # what nn.RMSNorm.forward runs
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    scale = torch.rsqrt(norm.square() / math.prod(normalized_shape) + eps).to(x.dtype)
+    return x * scale if weight is None else x * scale * weight
+
+
+torch.fx.wrap("_rms_norm")
 
 
 class Block(nn.Module):

@@ -28,12 +28,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     fp32 (and fp64) run exactly that expression: the official numbers, bit for bit. bf16 and fp16 compute the two
     halves with one multiply and one fused multiply-add each (``addcmul``) and one concatenation: half the passes
     over the tensor, no negated copy, and no intermediate rounding between the product and the sum."""
-    if x.dtype not in REDUCED_PRECISION:
+    if x.dtype != torch.bfloat16 and x.dtype != torch.float16:  # REDUCED_PRECISION, written for TorchScript
         return x * cos + rotate_half(x) * sin
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos1, cos2, sin1, sin2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
     return torch.cat((torch.addcmul(x1 * cos1, x2, sin1, value=-1), torch.addcmul(x2 * cos2, x1, sin2)), dim=-1)
+
+
+torch.fx.wrap("apply_rope")  # symbolic tracing records it as a call: its dtype branch runs on the real tensor
 
 
 def init_rope_freqs(
