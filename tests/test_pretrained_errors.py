@@ -226,3 +226,14 @@ def test_check_complete_finds_cut_off_files(tmp_path, official):
             (tmp_path / "cut").write_bytes(raw[: int(len(raw) * cut)])
             with pytest.raises(CheckpointError, match="cut-off"):
                 check_complete(tmp_path / "cut")
+
+
+def test_a_pytorch_file_named_safetensors_is_read_by_its_content(tmp_path):
+    """The format is told by the bytes: torch.load alone would hand a path ending in .safetensors to safetensors."""
+    import torch
+
+    from capi_backbones.pretrained.files import read_checkpoint
+
+    path = tmp_path / "misnamed.safetensors"
+    torch.save({"a": torch.arange(3.0)}, path)
+    assert torch.equal(read_checkpoint(path).tensors["a"], torch.arange(3.0))

@@ -286,7 +286,8 @@ def _run(data, extractor, out_dir: Path, settings: ClassificationSettings, vecto
         "cached center-crop features")  # fmt: skip
     return {
         "protocol": "classification",
-        "settings": {**asdict(settings), "representations": used, "probe_training_data": training_data},
+        "settings": {**asdict(settings), "representations": used, "probe_training_data": training_data,
+                     "feature_precision": extractor.precision_used},
         "probe_training": trained,
         "dataset": {"root": str(data.root), "classes": data.classes, "splits": data.note, "counts": counts,
                     "skipped": skipped},

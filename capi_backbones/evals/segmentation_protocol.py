@@ -288,7 +288,8 @@ def _segment(data, extractor, out_dir: Path, settings: SegmentationSettings, knn
     return {
         "protocol": "segmentation",
         "settings": {**asdict(settings), "resolution": resolution, "num_classes_used": num_classes,
-                     "knn_dtype_used": str(knn_dtype).removeprefix("torch.")},
+                     "knn_dtype_used": str(knn_dtype).removeprefix("torch."),
+                     "feature_precision": extractor.precision_used},
         "dataset": {"root": str(data.root), "splits": data.note, "skipped": skipped,
                     "counts": {**{name: len(pairs) for name, pairs in kept_pairs.items()}, "fitted_images": n_fit,
                                "selection_images": n_selection}},

@@ -154,6 +154,11 @@ class FeatureExtractor:
         return autocast_dtype(resolve_precision(precision, device, announce=False))  # said once the model is loaded
 
     @property
+    def precision_used(self) -> str:
+        """The precision the forward runs in: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (what ``"auto"`` resolved to)."""
+        return resolve_precision(self.precision, self.device, announce=False)
+
+    @property
     def image_size(self) -> int:
         return self.preprocessor.image_size
 
@@ -233,7 +238,7 @@ class FeatureExtractor:
             "image_size": self.image_size,
             "keep_aspect": self.keep_aspect,
             "pooled": pooled,
-            "precision": resolve_precision(self.precision, self.device),
+            "precision": self.precision_used,
             "mean": list(self.preprocessor.mean),
             "std": list(self.preprocessor.std),
         }

@@ -85,6 +85,7 @@ def test_segment_beats_a_constant_prediction_and_resumes(tmp_path, capsys):
     assert knn["selected"] and knn["miou"] == round(knn["raw"]["miou"], 4) and knn["val_miou"] is not None
     assert results["dataset"]["counts"] == {"train": 16, "test": 6, "fitted_images": 15, "selection_images": 1}
     assert results["settings"]["knn_dtype_used"] in ("bfloat16", "float32") and results["wall_time_s"] > 0
+    assert results["settings"]["feature_precision"] == _auto_precision()  # what --precision auto ran
     assert {"knn", "logreg"} == {r["classifier"] for r in results["results"]}
     assert results["versions"]["torch"] and results["config"]["ks"] == [1, 3, 10]
     assert Image.open(out / "segmentation_examples.png").size == (3 * 56, 4 * 56)
@@ -116,6 +117,7 @@ def test_classify_reports_every_probe_skips_a_corrupt_image_and_resumes(tmp_path
     assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in results["results"])
     assert max(r["top1"] for r in results["results"] if r["probe"] == "knn") > 0.9  # colours are easy
     assert results["settings"]["probe_training_data"] == "cached center-crop features"
+    assert results["settings"]["feature_precision"] == _auto_precision()
     assert "attentive" in table and "top-5" in table and "<<" in table
 
     # at a glance: one selected setting per probe and representation, with its validation score
@@ -241,3 +243,12 @@ def test_help_lists_the_protocol_options(protocol, capsys):
     help_text = capsys.readouterr().out
     assert "--random-init" in help_text and "%%" not in help_text
     assert "20%" in " ".join(help_text.split())
+
+
+def _auto_precision() -> str:
+    """What ``--precision auto`` runs on this machine's CPU: bf16 where native, fp32 elsewhere."""
+    import torch
+
+    from capi_backbones.runtime.precision import native_bf16
+
+    return "bf16" if native_bf16(torch.device("cpu")) else "fp32"
