@@ -25,6 +25,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "remove_stale_temporaries",
+    "temporary_target",
 ]
 
 # errno values that mean "the machine cannot take this write", not "the caller made a mistake" (the CLI maps
@@ -62,6 +63,12 @@ class WriteError(OSError):
 
 
 _TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name a temporary of this module stands for (``.NAME.PID.XXXXXXXX.tmp`` -> ``NAME``), else None."""
+    match = _TEMPORARY_NAME.match(name)
+    return None if match is None else match.group("name")
 
 
 def _temporary_name(path: Path) -> Path:

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,14 @@ def test_temporaries_of_dead_writers_are_removed(tmp_path):
         "ckpt.pt",
         "notes.1.0123abcd.tmp",
     ]
+
+
+def test_one_temporary_naming_scheme_is_read_back_by_the_extraction_index():
+    from capi_backbones.atomic_files import _temporary_name, temporary_target
+    from capi_backbones.features.index import is_ours
+
+    for final in ("shard_00012.safetensors", "shard_00003-r0001", "index.json", "index.rank00001.json"):
+        temporary = _temporary_name(Path(final)).name
+        assert temporary_target(temporary) == final and is_ours(temporary), temporary
+    assert temporary_target("notes.1.0123abcd.tmp") is None  # no leading dot: not a temporary of ours
+    assert not is_ours(_temporary_name(Path("notes.txt")).name)  # a temporary, but of a file extract never writes

@@ -111,7 +111,7 @@ def test_user_errors_print_one_clear_line(setup, tmp_path, capsys):
     assert "is an architecture without weights" in error_line(
         capsys, images, "--out", tmp_path / "o", "--model", "capi_vits14"
     )
-    assert "--image-size 100 is not a multiple of the patch size 14" in error_line(
+    assert "--image-size must be a multiple of 14 between 14 and 7168, got 100 (nearest: 98 or 112)" in error_line(
         capsys, images, "--out", tmp_path / "o", "--weights", weights, "--image-size", "100"
     )
     assert "only allowed on CUDA" in error_line(
@@ -182,7 +182,7 @@ FEATURE_MODULES = [
     [
         (["nophotos", "--out", "o"], "Image path 'nophotos' does not exist"),
         (["photos", "--out", ""], "The output folder is an empty path"),
-        (["photos", "--out", "o", "--image-size", "99999998"], "--image-size 99999998 is larger than 7168"),
+        (["photos", "--out", "o", "--image-size", "99999998"], "--image-size must be a multiple of 14 between"),
         (["photos", "--out", "o", "--shard-size", "0"], "--shard-size must be at least 1, got 0."),
         (["photos", "--out", "notes.txt"], "Output path 'notes.txt' exists and is not a directory."),
     ],

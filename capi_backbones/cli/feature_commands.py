@@ -72,16 +72,10 @@ def register(subparsers) -> None:
 
 def check_extract_arguments(args: argparse.Namespace) -> None:
     """extract's own checks, run by ``main`` before torch is imported (after ``cli.checks.check_common_options``,
-    which checks the image paths and the shared numbers): the largest image size, and the output folder (an empty
+    which checks the image paths and the shared numbers, --image-size among them): the output folder (an empty
     path, a file, or a folder extract did not write are refused before anything is created or deleted)."""
-    from capi_backbones.constants import MAX_IMAGE_SIZE
     from capi_backbones.features.index import check_output_folder
 
-    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
-        raise CliError(
-            f"--image-size {args.image_size} is larger than {MAX_IMAGE_SIZE} (512 patches a side), the largest "
-            "accepted; use a smaller --image-size."
-        )
     try:
         check_output_folder(args.out)
     except ValueError as error:

@@ -40,7 +40,7 @@ import os
 import re
 from pathlib import Path
 
-from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.atomic_files import atomic_write_text, temporary_target
 
 __all__ = [
     "INDEX_NAME",
@@ -65,14 +65,21 @@ INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 SHARD_NAME = re.compile(r"^shard_(\d{5,})(?:-r(\d{4,}))?(\.safetensors)?$")  # shard_00012, shard_00003-r0001, ...
 PART_NAME = re.compile(r"^index\.rank(\d{5})\.json$")  # one rank's manifest during a multi-rank run
-TEMPORARY_NAME = re.compile(
-    r"^\.(shard_\d{5,}(?:-r\d{4,})?(?:\.safetensors)?|index\.json|index\.rank\d{5}\.json)\..+\.tmp$"
-)
+
+
+def _is_final_name(name: str) -> bool:
+    return bool(SHARD_NAME.match(name) or PART_NAME.match(name)) or name == INDEX_NAME
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary (``atomic_files``' one naming scheme) of a shard, a manifest or the index."""
+    target = temporary_target(name)
+    return target is not None and _is_final_name(target)
 
 
 def is_ours(name: str) -> bool:
     """Whether a file name in an output folder is one this package writes (shards, manifests, temporaries)."""
-    return bool(SHARD_NAME.match(name) or PART_NAME.match(name) or TEMPORARY_NAME.match(name)) or name == INDEX_NAME
+    return _is_final_name(name) or is_temporary(name)
 
 
 def check_output_path(out_dir: str | os.PathLike) -> Path:
@@ -282,7 +289,7 @@ def find_leftovers(out_dir: Path, index: dict) -> list[Path]:
     return sorted(
         path
         for path in out_dir.iterdir()
-        if (SHARD_NAME.match(path.name) and path.name not in listed) or TEMPORARY_NAME.match(path.name)
+        if (SHARD_NAME.match(path.name) and path.name not in listed) or is_temporary(path.name)
     )
 
 

@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from capi_backbones.constants import N_REGISTERS, NORM_EPS, PATCH_SIZE
+from capi_backbones.constants import MAX_IMAGE_SIZE, N_REGISTERS, NORM_EPS, PATCH_SIZE
 
 __all__ = ["CapiConfig", "ARCHITECTURES", "CONFIG_BOUNDS", "MAX_IMAGE_SIZE", "MAX_PARAMETERS"]
 
@@ -25,7 +25,6 @@ CONFIG_BOUNDS: dict[str, tuple[float, float]] = {  # field -> (lowest, highest),
     "drop_path_rate": (0.0, 1.0),  # exclusive of 1
 }
 MAX_PARAMETERS = 50_000_000_000  # the model the config describes, encoder and predictor (ViT-22B: 22e9)
-MAX_IMAGE_SIZE = 16384  # pixels per side of a recorded training image size
 _INT_FIELDS = ("embed_dim", "depth", "num_heads", "pred_embed_dim", "pred_depth", "pred_num_heads", "patch_size",
                "in_chans", "n_registers")  # fmt: skip
 _OPEN_LOW = ("mlp_ratio", "norm_eps")
