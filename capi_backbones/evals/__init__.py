@@ -1,7 +1,8 @@
 """Frozen-feature evaluation: the paper's probes (k-NN, linear and attentive classification; k-NN and logistic
 regression segmentation) on tensors from any backbone, and the protocols behind ``capi-backbones eval``.
 
-Not imported by ``import capi_backbones``; scikit-learn is imported only by the logistic regression.
+Not imported by ``import capi_backbones``; scikit-learn is imported by the segmentation's
+logistic regression (and, for its version number, by the results report).
 """
 
 from capi_backbones.evals.knn import knn_classify, knn_top1

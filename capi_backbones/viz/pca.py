@@ -40,7 +40,8 @@ N_RGB = 3
 
 @dataclass(frozen=True)
 class PcaProjection:
-    """A fitted, whitened and sign-fixed PCA: ``transform(x) = sign * ((x - mean) @ basis.T) / scale``."""
+    """A fitted, whitened and sign-fixed PCA: ``transform(x) = ((x - mean) @ basis.T) / scale``, the signs folded into
+    ``basis``."""
 
     mean: np.ndarray  # (D,) mean of the fitted features
     basis: np.ndarray  # (k, D) principal axes, sign-fixed
