@@ -155,7 +155,7 @@ class MonitorConfig:
     """A k-NN monitor while training: the teacher's k-NN top-1 on a labelled folder every ``every`` steps."""
 
     data: str = ""  # labelled folder: train/ + test/ (or val/) class folders, as `eval classify` reads; "" = off
-    every: int = 200  # steps between evaluations (also one before the first step of a run)
+    every: int = 1000  # steps between evaluations (also one before the first step of a run); 2% of a tiny run
     student: bool = False  # also the student's k-NN top-1
     k: int = 20  # neighbours of the k-NN vote (DINOv2's k-NN)
     representation: str = "pooled"  # pooled (the official global representation) | avg_patch
