@@ -16,6 +16,7 @@ from pathlib import Path
 from capi_backbones.cli.errors import CliError
 from capi_backbones.constants import MAX_IMAGE_SIZE, PATCH_SIZE
 from capi_backbones.models.config import ARCHITECTURES
+from capi_backbones.runtime.hardware import cuda_is_certainly_missing
 from capi_backbones.weights_registry import get_weights, is_registered, weights_names
 
 __all__ = [
@@ -87,14 +88,6 @@ def check_image_size(value: int | None, flag: str = "--image-size") -> None:
     raise CliError(
         f"{flag} must be a multiple of {PATCH_SIZE} between {PATCH_SIZE} and {MAX_IMAGE_SIZE}, got {value} ({nearest})."
     )
-
-
-def cuda_is_certainly_missing() -> bool:
-    """True when this machine has no GPU driver at all, which can be told without importing torch (Linux: no NVIDIA
-    driver in /proc, no ROCm /dev/kfd, no WSL /dev/dxg). False means "maybe": torch decides later."""
-    if not sys.platform.startswith("linux"):
-        return False
-    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg"))
 
 
 def check_device(value: str | None, flag: str = "--device") -> None:

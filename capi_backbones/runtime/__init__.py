@@ -12,6 +12,7 @@ package for it):
 - :mod:`~capi_backbones.runtime.devices`: ``auto``/``cpu``/``cuda[:N]`` to a ``torch.device``, with a one-line error
   when CUDA is asked for and absent;
 - :mod:`~capi_backbones.runtime.exit_codes`: the exit codes of every command and the error -> code mapping;
+- :mod:`~capi_backbones.runtime.hardware`: what can be told of the accelerators without torch;
 - :mod:`~capi_backbones.runtime.logs`: the package's messages at INFO on stderr, other libraries at WARNING;
 - :mod:`~capi_backbones.runtime.precision`: native bf16 detection and the ``auto``/``fp32``/``bf16`` choice.
 

@@ -14,6 +14,7 @@ import sys
 from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
 from capi_backbones.constants import EXIT_INPUTS_FAILED as EXIT_NON_FINITE
 from capi_backbones.runtime.exit_codes import exit_code_for
+from capi_backbones.runtime.hardware import cuda_is_certainly_missing
 from capi_backbones.runtime.logs import configure_logging
 from capi_backbones.train.config import ConfigError, dump_config, load_config
 
@@ -48,6 +49,9 @@ def run(
     if text is not None:  # before torch is imported
         print(text, end="")
         return 0
+    if config.train.device == "cuda" and cuda_is_certainly_missing():  # said before torch is imported
+        message = "train.device=cuda was asked for, but CUDA is not available here; use train.device=cpu."
+        return _fail(prog, message, EXIT_USAGE)
     from capi_backbones.train.checkpointing import CheckpointNotFoundError
     from capi_backbones.train.trainer import NonFiniteLossError, train
 
