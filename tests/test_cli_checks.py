@@ -48,6 +48,11 @@ MISTAKES = [
     (["convert", "missing.pth", "out.safetensors"], "CHECKPOINT missing.pth does not exist"),
     (["convert", "a.png", "notes.txt"], "notes.txt already exists; add --overwrite to replace it"),
     (["convert", "a.png", "a.png", "--overwrite"], "CHECKPOINT and OUTPUT are the same path"),
+    (
+        ["eval", "classify", "empty", "--out", "o", "--random-init", "--representations", "cls"],
+        "--representations cls: unknown; choose from pooled, avg_patch, pooled+avg_patch, patch, registers",
+    ),
+    (["eval", "classify", "empty", "--out", "o", "--random-init", "--knn-k", "0"], "--knn-k, --head-dim and"),
 ]
 
 SCRIPT = textwrap.dedent(

@@ -14,6 +14,17 @@ logger = logging.getLogger(__name__)
 FAST_ITERATIONS, FAST_BATCH_SIZE = 1_250, 256  # --fast: 40x fewer images seen than the official 12,500 x 1024
 
 
+def check_classify_arguments(args: argparse.Namespace) -> None:
+    """classify's own checks, run by ``main`` before torch is imported: the representation names and the numbers."""
+    from capi_backbones.evals.representations import REPRESENTATIONS  # no torch
+
+    unknown = [name for name in args.representations if name not in REPRESENTATIONS]
+    if unknown:
+        raise CliError(f"--representations {','.join(unknown)}: unknown; choose from {', '.join(REPRESENTATIONS)}.")
+    if min(args.knn_k) < 1 or args.head_dim < 1 or (args.probe_micro_batch or 1) < 1:
+        raise CliError("--knn-k, --head-dim and --probe-micro-batch must be positive.")
+
+
 def _csv(kind):
     def parse(text: str) -> tuple:
         try:
@@ -85,7 +96,7 @@ def register(subparsers) -> None:
     classify.add_argument("--head-dim", type=int, default=64, help="attentive probe head size (default 64)")
     classify.add_argument("--augment", action="store_true", help="train probes on augmented images (slow on CPU)")
     classify.add_argument("--seed", type=int, default=0, help="probe initialisation and data order")
-    classify.set_defaults(handler=run_classify)
+    classify.set_defaults(handler=run_classify, check=check_classify_arguments)
 
     segment = protocols.add_parser(
         "segment",
@@ -119,7 +130,7 @@ def _extractor(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in vars(args).items() if key != "handler"}
+    return {key: value for key, value in vars(args).items() if key not in ("handler", "check")}
 
 
 def _finish(args, payload: dict, header: list[str], keys: list[str]) -> int:

@@ -1,31 +1,75 @@
 """Frozen-feature evaluation: the paper's probes (k-NN, linear and attentive classification; k-NN and logistic
 regression segmentation) on tensors from any backbone, and the protocols behind ``capi-backbones eval``.
 
-Not imported by ``import capi_backbones``; scikit-learn is imported by the segmentation's
-logistic regression (and, for its version number, by the results report).
+Not imported by ``import capi_backbones``. The names below are imported on first use (PEP 562), so that the
+command line checks its arguments (``capi_backbones.evals.representations``) before torch is imported.
+scikit-learn is imported by the segmentation's logistic regression (and, for its version, by the results report).
 """
 
-from capi_backbones.evals.knn import knn_classify, knn_top1
-from capi_backbones.evals.metrics import miou, pixel_accuracy, topk_accuracy
-from capi_backbones.evals.probe_grid import (
-    OFFICIAL_LEARNING_RATES,
-    OFFICIAL_WEIGHT_DECAYS,
-    CachedBatches,
-    ProbeGrid,
-    ProbeTrainingConfig,
-    predict_grid,
-    probe_lr_schedule,
-    train_probe_grid,
-)
-from capi_backbones.evals.probes import AttentiveProbe, LinearProbe
-from capi_backbones.evals.representations import REPRESENTATIONS, make_representations
-from capi_backbones.evals.segmentation import (
-    Standardizer,
-    knn_segment,
-    logistic_segment,
-    patch_mode_labels,
-    patch_pixel_labels,
-)
+from importlib import import_module
+
+# public name -> the module that defines it
+_LAZY = {
+    "knn_classify": "capi_backbones.evals.knn",
+    "knn_top1": "capi_backbones.evals.knn",
+    "miou": "capi_backbones.evals.metrics",
+    "pixel_accuracy": "capi_backbones.evals.metrics",
+    "topk_accuracy": "capi_backbones.evals.metrics",
+    "OFFICIAL_LEARNING_RATES": "capi_backbones.evals.probe_grid",
+    "OFFICIAL_WEIGHT_DECAYS": "capi_backbones.evals.probe_grid",
+    "CachedBatches": "capi_backbones.evals.probe_grid",
+    "ProbeGrid": "capi_backbones.evals.probe_grid",
+    "ProbeTrainingConfig": "capi_backbones.evals.probe_grid",
+    "predict_grid": "capi_backbones.evals.probe_grid",
+    "probe_lr_schedule": "capi_backbones.evals.probe_grid",
+    "train_probe_grid": "capi_backbones.evals.probe_grid",
+    "AttentiveProbe": "capi_backbones.evals.probes",
+    "LinearProbe": "capi_backbones.evals.probes",
+    "REPRESENTATIONS": "capi_backbones.evals.representations",
+    "make_representations": "capi_backbones.evals.representations",
+    "Standardizer": "capi_backbones.evals.segmentation",
+    "knn_segment": "capi_backbones.evals.segmentation",
+    "logistic_segment": "capi_backbones.evals.segmentation",
+    "patch_mode_labels": "capi_backbones.evals.segmentation",
+    "patch_pixel_labels": "capi_backbones.evals.segmentation",
+}
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
+    from capi_backbones.evals.knn import knn_classify, knn_top1
+    from capi_backbones.evals.metrics import miou, pixel_accuracy, topk_accuracy
+    from capi_backbones.evals.probe_grid import (
+        OFFICIAL_LEARNING_RATES,
+        OFFICIAL_WEIGHT_DECAYS,
+        CachedBatches,
+        ProbeGrid,
+        ProbeTrainingConfig,
+        predict_grid,
+        probe_lr_schedule,
+        train_probe_grid,
+    )
+    from capi_backbones.evals.probes import AttentiveProbe, LinearProbe
+    from capi_backbones.evals.representations import REPRESENTATIONS, make_representations
+    from capi_backbones.evals.segmentation import (
+        Standardizer,
+        knn_segment,
+        logistic_segment,
+        patch_mode_labels,
+        patch_pixel_labels,
+    )
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'capi_backbones.evals' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "OFFICIAL_LEARNING_RATES",

@@ -2,8 +2,11 @@
 
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# no torch at import: the command line checks representation names before torch is imported
 
 __all__ = [
     "DEFAULT_REPRESENTATIONS",
@@ -34,10 +37,12 @@ def check_representations(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def make_representations(
-    patch_features: Tensor, pooled: Tensor | None, registers: Tensor | None, names: Sequence[str]
-) -> dict[str, Tensor]:
+    patch_features: "Tensor", pooled: "Tensor | None", registers: "Tensor | None", names: Sequence[str]
+) -> "dict[str, Tensor]":
     """``{name: tensor}`` from patch features (B, h, w, D) or (B, N, D), the pooled embedding (B, D_pred) and the
     registers (B, R, D). Any backbone's outputs work; a representation whose input is None raises."""
+    import torch
+
     tokens = patch_features.flatten(1, -2) if patch_features.ndim == 4 else patch_features  # (B, N, D)
     out = {}
     for name in check_representations(names):

@@ -173,7 +173,7 @@ def test_classify_refuses_unknown_representations_before_extracting(tmp_path, ca
     data = write_classification(tmp_path / "cls", n_train=2, n_test=1)
     message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
                              "--representations", "cls")  # fmt: skip
-    assert "Unknown representation(s) ['cls']" in message
+    assert "--representations cls: unknown; choose from pooled" in message
     message = one_line_error(capsys, "eval", "classify", str(data), "--out", str(tmp_path / "o"), *MODEL,
                              "--knn-k", "0,20")  # fmt: skip
     assert "--knn-k, --head-dim and --probe-micro-batch must be positive" in message
