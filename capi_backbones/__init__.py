@@ -6,7 +6,7 @@ command's ``--help``) stays free of torch and of the optional integrations. timm
 ``capi_vit*14`` names with one line: ``import capi_backbones.timm``.
 """
 
-from importlib import import_module
+from capi_backbones.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,16 +31,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
     from capi_backbones.pretrained import CheckpointError, create_model, from_pretrained, list_models
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'capi_backbones' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

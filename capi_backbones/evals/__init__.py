@@ -6,7 +6,7 @@ command line checks its arguments (``capi_backbones.evals.representations``) bef
 scikit-learn is imported by the segmentation's logistic regression (and, for its version, by the results report).
 """
 
-from importlib import import_module
+from capi_backbones.lazy_exports import lazy_exports
 
 # public name -> the module that defines it
 _LAZY = {
@@ -59,16 +59,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
     )
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'capi_backbones.evals' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

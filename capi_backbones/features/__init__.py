@@ -4,7 +4,7 @@ The names below are imported on first use (PEP 562), so the light modules of thi
 the on-disk format) can be imported, for example by the CLI's argument checks, without torch.
 """
 
-from importlib import import_module
+from capi_backbones.lazy_exports import lazy_exports
 
 # public name -> the module that defines it
 _LAZY = {
@@ -44,16 +44,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
     from capi_backbones.features.writer import ShardWriter
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

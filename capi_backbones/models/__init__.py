@@ -4,9 +4,9 @@
 torch; the torch modules (``CapiModel`` and its helpers) are imported on first use.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from capi_backbones.lazy_exports import lazy_exports
 from capi_backbones.models.config import ARCHITECTURES, CapiConfig
 
 _LAZY = {  # public name -> defining module, imported on first attribute access (PEP 562)
@@ -24,16 +24,7 @@ if TYPE_CHECKING:
     from capi_backbones.models.coordinates import edge_register_coordinates, patch_coordinates, scale_to_extent
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'capi_backbones.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -7,9 +7,9 @@ data: importing it, or this package, does not import torch (``capi-backbones tra
 the torch modules are imported on first use of their names.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from capi_backbones.lazy_exports import lazy_exports
 from capi_backbones.train.config import PRESETS, ConfigError, TrainConfig, load_config, save_config
 
 _LAZY = {  # public name -> defining module, imported on first attribute access (PEP 562)
@@ -28,16 +28,7 @@ if TYPE_CHECKING:
     from capi_backbones.train.trainer import NonFiniteLossError, StepMetrics, Trainer, TrainResult, train
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'capi_backbones.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
