@@ -84,12 +84,13 @@ def test_cuda_without_cuda_is_one_line_naming_the_setting(monkeypatch, option, e
 
 
 def test_training_device_errors_name_train_device(monkeypatch):
-    from capi_backbones.train.distributed import init_distributed
+    from capi_backbones.train.config import load_config
+    from capi_backbones.train.trainer import Trainer
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match=r"^train\.device=cuda was asked for, but CUDA is not available here"):
-        init_distributed("cuda")
+        Trainer(load_config("tiny", ["train.device=cuda"]))
 
 
 def test_unknown_device_is_refused_in_one_line():

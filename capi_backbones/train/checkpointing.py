@@ -27,9 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 
 from capi_backbones.atomic_files import atomic_path
+from capi_backbones.runtime.distributed import DistributedContext
 from capi_backbones.runtime.seeding import derive_seed
 from capi_backbones.train.config import TrainConfig, config_from_dict, config_to_dict
-from capi_backbones.train.distributed import DistributedContext
 
 __all__ = [
     "CHECKPOINT_FORMAT",

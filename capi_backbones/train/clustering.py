@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capi_backbones.train.distributed import Reduce
+from capi_backbones.runtime.distributed import Reduce
 from capi_backbones.train.losses import capi_loss
 
 __all__ = ["ClusteringOutput", "OnlineClustering", "sinkhorn_knopp"]

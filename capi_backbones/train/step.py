@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from capi_backbones.models import CapiModel
+from capi_backbones.runtime.distributed import Reduce
 from capi_backbones.train.clustering import OnlineClustering
-from capi_backbones.train.distributed import Reduce
 from capi_backbones.train.heads import L2NormLinear
 
 __all__ = [

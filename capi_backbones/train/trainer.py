@@ -29,6 +29,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capi_backbones.images import load_image
 from capi_backbones.models import CapiModel
+from capi_backbones.runtime.distributed import (
+    DistributedContext,
+    all_reduce_grads_mean,
+    broadcast_parameters,
+    init_distributed,
+    reducers,
+    shutdown_distributed,
+)
 from capi_backbones.runtime.precision import native_bf16, resolve_precision
 from capi_backbones.runtime.seeding import derive_seed
 from capi_backbones.runtime.signals import handle_stop_signals
@@ -42,14 +50,6 @@ from capi_backbones.train.data import (
     TrainTransform,
     build_loader,
     find_images,
-)
-from capi_backbones.train.distributed import (
-    DistributedContext,
-    all_reduce_grads_mean,
-    broadcast_parameters,
-    init_distributed,
-    reducers,
-    shutdown_distributed,
 )
 from capi_backbones.train.ema import ema_update_
 from capi_backbones.train.heads import L2NormLinear
@@ -113,7 +113,7 @@ class Trainer:
         self, config: TrainConfig, *, context: DistributedContext | None = None, sync_free: bool | None = None
     ) -> None:
         self.config = config.validate()
-        self.context = context or init_distributed(config.train.device)
+        self.context = context or init_distributed(config.train.device, option="train.device=")
         self.device = self.context.device
         # sync-free steps (no host read between log steps, fused AdamW) where a host read waits for the device
         self.sync_free = self.device.type != "cpu" if sync_free is None else sync_free
@@ -622,7 +622,7 @@ def first_readable_image(paths: Sequence[Path], root: str) -> None:
 
 def train(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult:
     """Join torchrun's process group if any, train, and leave the group."""
-    context = init_distributed(config.train.device)
+    context = init_distributed(config.train.device, option="train.device=")
     try:
         return Trainer(config, context=context).run(max_steps=max_steps)
     finally:

@@ -127,7 +127,7 @@ def test_train_does_not_import_features_viz_or_the_cli():
     code = (
         "import sys\n"
         "import capi_backbones.train, capi_backbones.train.__main__, capi_backbones.train.launch\n"
-        "from capi_backbones.train import trainer, export, data, distributed, metrics, checkpointing, step\n"
+        "from capi_backbones.train import trainer, export, data, metrics, checkpointing, step\n"
         "cli = sorted(m for m in sys.modules if m.startswith('capi_backbones.cli'))\n"
         "import capi_backbones.cli.train_commands\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('capi_backbones.features', 'capi_backbones.viz')) "
