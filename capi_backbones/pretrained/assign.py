@@ -169,6 +169,24 @@ def _convert(
     return out, non_finite
 
 
+def _checked_keys(
+    filtered: dict[str, Tensor], model: nn.Module, strict: bool, source: str, hint: str = ""
+) -> dict[str, Tensor]:
+    """The key, shape and dtype checks of every load: missing keys and shape mismatches raise, unexpected keys too
+    unless ``strict=False`` (then dropped with a warning), weights stored as integers are refused."""
+    diff = compare_state_dict(filtered, model)
+    if diff.missing or diff.mismatched or (strict and diff.unexpected):
+        raise diff.error(source, hint)
+    if diff.unexpected:
+        logger.warning("strict=False: ignoring %d unexpected keys: %s", len(diff.unexpected), list(diff.unexpected))
+        unexpected = set(diff.unexpected)
+        filtered = {k: v for k, v in filtered.items() if k not in unexpected}
+    non_floating = find_non_floating(filtered, model.state_dict())
+    if non_floating:
+        raise CheckpointError(non_floating_message(source, non_floating))
+    return filtered
+
+
 def load_state_into_new_model(
     state_dict: Mapping[str, Tensor],
     config: CapiConfig,
@@ -195,15 +213,7 @@ def load_state_into_new_model(
     source = source or "state dict"
     model = model_cls(config, device="meta")
     filtered = checkpoint_filter_fn(state_dict, model)
-    diff = compare_state_dict(filtered, model)
-    if diff.missing or diff.mismatched or (strict and diff.unexpected):
-        raise diff.error(source, _shape_hint(filtered, config))
-    if diff.unexpected:
-        logger.warning("strict=False: ignoring %d unexpected keys: %s", len(diff.unexpected), list(diff.unexpected))
-        filtered = {k: v for k, v in filtered.items() if k not in set(diff.unexpected)}
-    non_floating = find_non_floating(filtered, model.state_dict())
-    if non_floating:
-        raise CheckpointError(non_floating_message(source, non_floating))
+    filtered = _checked_keys(filtered, model, strict, source, _shape_hint(filtered, config))
     converted, non_finite = _convert(filtered, dtype, device, memory_mapped)
     if non_finite and not allow_non_finite:
         raise CheckpointError(non_finite_message(source, non_finite))
@@ -242,15 +252,7 @@ def load_checkpoint_into(
     if filter_fn is None and isinstance(model, CapiModel):
         filter_fn = checkpoint_filter_fn
     filtered = dict(filter_fn(tensors, model)) if filter_fn is not None else tensors
-    diff = compare_state_dict(filtered, model)
-    if diff.missing or diff.mismatched or (strict and diff.unexpected):
-        raise diff.error(source)
-    if diff.unexpected:
-        logger.warning("strict=False: ignoring %d unexpected keys: %s", len(diff.unexpected), list(diff.unexpected))
-        filtered = {k: v for k, v in filtered.items() if k not in set(diff.unexpected)}
-    non_floating = find_non_floating(filtered, model.state_dict())
-    if non_floating:
-        raise CheckpointError(non_floating_message(source, non_floating))
+    filtered = _checked_keys(filtered, model, strict, source)
     non_finite = find_non_finite(filtered)
     if non_finite and not allow_non_finite:
         raise CheckpointError(non_finite_message(source, non_finite))

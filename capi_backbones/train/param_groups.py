@@ -1,18 +1,9 @@
 """Optimizer parameter groups with CAPI's per-parameter multipliers, and the per-step schedule update.
 
-The rules live in ``capi_backbones.models.param_rules`` (the timm door reads them too); applied to the student
-(backbone and head), as in the official ``get_params_groups``:
-
-- biases (and LayerScale ``gamma``): weight decay x0;
-- weights of normalization layers: weight decay x ``norm_wd_mult`` (0.1);
-- anything under ``patch_embed`` (its weight and its bias): lr x ``patch_embed_lr_mult`` (0.2);
-- anything under ``rope`` (``rope.freqs``): lr x ``rope_lr_mult`` (0: frozen). Its weight decay stays x1,
-  which does nothing at lr 0 with decoupled (AdamW) decay;
-- everything else, ``registers``, ``mask_token`` and the head's ``weight_g`` / ``weight_v`` included: x1, x1.
-
-Multipliers combine (``patch_embed.bias``: lr x0.2, wd x0). Parameters with ``requires_grad=False`` are
-left out, as officially. Norm layers are found by module type, the other rules by name segment
-(so ``module.`` / ``_orig_mod.`` wrapper prefixes don't matter).
+The multipliers (weight decay x0 for biases, x0.1 for norm weights; lr x0.2 under ``patch_embed``, x0 under ``rope``)
+are the rules of ``capi_backbones.models.param_rules``, which the timm door reads too; here they are applied to the
+student (backbone and head), as in the official ``get_params_groups``. Parameters with ``requires_grad=False`` are
+left out, as officially.
 """
 
 import logging
