@@ -61,7 +61,7 @@ def test_training_derives_seeds_from_the_runtime():
     from capi_backbones.train import checkpointing, data, trainer
 
     for module in (checkpointing, trainer):
-        assert module.derive_seed is seeding.derive_seed, module.__name__
+        assert module.rank_seed is seeding.rank_seed, module.__name__
     assert data.seeded_generator is seeding.seeded_generator
 
 

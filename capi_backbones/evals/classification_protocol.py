@@ -38,6 +38,7 @@ from capi_backbones.evals.representations import (
     check_representations,
     make_representations,
 )
+from capi_backbones.runtime.seeding import probe_augmentation_seed
 from capi_backbones.transforms import TrainTransform
 
 __all__ = ["PROBES", "AugmentedBatches", "ClassificationSettings", "run_classification"]
@@ -81,7 +82,7 @@ class AugmentedBatches:
         selected, labels = self.order(iteration)
         pixels = []
         for j, i in enumerate(selected["index"].tolist()):
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration * 4096 + j)
+            generator = torch.Generator().manual_seed(probe_augmentation_seed(self.seed, iteration, j))
             pixels.append(self.transform(load_image(self.paths[i]), generator))
         out = self.extractor.forward(torch.stack(pixels), pooled=self.needs_pooled)
         features = make_representations(out.patch_features, out.pooled, out.registers, self.representations)

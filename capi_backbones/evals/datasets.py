@@ -23,6 +23,7 @@ __all__ = [
 SELECTION_FRACTION = 0.1  # share of train held out to choose hyper-parameters (official: 10%)
 TEST_FRACTION = 0.2  # share held out as test when a folder has no split subfolders
 SPLIT_SEED = 42  # the official seed of the classification held-out split
+TEST_SPLIT_SEED = 43  # the seed of the test split of a folder without split subfolders (ours: SPLIT_SEED + 1)
 SEGMENTATION_SPLIT_SEED = 0  # the official segmentation script seeds numpy's global generator with 0 (rank 0)
 MASK_FOLDERS = ("masks", "annotations")
 
@@ -125,7 +126,7 @@ def read_classification_folders(root: str | os.PathLike) -> ClassificationData:
         val = _labelled(folders["val"], classes)[1] if "val" in folders else None
         return ClassificationData(root, classes, train, test, val, _split_note(folders))
     classes, items = _labelled(root, None)
-    kept, held = held_out_split(len(items), TEST_FRACTION, seed=SPLIT_SEED + 1)
+    kept, held = held_out_split(len(items), TEST_FRACTION, seed=TEST_SPLIT_SEED)
     return ClassificationData(root, classes, [items[i] for i in kept], [items[i] for i in held], None, ONE_FOLDER_NOTE)
 
 
@@ -181,5 +182,5 @@ def read_segmentation_folders(root: str | os.PathLike) -> SegmentationData:
     items = _pairs(root)
     if len(items) < 3:
         raise ValueError(f"'{root}' has {len(items)} image(s): too few to split into train and test.")
-    kept, held = held_out_split(len(items), TEST_FRACTION, seed=SPLIT_SEED + 1)
+    kept, held = held_out_split(len(items), TEST_FRACTION, seed=TEST_SPLIT_SEED)
     return SegmentationData(root, [items[i] for i in kept], [items[i] for i in held], None, ONE_FOLDER_NOTE)

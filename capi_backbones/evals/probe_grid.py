@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_path
 from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
+from capi_backbones.runtime.seeding import probe_order_seed
 
 __all__ = [
     "OFFICIAL_BATCH_SIZE",
@@ -172,7 +173,7 @@ class CachedBatches:
         per_epoch = len(self.labels) // size
         epoch, position = divmod(iteration, per_epoch)
         if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(probe_order_seed(self.seed, epoch))
             self._order = (epoch, torch.randperm(len(self.labels), generator=generator))
         index = self._order[1][position * size : (position + 1) * size]
         return {name: tensor[index] for name, tensor in self.features.items()}, self.labels[index]

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from capi_backbones.atomic_files import atomic_path
 from capi_backbones.runtime.distributed import DistributedContext
-from capi_backbones.runtime.seeding import derive_seed
+from capi_backbones.runtime.seeding import rank_seed
 from capi_backbones.train.config import TrainConfig, config_from_dict, config_to_dict
 
 __all__ = [
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "capi-backbones-train/1"
 CHECKPOINT_DIR = "checkpoints"
-RANK_SEED_TAG = 3  # derive_seed tag of the per-rank torch seed (stochastic depth)
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -254,7 +253,7 @@ class RunCheckpoints:
                 "Checkpoint was written by %d ranks, this run has %d: data order and schedules continue exactly, "
                 "but the stochastic-depth RNG is reseeded.", state["world_size"], self.context.world_size,
             )  # fmt: skip
-            torch.manual_seed(derive_seed(self.config.train.seed, RANK_SEED_TAG, step * 4096 + self.context.rank))
+            torch.manual_seed(rank_seed(self.config.train.seed, self.context.rank, step))
         return step, int(state["nan_streak"])
 
     def save(self, step: int, nan_streak: int) -> Path:

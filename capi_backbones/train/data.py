@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from capi_backbones.constants import IMAGE_EXTENSIONS
 from capi_backbones.images import find_image_files, load_image
-from capi_backbones.runtime.seeding import seeded_generator
+from capi_backbones.runtime.seeding import AUGMENTATION_TAG, EPOCH_ORDER_TAG, MASK_TAG, seeded_generator
 from capi_backbones.runtime.signals import ignore_stop_signals_in_worker
 from capi_backbones.train.masking import MaskedBatch, MaskingCollator
 from capi_backbones.transforms import CropBox, TrainTransform, random_resized_crop_box  # shared with the evals
@@ -38,9 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Stream tags separate the seeds drawn for different purposes from the same (seed, position).
-EPOCH_ORDER, AUGMENTATION, MASK = 0, 1, 2
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -85,7 +82,7 @@ class ImageStream(Dataset):
         if epoch != self._epoch:
             n = len(self.paths)
             dtype = torch.int32 if n < 2**31 else torch.int64
-            self._order = torch.randperm(n, generator=seeded_generator(self.seed, EPOCH_ORDER, epoch), dtype=dtype)
+            self._order = torch.randperm(n, generator=seeded_generator(self.seed, EPOCH_ORDER_TAG, epoch), dtype=dtype)
             self._epoch = epoch
         return self._order
 
@@ -111,7 +108,7 @@ class ImageStream(Dataset):
                 logger.log(level, "Unreadable image %s (%s); using another image instead.", self.paths[index], error)
         else:
             raise RuntimeError(f"None of the {n} images under the data root could be read; see the warnings above.")
-        generator = seeded_generator(self.seed, AUGMENTATION, position)
+        generator = seeded_generator(self.seed, AUGMENTATION_TAG, position)
         return self.transform(image, generator), position
 
     def __len__(self) -> int:
@@ -184,7 +181,7 @@ class PositionMaskingCollate:
         images = torch.stack([image for image, _ in items])  # (B, 3, S, S)
         masks, visible, predict = [], [], []
         for _, position in items:
-            m, v, p = self.masking.sample_indices(1, seeded_generator(self.seed, MASK, position))
+            m, v, p = self.masking.sample_indices(1, seeded_generator(self.seed, MASK_TAG, position))
             masks.append(m)
             visible.append(v)
             predict.append(p)

@@ -38,7 +38,7 @@ from capi_backbones.runtime.distributed import (
     shutdown_distributed,
 )
 from capi_backbones.runtime.precision import native_bf16, resolve_precision
-from capi_backbones.runtime.seeding import derive_seed
+from capi_backbones.runtime.seeding import rank_seed
 from capi_backbones.runtime.signals import handle_stop_signals
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
@@ -206,7 +206,7 @@ class Trainer:
         if config.train.compile:
             self._student_forward = torch.compile(self._student_forward)
             self._teacher_encode = torch.compile(self._teacher_encode)
-        torch.manual_seed(derive_seed(config.train.seed, checkpointing.RANK_SEED_TAG, self.context.rank))
+        torch.manual_seed(rank_seed(config.train.seed, self.context.rank))
         self.checkpoints = checkpointing.RunCheckpoints(
             self.run_dir,
             config,
