@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from capi_backbones.evals.metrics import DEFAULT_IGNORE_LABELS
+from capi_backbones.runtime.precision import native_bf16
 
 __all__ = [
     "DEFAULT_SEGMENTATION_KS",
@@ -34,7 +35,6 @@ __all__ = [
     "logistic_segment",
     "patch_pixel_labels",
     "patch_mode_labels",
-    "native_bfloat16",
     "resolve_knn_dtype",
 ]
 
@@ -93,23 +93,13 @@ class Standardizer:
         return out.sub_(self.mean.to(out.device, torch.float32)).div_(self.std.to(out.device, torch.float32))
 
 
-def native_bfloat16(device: str | torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
-
 def resolve_knn_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """``"auto"`` (the official bfloat16 where ``device`` has it natively, else float32), ``"bfloat16"`` or
-    ``"float32"`` -> the dtype of the k-NN search."""
+    ``"float32"`` -> the dtype of the k-NN search. Native: ``runtime.precision.native_bf16``, as for the models."""
     if name not in KNN_DTYPES:
         raise ValueError(f"Unknown k-NN dtype '{name}'. Choose one of {list(KNN_DTYPES)}.")
     if name == "auto":
-        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     return getattr(torch, name)
 
 

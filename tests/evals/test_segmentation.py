@@ -117,12 +117,18 @@ def test_knn_segment_in_bfloat16_follows_the_official_cosine_in_bfloat16():
 
 
 def test_knn_dtype_auto_is_bfloat16_only_where_native(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    from capi_backbones.runtime import precision
+
+    # the package's one detection of native bf16 decides (runtime.precision), as it does for the models
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: None)
     assert resolve_knn_dtype("auto", "cpu") == torch.float32
     assert resolve_knn_dtype("bfloat16", "cpu") == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "AMX-BF16")
     assert resolve_knn_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cuda_bf16_support", lambda device: False)
+    assert resolve_knn_dtype("auto", "cuda") == torch.float32  # a pre-Ampere GPU emulates bf16
+    monkeypatch.setattr(precision, "cuda_bf16_support", lambda device: True)
+    assert resolve_knn_dtype("auto", "cuda") == torch.bfloat16
     with pytest.raises(ValueError, match="Unknown k-NN dtype"):
         resolve_knn_dtype("float16", "cpu")
 
