@@ -79,3 +79,23 @@ def test_the_cycle_check_finds_a_planted_cycle():
 @pytest.mark.parametrize("name", ["layers", "models", "viz", "foundations"])
 def test_each_contract_is_declared(name):
     assert f"[importlinter:contract:{name}]" in CONFIG.read_text()
+
+
+def test_every_top_level_module_is_in_a_contract():
+    """A new module or package directly under capi_backbones must be placed in the layering (a layer, viz or a
+    foundation), else nothing checks what it imports. ``__main__`` only starts the command line."""
+    import configparser
+    import pkgutil
+
+    import capi_backbones
+
+    config = configparser.ConfigParser()
+    config.read(CONFIG)
+    placed = set(config["importlinter:contract:layers"]["layers"].replace("|", " ").split())
+    for name in ("viz", "foundations"):
+        placed |= set(config[f"importlinter:contract:{name}"]["source_modules"].split())
+    top = {f"capi_backbones.{info.name}" for info in pkgutil.iter_modules(capi_backbones.__path__)} - {
+        "capi_backbones.__main__"
+    }
+    assert {"capi_backbones.schedules", "capi_backbones.train", "capi_backbones.timm"} <= top
+    assert not top - placed, f"place these modules in a contract of {CONFIG.name}: {sorted(top - placed)}"

@@ -21,7 +21,7 @@ _LAZY = {
     "ProbeGrid": "capi_backbones.evals.probe_grid",
     "ProbeTrainingConfig": "capi_backbones.evals.probe_grid",
     "predict_grid": "capi_backbones.evals.probe_grid",
-    "probe_lr_schedule": "capi_backbones.evals.probe_grid",
+    "probe_lr_schedule": "capi_backbones.schedules",
     "train_probe_grid": "capi_backbones.evals.probe_grid",
     "AttentiveProbe": "capi_backbones.evals.probes",
     "LinearProbe": "capi_backbones.evals.probes",
@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
         ProbeGrid,
         ProbeTrainingConfig,
         predict_grid,
-        probe_lr_schedule,
         train_probe_grid,
     )
     from capi_backbones.evals.probes import AttentiveProbe, LinearProbe
@@ -57,6 +56,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
         patch_mode_labels,
         patch_pixel_labels,
     )
+    from capi_backbones.schedules import probe_lr_schedule
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -12,7 +12,6 @@ memory and ``classification.AugmentedBatches`` for images augmented through the 
 """
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from capi_backbones.atomic_files import atomic_path
 from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
 from capi_backbones.runtime.seeding import probe_order_seed
+from capi_backbones.schedules import probe_lr_schedule
 
 __all__ = [
     "OFFICIAL_BATCH_SIZE",
@@ -35,7 +35,6 @@ __all__ = [
     "ProbeGrid",
     "ProbeTrainingConfig",
     "predict_grid",
-    "probe_lr_schedule",
     "train_probe_grid",
 ]
 
@@ -89,14 +88,6 @@ class ProbeTrainingConfig:
             and tuple(self.weight_decays) == OFFICIAL_WEIGHT_DECAYS
             and self.dtype == "float32"
         )
-
-
-def probe_lr_schedule(iterations: int, warmup_iterations: int) -> Tensor:
-    """The lr multiplier of every iteration (float64): ``warmup`` values rising linearly from 0 to 1, then a cosine
-    from 1 down to 0 (both ends included), as in the official evaluation."""
-    warmup = torch.linspace(0.0, 1.0, warmup_iterations, dtype=torch.float64)
-    decay = (torch.cos(torch.linspace(0.0, math.pi, iterations - warmup_iterations, dtype=torch.float64)) + 1) / 2
-    return torch.cat([warmup, decay])
 
 
 class ProbeGrid(nn.Module):

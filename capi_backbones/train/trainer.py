@@ -40,6 +40,7 @@ from capi_backbones.runtime.distributed import (
 from capi_backbones.runtime.precision import native_bf16, resolve_precision
 from capi_backbones.runtime.seeding import rank_seed
 from capi_backbones.runtime.signals import handle_stop_signals
+from capi_backbones.schedules import warmup_truncated_cosine
 from capi_backbones.train import checkpointing
 from capi_backbones.train.clustering import OnlineClustering
 from capi_backbones.train.config import TrainConfig
@@ -64,7 +65,6 @@ from capi_backbones.train.run_dir import (
     prepare_run_dir,
     progress_bar,
 )
-from capi_backbones.train.schedules import warmup_truncated_cosine
 from capi_backbones.train.step import StudentNet, assignment_entropies, teacher_assignments, teacher_targets
 
 __all__ = ["NonFiniteLossError", "StepMetrics", "TrainResult", "Trainer", "train"]

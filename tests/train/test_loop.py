@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from capi_backbones.schedules import warmup_truncated_cosine
 from capi_backbones.train.config import load_config
-from capi_backbones.train.schedules import warmup_truncated_cosine
 from capi_backbones.train.trainer import NonFiniteLossError, Trainer
 
 TINY = [

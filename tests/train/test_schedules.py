@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from capi_backbones.train.schedules import warmup_truncated_cosine
+from capi_backbones.schedules import warmup_truncated_cosine
 
 
 def _official(total, warmup, base, final, start=0.0, truncate=0.8) -> np.ndarray:
