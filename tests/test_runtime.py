@@ -58,9 +58,9 @@ def test_derive_seed_is_numpy_seed_sequence_hashing():
 
 
 def test_training_derives_seeds_from_the_runtime():
-    from capi_backbones.train import checkpointing, data, trainer
+    from capi_backbones.train import build, checkpointing, data
 
-    for module in (checkpointing, trainer):
+    for module in (checkpointing, build):
         assert module.rank_seed is seeding.rank_seed, module.__name__
     assert data.seeded_generator is seeding.seeded_generator
 

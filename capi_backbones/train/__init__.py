@@ -16,8 +16,8 @@ _LAZY = {  # public name -> defining module, imported on first attribute access 
     "ExportResult": "capi_backbones.train.export",
     "export_teacher": "capi_backbones.train.export",
     "load_teacher": "capi_backbones.train.export",
-    "NonFiniteLossError": "capi_backbones.train.trainer",
-    "StepMetrics": "capi_backbones.train.trainer",
+    "NonFiniteLossError": "capi_backbones.train.step_runner",
+    "StepMetrics": "capi_backbones.train.step_runner",
     "Trainer": "capi_backbones.train.trainer",
     "TrainResult": "capi_backbones.train.trainer",
     "train": "capi_backbones.train.trainer",
@@ -25,7 +25,8 @@ _LAZY = {  # public name -> defining module, imported on first attribute access 
 
 if TYPE_CHECKING:
     from capi_backbones.train.export import ExportResult, export_teacher, load_teacher
-    from capi_backbones.train.trainer import NonFiniteLossError, StepMetrics, Trainer, TrainResult, train
+    from capi_backbones.train.step_runner import NonFiniteLossError, StepMetrics
+    from capi_backbones.train.trainer import Trainer, TrainResult, train
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -34,6 +34,7 @@ __all__ = [
     "TrainTransform",
     "build_loader",
     "find_images",
+    "first_readable_image",
     "random_resized_crop_box",
 ]
 
@@ -57,6 +58,22 @@ def find_images(root: str | Path) -> list[Path]:
             "Point data.root at a folder that holds images."
         )
     return paths
+
+
+def first_readable_image(paths: Sequence[Path], root: str) -> None:
+    """Decode images of ``paths`` until one works; a ValueError of one line when none does (a folder of broken
+    or foreign files would otherwise fail in the data loader, after the models are built)."""
+    first_error = None
+    for path in paths:
+        try:
+            load_image(path)
+            return
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            first_error = first_error or error
+    raise ValueError(
+        f"None of the {len(paths)} image files under {root} can be read (first: {first_error}). "
+        "Point data.root at a folder of readable images."
+    )
 
 
 # ---- the stream -----------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def run(
         message = "train.device=cuda was asked for, but CUDA is not available here; use train.device=cpu."
         return _fail(prog, message, EXIT_USAGE)
     from capi_backbones.train.checkpointing import CheckpointNotFoundError
-    from capi_backbones.train.trainer import NonFiniteLossError, train
+    from capi_backbones.train.step_runner import NonFiniteLossError
+    from capi_backbones.train.trainer import train
 
     try:
         result = train(config, max_steps=max_steps)

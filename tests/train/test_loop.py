@@ -11,7 +11,8 @@ from skimage import data as skdata
 
 from capi_backbones.schedules import warmup_truncated_cosine
 from capi_backbones.train.config import load_config
-from capi_backbones.train.trainer import NonFiniteLossError, Trainer
+from capi_backbones.train.step_runner import NonFiniteLossError
+from capi_backbones.train.trainer import Trainer
 
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_embed_dim=32", "model.pred_depth=2",

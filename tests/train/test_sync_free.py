@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_loop import clone_state, tiny_config
 
-from capi_backbones.train.trainer import NonFiniteLossError, Trainer
+from capi_backbones.train.step_runner import NonFiniteLossError
+from capi_backbones.train.trainer import Trainer
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
