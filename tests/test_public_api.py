@@ -2,6 +2,8 @@
 the package's top level, without someone meaning it. After a deliberate change, rewrite the list with
 ``python tests/test_public_api.py --write`` and update docs/api.md."""
 
+import pkgutil
+import re
 import sys
 from collections import defaultdict
 from importlib import import_module
@@ -53,6 +55,49 @@ def test_the_api_page_names_every_public_name():
     assert not missing, f"docs/api.md does not name: {missing}"
     modules_named = [m for m in listed() if f"`{m}`" not in page]
     assert not modules_named, f"docs/api.md does not name the modules {modules_named}"
+
+
+def _api_page_modules() -> tuple[set[str], set[str]]:
+    """(public, internal) modules named by docs/api.md: the first column of its table of public modules, and the
+    section "Internal modules", where ``in `PACKAGE`: `a`, `b` `` names ``PACKAGE.a`` and ``PACKAGE.b`` until the
+    bullet ends."""
+    page = API_PAGE.read_text(encoding="utf-8")
+    public = {"capi_backbones", *re.findall(r"^\| `(capi_backbones[\w.]*)` \|", page, flags=re.MULTILINE)}
+    section = page.split("## Internal modules", 1)[1].split("\n## ", 1)[0]
+    internal, unplaced = set(), []
+    for bullet in re.split(r"\n- ", section)[1:]:
+        package = None
+        for prefix, name in re.findall(r"(\bin\s+)?`([^`]+)`", bullet):
+            if prefix:
+                package = name
+            elif name.startswith("capi_backbones"):
+                internal.add(name)
+            elif re.fullmatch(r"\w+", name):
+                unplaced += [name] if package is None else []
+                internal.add(f"{package}.{name}")
+    assert not unplaced, f"docs/api.md names {unplaced} under Internal modules without 'in `PACKAGE`:' before them"
+    return public, internal
+
+
+def _package_modules() -> set[str]:
+    """Every module of the installed package (found through importlib: CI tests the installed wheel)."""
+    import capi_backbones
+
+    return {"capi_backbones"} | {
+        info.name for info in pkgutil.walk_packages(capi_backbones.__path__, "capi_backbones.")
+    }
+
+
+def test_the_api_page_places_every_module_as_public_or_internal():
+    public, internal = _api_page_modules()
+    assert {"capi_backbones.models", "capi_backbones.train"} <= public, "the table of public modules was not read"
+    assert {"capi_backbones.cli.main", "capi_backbones.runtime.seeding"} <= internal, "the internal list was not read"
+    modules = _package_modules()
+    assert not public & internal, f"docs/api.md calls these both public and internal: {sorted(public & internal)}"
+    unplaced = sorted(modules - public - internal)
+    assert not unplaced, f"new modules: name each in docs/api.md, as public or under Internal modules: {unplaced}"
+    stale = sorted((public | internal) - modules)
+    assert not stale, f"docs/api.md names modules the package does not have: {stale}"
 
 
 def write_list() -> None:
