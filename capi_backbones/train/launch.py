@@ -8,7 +8,6 @@ signal, resumable), 1 stopped by non-finite losses, 2 a usage or input error, 3 
 
 import argparse
 import logging
-import os
 import sys
 
 from capi_backbones.constants import EXIT_ENVIRONMENT, EXIT_USAGE
@@ -16,6 +15,7 @@ from capi_backbones.constants import EXIT_INPUTS_FAILED as EXIT_NON_FINITE
 from capi_backbones.runtime.exit_codes import exit_code_for
 from capi_backbones.runtime.hardware import cuda_is_certainly_missing
 from capi_backbones.runtime.logs import configure_logging
+from capi_backbones.runtime.ranks import env_rank
 from capi_backbones.train.config import ConfigError, dump_config, load_config
 
 __all__ = ["EXIT_ENVIRONMENT", "EXIT_NON_FINITE", "EXIT_USAGE", "main", "run"]
@@ -93,5 +93,5 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet_other_ranks() -> None:
     """One progress log per job: ranks other than 0 (torchrun's RANK) log warnings only."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if env_rank() != 0:
         logging.getLogger("capi_backbones").setLevel(logging.WARNING)
