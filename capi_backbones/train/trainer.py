@@ -58,8 +58,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Builds the student, teacher, clustering layer and optimizers from a :class:`TrainConfig`, resumes
-    from the run directory's newest checkpoint when ``train.resume`` is set, and runs steps."""
+    """Pretraining of a :class:`TrainConfig`: checks the data, builds the models (``train.build``), resumes from the
+    run directory's newest checkpoint when ``train.resume`` is set, and runs the steps (``train.step_runner``)."""
 
     def __init__(
         self, config: TrainConfig, *, context: DistributedContext | None = None, sync_free: bool | None = None
