@@ -3,13 +3,15 @@
 Reports:
   * whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as ``capi_backbones.runtime.precision`` detects
     it, which is what ``precision="auto"`` follows);
-  * per architecture at 224x224, batch 4: images/s and GFLOP/s of ``model(x)`` in fp32 and in bf16 (bf16 weights
-    and input, under autocast), optionally with dynamic int8 Linears (``--int8``, torch.ao), each next to a plain
-    2048x1024 @ 1024x4096 GEMM of its dtype timed interleaved with it; and the relative difference of the bf16
-    (int8) outputs to fp32 on photos;
+  * per architecture at 224x224 and each ``--batch-sizes`` (default 4 and 16): images/s and GFLOP/s of ``model(x)``
+    in fp32, in bf16 (bf16 weights and input, under autocast: what ``FeatureExtractor`` runs) and in bf16 autocast
+    over the fp32 weights (``autocast``: what it ran before), optionally with dynamic int8 Linears (``--int8``,
+    torch.ao), each next to a plain 2048x1024 @ 1024x4096 GEMM of its dtype timed interleaved with it; and the
+    relative difference of the bf16 (int8) outputs to fp32 on photos;
   * extraction: ``FeatureExtractor`` images/s over a folder of photos of mixed sizes (several patch grids, so several
-    input shapes) against the model's steady-state rate on the same batches, at 56 and 224 px, with the shapes new
-    (first run) and seen; and the cost of the first forward at a new shape.
+    input shapes) against the model's own steady-state rate (``extractor.model.forward_features`` on the same
+    batches: the fp32 model, or the extractor's bf16 weights) at 56 and 224 px, batch ``--extract-batch-size``,
+    with the shapes new (first run) and seen; and the cost of the first forward at a new shape.
 Without native bf16 only fp32 is measured (``--force-bf16`` measures the emulated path anyway).
 
 Clock: ``--clock cpu`` counts this process's CPU time, which other jobs on a shared machine barely disturb; use it
@@ -77,6 +79,7 @@ def variants(arch: str, bf16: bool, int8: bool) -> dict:
         low = CapiModel(ARCHITECTURES[arch]).eval().requires_grad_(False)
         low.load_state_dict(fp32.state_dict())
         out["bf16"] = (low.to(torch.bfloat16), torch.bfloat16, torch.bfloat16, torch.bfloat16)
+        out["autocast"] = (fp32, torch.float32, torch.bfloat16, torch.bfloat16)
     if int8:
         out["int8"] = (int8_model(fp32), torch.float32, None, "int8")
     return out
@@ -86,6 +89,13 @@ def run_model(model, x, autocast):
     context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), context:
         return model(x)
+
+
+def model_alone(model, autocast, x):
+    """``model.forward_features(x)`` as the extractor runs it (inference mode, its autocast), nothing around it."""
+    context = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), context:
+        return model.forward_features(x, pooled=True)
 
 
 def gemm_fn(dtype):
@@ -101,41 +111,48 @@ def gemm_fn(dtype):
 
 def bench_models(args, clock, bf16: bool) -> None:
     m, k, n = GEMM_SHAPE
-    gemm_flops = 2 * m * k * n
-    print(f"\nmodel(x) at 224x224, batch {args.batch_size}; GEMM {m}x{k} @ {k}x{n} of the same dtype, interleaved")
+    print(f"\nmodel(x) at 224x224; GEMM {m}x{k} @ {k}x{n} of the same dtype, interleaved")
     print(
-        f"{'arch':<13}{'dtype':<6}{'img/s':>8}{'GFLOP/s':>9}{'GEMM GFLOP/s':>14}{'% GEMM':>8}{'x fp32':>8}"
+        f"{'arch':<13}{'batch':>6} {'dtype':<9}{'img/s':>8}{'GFLOP/s':>9}{'GEMM GFLOP/s':>14}{'% GEMM':>8}{'x fp32':>8}"
         f"{'rel. diff to fp32':>19}"
     )
-    x = torch.randn(args.batch_size, 3, 224, 224)
     photo_batch = photos(224)
     archs = list(args.archs) + (["capi_vitl14"] if args.vitl and "capi_vitl14" not in args.archs else [])
     for arch in archs:
-        rates, reference = {}, None
-        for name, (model, in_dtype, autocast, gemm_dtype) in variants(arch, bf16, args.int8).items():
-            xi = x.to(in_dtype)
-            if name == "fp32":  # the same FLOPs for every dtype (the counter does not see quantized kernels)
-                with FlopCounterMode(display=False) as counter:
-                    run_model(model, xi, autocast)
-                flops = counter.get_total_flops()
-            gemm = gemm_fn(gemm_dtype)
-            gemm()
-            model_times, gemm_times = [], []
-            for _ in range(args.repeats):
-                model_times.append(timed(functools.partial(run_model, model, xi, autocast), clock))
-                gemm_times.append(timed(gemm, clock))
-            outputs = run_model(model, photo_batch.to(in_dtype), autocast)
-            if reference is None:
-                reference, diff = outputs, ""
-            else:
-                worst = max((a.float() - b).norm() / b.norm() for a, b in zip(outputs, reference, strict=True))
-                diff = f"{worst:.1e}"
-            rate, gemm_rate = flops / min(model_times) / 1e9, gemm_flops / min(gemm_times) / 1e9
-            rates[name] = args.batch_size / min(model_times)
-            print(
-                f"{arch:<13}{name:<6}{rates[name]:>8.2f}{rate:>9.0f}{gemm_rate:>14.0f}{100 * rate / gemm_rate:>7.0f}%"
-                f"{rates[name] / rates['fp32']:>7.2f}x{diff:>19}"
-            )
+        models = variants(arch, bf16, args.int8)
+        for batch_size in args.batch_sizes:
+            bench_arch(args, clock, arch, models, batch_size, photo_batch)
+
+
+def bench_arch(args, clock, arch: str, models: dict, batch_size: int, photo_batch: torch.Tensor) -> None:
+    m, k, n = GEMM_SHAPE
+    gemm_flops = 2 * m * k * n
+    x = torch.randn(batch_size, 3, 224, 224)
+    rates, reference = {}, None
+    for name, (model, in_dtype, autocast, gemm_dtype) in models.items():
+        xi = x.to(in_dtype)
+        if name == "fp32":  # the same FLOPs for every dtype (the counter does not see quantized kernels)
+            with FlopCounterMode(display=False) as counter:
+                run_model(model, xi, autocast)
+            flops = counter.get_total_flops()
+        gemm = gemm_fn(gemm_dtype)
+        gemm()
+        model_times, gemm_times = [], []
+        for _ in range(args.repeats):
+            model_times.append(timed(functools.partial(run_model, model, xi, autocast), clock))
+            gemm_times.append(timed(gemm, clock))
+        outputs = run_model(model, photo_batch.to(in_dtype), autocast)
+        if reference is None:
+            reference, diff = outputs, ""
+        else:
+            worst = max((a.float() - b).norm() / b.norm() for a, b in zip(outputs, reference, strict=True))
+            diff = f"{worst:.1e}"
+        rate, gemm_rate = flops / min(model_times) / 1e9, gemm_flops / min(gemm_times) / 1e9
+        rates[name] = batch_size / min(model_times)
+        print(
+            f"{arch:<13}{batch_size:>6} {name:<9}{rates[name]:>8.2f}{rate:>9.0f}{gemm_rate:>14.0f}"
+            f"{100 * rate / gemm_rate:>7.0f}%{rates[name] / rates['fp32']:>7.2f}x{diff:>19}"
+        )
 
 
 def write_folder(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
@@ -149,8 +166,9 @@ def write_folder(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
 
 def bench_extraction(args, clock, precisions: list[str]) -> None:
     print(
-        f"\nextraction with FeatureExtractor({args.extract_arch}, batch_size={args.batch_size}, keep_aspect=True, "
-        f"num_workers={args.workers}): images/s against model.forward_features on the same batches"
+        f"\nextraction with FeatureExtractor({args.extract_arch}, batch_size={args.extract_batch_size}, "
+        f"keep_aspect=True, num_workers={args.workers}): images/s against extractor.model.forward_features (the model "
+        "the extractor runs: fp32, or its bf16 weights) on the same batches"
     )
     print(
         f"{'px':>4} {'precision':<10}{'shapes':>7}{'images':>7}{'new shapes':>12}{'seen shapes':>13}"
@@ -161,12 +179,13 @@ def bench_extraction(args, clock, precisions: list[str]) -> None:
     aspects = [(1.0, 1.0), (1.0, 1.5), (1.5, 1.0), (1.0, 1.34)]
     for px in (56, 224):
         for precision in precisions:
-            per_shape = args.batch_size * 2
+            batch_size = args.extract_batch_size
+            per_shape = batch_size * 2
             sizes = [(int(px * a * 2), int(px * b * 2)) for a, b in aspects for _ in range(per_shape)]
             with tempfile.TemporaryDirectory() as tmp:
                 paths = write_folder(Path(tmp), sizes)
                 extractor = FeatureExtractor(
-                    model, image_size=px, batch_size=args.batch_size, precision=precision, num_workers=args.workers
+                    model, image_size=px, batch_size=batch_size, precision=precision, num_workers=args.workers
                 )
                 extract = functools.partial(extractor.extract, paths)
                 new = timed(extract, clock)
@@ -176,12 +195,13 @@ def bench_extraction(args, clock, precisions: list[str]) -> None:
             for tensor in inputs:
                 groups.setdefault(tuple(tensor.shape), []).append(tensor)
             batches = [
-                torch.stack(g[i : i + args.batch_size])
+                torch.stack(g[i : i + batch_size]).to(next(extractor.model.parameters()).dtype)
                 for g in groups.values()
-                for i in range(0, len(g), args.batch_size)
+                for i in range(0, len(g), batch_size)
             ]
-            steady = min(sum(timed(functools.partial(extractor.forward, b), clock) for b in batches) for _ in range(2))
-            shape = (args.batch_size, 3, px, px + 14 * len(groups) + 28)  # a grid no run has seen yet
+            own = functools.partial(model_alone, extractor.model, extractor.autocast_dtype)
+            steady = min(sum(timed(functools.partial(own, b), clock) for b in batches) for _ in range(2))
+            shape = (batch_size, 3, px, px + 14 * len(groups) + 28)  # a grid no run has seen yet
             fresh = torch.randn(shape)
             first, again = (timed(functools.partial(extractor.forward, fresh), clock) for _ in range(2))
             n = len(paths)
@@ -197,7 +217,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["capi_vits14", "capi_vitb14"], choices=list(ARCHITECTURES))
     parser.add_argument("--vitl", action="store_true", help="add capi_vitl14 (slow: about a minute on one thread)")
     parser.add_argument("--int8", action="store_true", help="add dynamic int8 Linears (torch.ao, deprecated)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16], help="model(x) batch sizes")
+    parser.add_argument("--extract-batch-size", type=int, default=16, help="FeatureExtractor batch_size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--extract-arch", default="capi_vits14", choices=list(ARCHITECTURES))

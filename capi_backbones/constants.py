@@ -18,3 +18,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 EXIT_INPUTS_FAILED = 1  # finished, but some inputs could not be used (they are named); train: non-finite losses
 EXIT_USAGE = 2  # usage or input error
 EXIT_ENVIRONMENT = 3  # the machine stopped the command: disk full, no permission, a missing optional dependency
+
+# Downloads of weights (capi_backbones.pretrained.download; the CLI's --download-timeout)
+DOWNLOAD_DEADLINE_S = 3600.0  # the whole download (1.2 GB needs about 3 Mbit/s to make it); $CAPI_DOWNLOAD_TIMEOUT
+DOWNLOAD_TIMEOUT_ENV = "CAPI_DOWNLOAD_TIMEOUT"  # seconds a whole download may take (default DOWNLOAD_DEADLINE_S)

@@ -119,7 +119,9 @@ def test_extractor_runs_and_records_the_chosen_precision(monkeypatch, tmp_path, 
     extractor = FeatureExtractor(model, image_size=28, device="cpu")
     assert extractor.autocast_dtype == P.autocast_dtype(expected)
     seen = []
-    model.encoder.blocks[0].residual2.fn.fc1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    extractor.model.encoder.blocks[0].residual2.fn.fc1.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
     image = torch.rand(3, 40, 40)
     from torchvision.transforms.functional import to_pil_image
 
@@ -133,4 +135,94 @@ def test_extractor_runs_and_records_the_chosen_precision(monkeypatch, tmp_path, 
     with pytest.raises(ValueError, match=f"precision: '{expected}' vs '{other}'"):
         FeatureExtractor(model, image_size=28, device="cpu", precision=other).extract_to_disk(
             path, tmp_path / "out", progress=False
+        )
+
+
+def _photos(tmp_path, n=3) -> list[Path]:
+    """Real photos (skimage), square-cropped, as files."""
+    from PIL import Image
+    from skimage import data
+
+    paths = []
+    for name in ("astronaut", "chelsea", "coffee")[:n]:
+        image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        side = min(image.size)
+        paths.append(tmp_path / f"{name}.png")
+        image.crop((0, 0, side, side)).resize((56, 56)).save(paths[-1])
+    return paths
+
+
+def test_bf16_runs_a_bf16_copy_and_leaves_the_given_model_as_it_is(monkeypatch, tmp_path):
+    """bf16 runs bf16 weights (autocast over fp32 weights converts every weight at every forward pass). A model the
+    caller passes is not converted, moved or put in eval mode: the extractor runs a copy; fp32 runs the model
+    itself. The copy's features stay within bf16's usual 1e-2 relative difference to fp32 on photos."""
+    cpu(monkeypatch, "AVX512-BF16")
+    torch.manual_seed(0)
+    model = CapiModel(TINY).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32 = FeatureExtractor(model, image_size=56, device="cpu", precision="fp32")
+    assert fp32.model is model and fp32.autocast_dtype is None
+    model.train()
+    bf16 = FeatureExtractor(model, image_size=56, device="cpu", precision="bf16")
+    assert bf16.model is not model and type(bf16.model) is type(model)
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16} and not bf16.model.training
+    assert all(not p.requires_grad for p in bf16.model.parameters())
+    assert model.training and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for name, tensor in bf16.model.state_dict().items():  # the copy holds the caller's weights, rounded to bf16
+        assert torch.equal(tensor, before[name].to(torch.bfloat16)), name
+    photos = _photos(tmp_path)
+    reference, low = fp32(photos), bf16(photos)
+    for field in ("patch_features", "pooled", "registers"):
+        a, b = getattr(low, field), getattr(reference, field)
+        assert a.dtype == torch.float32
+        assert 0 < float((a - b).norm() / b.norm()) < 3e-2, field
+
+
+def test_bf16_weights_load_directly_in_bf16_and_match_the_copy_of_a_given_model(monkeypatch, tmp_path):
+    """A checkpoint loaded by the extractor in bf16 gives the same weights (so the same fingerprint, features and
+    index settings) as the bf16 copy of that checkpoint loaded in fp32 by the caller: an extraction can resume
+    across the two doors."""
+    from capi_backbones.features.extractor import weights_fingerprint
+    from capi_backbones.pretrained import from_pretrained, save_safetensors
+
+    cpu(monkeypatch, "AVX512-BF16")
+    torch.manual_seed(0)
+    save_safetensors(CapiModel(TINY), tmp_path / "w.safetensors")
+    loaded = FeatureExtractor(weights=tmp_path / "w.safetensors", image_size=56, device="cpu", precision="bf16")
+    copied = FeatureExtractor(
+        from_pretrained(tmp_path / "w.safetensors"), image_size=56, device="cpu", precision="bf16"
+    )
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert weights_fingerprint(loaded.model) == weights_fingerprint(copied.model)
+    photos = _photos(tmp_path)
+    assert torch.equal(loaded(photos).patch_features, copied(photos).patch_features)
+    settings = loaded._settings(pooled=True)
+    assert settings["weights_dtype"] == "bfloat16" and settings["precision"] == "bf16"
+    assert "weights_dtype" not in FeatureExtractor(
+        weights=tmp_path / "w.safetensors", image_size=56, device="cpu", precision="fp32"
+    )._settings(pooled=True)  # fp32 indexes read as before
+
+
+def test_an_index_of_the_older_bf16_autocast_path_is_not_resumed_with_bf16_weights(monkeypatch, tmp_path):
+    """Earlier versions ran bf16 as autocast over fp32 weights and recorded precision 'bf16' with the fp32
+    fingerprint and no weights dtype. bf16 weights give other numbers, so such an index must not be extended."""
+    from capi_backbones.features.extractor import weights_fingerprint
+
+    cpu(monkeypatch, "AVX512-BF16")
+    torch.manual_seed(0)
+    model = CapiModel(TINY)
+    first, second = _photos(tmp_path, 2)
+    FeatureExtractor(model, image_size=56, device="cpu", precision="bf16").extract_to_disk(
+        first, tmp_path / "out", progress=False
+    )
+    index_path = tmp_path / "out" / "index.json"
+    index = json.loads(index_path.read_text())
+    assert index["settings"]["weights_dtype"] == "bfloat16"
+    del index["settings"]["weights_dtype"]  # what the autocast path wrote
+    index["settings"]["weights_fingerprint"] = weights_fingerprint(model)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weights_dtype: None vs 'bfloat16'"):
+        FeatureExtractor(model, image_size=56, device="cpu", precision="bf16").extract_to_disk(
+            [first, second], tmp_path / "out", progress=False
         )

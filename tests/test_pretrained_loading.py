@@ -235,9 +235,8 @@ def test_list_models():
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     model = tiny_model()
 
-    def broken_save(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half")
+    def broken_save(obj, file, *args, **kwargs):  # torch.save is given an open file (a full disk raises OSError)
+        file.write(b"PK\x03\x04 half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -7,6 +7,7 @@ it imports anything heavy. The library checks the same things again later (in it
 """
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ __all__ = [
     "check_architecture",
     "check_common_options",
     "check_device",
+    "check_download_timeout",
     "check_image_size",
     "check_input_paths",
     "check_output_dir",
@@ -99,6 +101,12 @@ def check_device(value: str | None, flag: str = "--device") -> None:
         raise CliError(f"{flag} {value} is not a device; use {flag} cpu, cuda or cuda:N.")
     if value.split(":")[0] == "cuda" and cuda_is_certainly_missing():
         raise CliError(f"{flag} {value} was asked for, but CUDA is not available here; use {flag} cpu.")
+
+
+def check_download_timeout(value: float | None, flag: str = "--download-timeout") -> None:
+    """A finite number of seconds above zero."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise CliError(f"{flag} must be a positive number of seconds (e.g. {flag} 7200), got {value}.")
 
 
 def check_input_paths(paths: Iterable[str], what: str = "IMAGES") -> None:
@@ -209,6 +217,8 @@ def check_common_options(args: argparse.Namespace) -> None:
         _check_weights_options(args)
     if hasattr(args, "device"):
         check_device(args.device)
+    if hasattr(args, "download_timeout"):
+        check_download_timeout(args.download_timeout)
     if hasattr(args, "images"):  # extract, pca: image files and folders
         check_input_paths(args.images)
     for name in ("batch_size", "shard_size"):

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         check_common_options(args)  # mistakes in the shared options, before any command imports torch
         if getattr(args, "check", None) is not None:  # the command's own checks (set_defaults(check=...))
             args.check(args)
+        _apply_download_timeout(args)
         return int(args.handler(args) or 0)
     except CliError as error:
         print(f"capi-backbones {args.command}: error: {error}", file=sys.stderr)
@@ -85,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C (130) or SIGTERM during extract (143)
         print("interrupted", file=sys.stderr)
         return getattr(interrupt, "exit_code", 130)
+
+
+def _apply_download_timeout(args: argparse.Namespace) -> None:
+    """--download-timeout, where a command has it: given to every download of this process (and of the processes
+    it starts) as $CAPI_DOWNLOAD_TIMEOUT, which the loaders read (capi_backbones.pretrained.download)."""
+    import os
+
+    from capi_backbones.constants import DOWNLOAD_TIMEOUT_ENV
+
+    if getattr(args, "download_timeout", None) is not None:
+        os.environ[DOWNLOAD_TIMEOUT_ENV] = repr(args.download_timeout)
 
 
 def _configure_logging(verbose: bool) -> None:

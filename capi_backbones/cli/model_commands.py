@@ -7,6 +7,7 @@ from pathlib import Path
 
 from capi_backbones.cli.checks import check_architecture, check_source
 from capi_backbones.cli.errors import USER_ERRORS, CliError
+from capi_backbones.cli.model_options import add_download_options
 
 __all__ = ["register"]
 
@@ -40,6 +41,7 @@ def register(subparsers) -> None:
         "weights name, a URL or hf-hub:owner/repo",
     )
     parser.add_argument("--model", default=None, metavar="NAME", help="check against this architecture instead")
+    add_download_options(parser)
     parser.set_defaults(handler=run_info, check=_check_info)
 
     parser = subparsers.add_parser(
@@ -56,6 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="stored dtype (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--no-verify", action="store_true", help="skip reading OUTPUT back")
+    add_download_options(parser)
     parser.set_defaults(handler=run_convert, check=_check_convert)
 
 

@@ -1,5 +1,5 @@
 """The options shared by commands that run a model on images: --model, --weights, --random-init, --device,
---batch-size, --image-size."""
+--batch-size, --image-size; and --download-timeout, for every command that may download weights."""
 
 import argparse
 import sys
@@ -7,11 +7,12 @@ from pathlib import Path
 
 from capi_backbones.cli.checks import SMALLEST_ARCHITECTURE, architecture_of
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE
+from capi_backbones.constants import DEFAULT_IMAGE_SIZE, DOWNLOAD_DEADLINE_S, DOWNLOAD_TIMEOUT_ENV
 
 __all__ = [
     "DEFAULT_MODEL",
     "RANDOM_INIT_SEED",
+    "add_download_options",
     "add_model_options",
     "add_weights_options",
     "build_extractor",
@@ -23,8 +24,21 @@ DEFAULT_MODEL = "capi_vitl14_lvd"
 RANDOM_INIT_SEED = 0  # --random-init gives the same weights on every run
 
 
+def add_download_options(parser: argparse.ArgumentParser) -> None:
+    """--download-timeout: the deadline of a whole download of weights named by name, URL or hf-hub: (checked by
+    ``cli.checks.check_common_options`` before torch is imported; ``main`` hands it to every load)."""
+    parser.add_argument(
+        "--download-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"give up a download of weights that takes longer than this (default ${DOWNLOAD_TIMEOUT_ENV}, else "
+        f"{DOWNLOAD_DEADLINE_S:.0f})",
+    )
+
+
 def add_weights_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --weights and --random-init: which weights a command uses."""
+    """--model, --weights and --random-init: which weights a command uses (and --download-timeout)."""
     parser.add_argument(
         "--model",
         default=None,
@@ -40,6 +54,7 @@ def add_weights_options(parser: argparse.ArgumentParser) -> None:
         help=f"use seeded random weights (the --model architecture, default {SMALLEST_ARCHITECTURE}) instead of "
         "loading any: to try the command offline; the features mean nothing",
     )
+    add_download_options(parser)
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str = "") -> None:

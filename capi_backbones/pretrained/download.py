@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from capi_backbones.atomic_files import atomic_path, remove_stale_temporaries
+from capi_backbones.constants import DOWNLOAD_DEADLINE_S, DOWNLOAD_TIMEOUT_ENV
 from capi_backbones.pretrained.errors import CheckpointError, DownloadError, local_copy_hint
 from capi_backbones.pretrained.files import check_complete
-from capi_backbones.pretrained.options import DOWNLOAD_TIMEOUT_ENV
 from capi_backbones.weights_registry import WEIGHTS
 
 __all__ = [
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # DNS + TCP connect
 READ_TIMEOUT_S = 60.0  # longest wait for any byte once connected
-DOWNLOAD_DEADLINE_S = 3600.0  # the whole download (1.2 GB needs about 3 Mbit/s to make it); $CAPI_DOWNLOAD_TIMEOUT
 STALE_TEMPORARY_AGE_S = 2 * READ_TIMEOUT_S  # a live download writes more often (its reads time out sooner)
 _CHUNK = 1 << 20
 

@@ -9,6 +9,7 @@ Writing goes to a temporary file in the target folder, renamed only once complet
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -285,6 +286,25 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error_of(error: Exception, path: Path) -> Exception:
+    """The OSError behind a writer's own error (torch: the Python file's OSError underneath; safetensors: "(os error
+    N)" in its message), naming ``path``, so that the atomic writer reports a full disk as one WriteError; else
+    ``error`` itself (a bug keeps its traceback)."""
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if cause is not None:
+        return OSError(cause.errno, cause.strerror or str(cause), str(path))
+    match = _OS_ERROR.search(str(error))
+    if match is not None:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return error
+
+
 def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the model's state dict as safetensors (atomic), with its ``CapiConfig`` as JSON in the metadata,
     so that ``from_pretrained(path)`` needs no ``arch``, and its ``default_image_size`` (the training image size).
@@ -298,7 +318,10 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dic
         metadata[IMAGE_SIZE_METADATA_KEY] = str(image_size)
     tensors = _cpu_state_dict(model)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as error:  # a failed write (disk full) as safetensors' Rust writer words it
+            raise _os_error_of(error, tmp) from error
     logger.info("Saved %d tensors to %s", len(tensors), path)
     return Path(path)
 
@@ -306,8 +329,11 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dic
 def save_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``{"backbone." + key: tensor}`` with ``torch.save`` (atomic): the layout of the released files."""
     tensors = add_backbone_prefix(_cpu_state_dict(model))
-    with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:  # a Python file: a failed write raises OSError
+        try:
+            torch.save(tensors, file)
+        except RuntimeError as error:  # torch's zip writer words a failed write (disk full) as its own error
+            raise _os_error_of(error, tmp) from error
     logger.info("Saved %d tensors to %s", len(tensors), path)
     return Path(path)
 

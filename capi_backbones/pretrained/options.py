@@ -5,14 +5,14 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from capi_backbones.constants import DOWNLOAD_TIMEOUT_ENV
+
 if TYPE_CHECKING:  # torch is imported by the loaders, not by this data module
     import torch
 
     from capi_backbones.models import CapiConfig
 
 __all__ = ["DOWNLOAD_TIMEOUT_ENV", "LoadOptions"]
-
-DOWNLOAD_TIMEOUT_ENV = "CAPI_DOWNLOAD_TIMEOUT"  # seconds a whole download may take (default 3600)
 
 
 @dataclass(frozen=True)
