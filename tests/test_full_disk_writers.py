@@ -115,3 +115,17 @@ def test_teacher_export_on_a_disk_that_refuses_the_write(tmp_path, name):
     assert len(errors) == 1 and "Cannot write" in errors[0] and str(out) in errors[0], done.stderr
     assert out.read_bytes() == b"the previous export"
     assert _temporaries(out.parent) == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Error while serializing: I/O error: File too large (os error 27)",  # safetensors 0.5 and later
+        'Error while serializing: IoError(Os { code: 27, kind: FileTooLarge, message: "File too large" })',  # 0.4
+    ],
+)
+def test_a_safetensors_write_error_in_either_wording_is_an_os_error(tmp_path, message):
+    from capi_backbones.pretrained.files import _os_error_of
+
+    error = _os_error_of(RuntimeError(message), tmp_path / "out.safetensors")
+    assert isinstance(error, OSError) and error.errno == errno.EFBIG, error

@@ -286,12 +286,12 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")  # safetensors' two wordings (new, old)
 
 
 def _os_error_of(error: Exception, path: Path) -> Exception:
     """The OSError behind a writer's own error (torch: the Python file's OSError underneath; safetensors: "(os error
-    N)" in its message), naming ``path``, so that the atomic writer reports a full disk as one WriteError; else
+    N)" or, in older versions, "Os { code: N" in its message), naming ``path``, so that the atomic writer reports a full disk as one WriteError; else
     ``error`` itself (a bug keeps its traceback)."""
     cause = error.__context__
     while cause is not None and not isinstance(cause, OSError):
@@ -300,7 +300,7 @@ def _os_error_of(error: Exception, path: Path) -> Exception:
         return OSError(cause.errno, cause.strerror or str(cause), str(path))
     match = _OS_ERROR.search(str(error))
     if match is not None:
-        code = int(match.group(1))
+        code = int(match.group(1) or match.group(2))
         return OSError(code, os.strerror(code), str(path))
     return error
 
