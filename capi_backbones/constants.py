@@ -7,6 +7,7 @@ PATCH_SIZE = 14
 N_REGISTERS = 16
 DEFAULT_IMAGE_SIZE = 224
 MAX_IMAGE_SIZE = 7168  # 512 patches a side (262,144 tokens): the largest image size a run may ask for
+MAX_ASPECT_RATIO = 10  # longer side / shorter side of an image accepted when its shape is kept (features.preprocessing)
 
 NORM_EPS = 1e-5
 ROPE_MAX_FREQ = 7.0
@@ -22,3 +23,16 @@ EXIT_ENVIRONMENT = 3  # the machine stopped the command: disk full, no permissio
 # Downloads of weights (capi_backbones.pretrained.download; the CLI's --download-timeout)
 DOWNLOAD_DEADLINE_S = 3600.0  # the whole download (1.2 GB needs about 3 Mbit/s to make it); $CAPI_DOWNLOAD_TIMEOUT
 DOWNLOAD_TIMEOUT_ENV = "CAPI_DOWNLOAD_TIMEOUT"  # seconds a whole download may take (default DOWNLOAD_DEADLINE_S)
+
+# Feature extraction (capi_backbones.features; the CLI's extract, pca, explore and eval options)
+DEFAULT_BATCH_SIZE = 16  # FeatureExtractor's images per forward pass; --batch-size
+DEFAULT_SHARD_SIZE = 256  # images per shard written by extract_to_disk; --shard-size
+CLI_DECODE_WORKERS = 2  # the CLI's --workers: image decoding processes (FeatureExtractor's num_workers defaults to 0)
+
+# PCA pictures (capi_backbones.viz; ``capi-backbones pca``)
+N_RGB = 3  # components shown as the RGB picture, and the heatmap columns drawn by default (--components)
+PCA_VALUE_RANGE = 2.3  # whitened values in [-r, r] map to [0, 1]
+PCA_TILE_HEIGHT = 224  # height of each picture of the grid in pixels (--tile-height)
+PCA_MIN_TILE_HEIGHT = 16
+RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic")  # upsampling of the maps (--resample); nearest keeps patches crisp
+DEFAULT_RESAMPLE = "nearest"

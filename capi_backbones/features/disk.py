@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from capi_backbones.constants import DEFAULT_SHARD_SIZE
 from capi_backbones.features.folder_lock import FolderLock
 from capi_backbones.features.images import expand_inputs, iter_file_paths
 from capi_backbones.features.index import check_output_path, load_index
 from capi_backbones.features.writer import (
-    DEFAULT_SHARD_SIZE,
     ShardWriter,
     check_writer_options,
     make_folder,

@@ -13,11 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from capi_backbones.constants import PATCH_SIZE
+from capi_backbones.constants import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, PATCH_SIZE
 from capi_backbones.features.images import ImageSource, expand_inputs, to_rgb_tensor
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
-from capi_backbones.features.writer import DEFAULT_SHARD_SIZE
 from capi_backbones.images import file_stamp
 from capi_backbones.models import CapiModel
 from capi_backbones.runtime.devices import resolve_device
@@ -145,7 +144,7 @@ class FeatureExtractor:
         weights: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         image_size: int | None = None,
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         keep_aspect: bool = True,
         precision: str = "auto",
         num_workers: int = 0,
