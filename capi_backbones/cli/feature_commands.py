@@ -8,6 +8,7 @@ import sys
 from capi_backbones.cli.checks import progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
+from capi_backbones.constants import CLI_DECODE_WORKERS, DEFAULT_SHARD_SIZE
 
 __all__ = ["register"]
 
@@ -41,9 +42,16 @@ def register(subparsers) -> None:
     add_model_options(parser)
     parser.add_argument("--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead")
     parser.add_argument("--format", choices=("safetensors", "npy"), default="safetensors", help="shard format")
-    parser.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    parser.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (default %(default)s)"
+    )
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=CLI_DECODE_WORKERS,
+        help="image decoding processes (default %(default)s; 0: none)",
+    )
     parser.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
