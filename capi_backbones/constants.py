@@ -36,3 +36,13 @@ PCA_TILE_HEIGHT = 224  # height of each picture of the grid in pixels (--tile-he
 PCA_MIN_TILE_HEIGHT = 16
 RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic")  # upsampling of the maps (--resample); nearest keeps patches crisp
 DEFAULT_RESAMPLE = "nearest"
+
+# Feature explorer page (capi_backbones.viz.explore; ``capi-backbones explore``)
+EXPLORER_MAX_PHOTOS = 64  # cards in one page
+EXPLORER_MAX_PATCHES = 96 * 16 * 16  # patches per model over all photos: 64 photos of 3:2 aspect at 224 px (24576)
+EXPLORER_MAX_STORED_VALUES = 2**25  # feature values over all models: 64 MiB of float16, about 90 MB of page
+EXPLORER_TITLE = "CAPI feature explorer"
+
+# Exported graphs (capi_backbones.export; ``capi-backbones export-onnx``, ``export-torch``)
+EXPORT_OUTPUTS = ("pooled", "registers", "patch_features")  # the graph's outputs, in this order
+MIN_ONNX_OPSET = 18  # torch's ONNX exporter writes opset 18 when asked for less, without an error

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 
+from capi_backbones import export
 from capi_backbones.cli.main import build_parser, main
 from capi_backbones.evals.classification_protocol import ClassificationSettings
 from capi_backbones.evals.knn import knn_classify
@@ -15,13 +16,14 @@ from capi_backbones.evals.segmentation import KNN_DTYPES, knn_segment
 from capi_backbones.evals.segmentation_protocol import SegmentationSettings
 from capi_backbones.features import FeatureExtractor
 from capi_backbones.features.disk import extract_to_disk
-from capi_backbones.viz import joint_pca_maps, pca_grid, pca_map, upsample
+from capi_backbones.viz import explore, joint_pca_maps, pca_grid, pca_map, upsample
 from capi_backbones.viz.grid import RESAMPLE_MODES
 
 REQUIRED = {  # command -> the least that parses
     "extract": ["extract", "a.jpg", "--out", "out"],
     "pca": ["pca", "a.jpg", "--out", "out.png"],
     "explore": ["explore", "a.jpg", "--out", "out.html"],
+    "export-onnx": ["export-onnx", "out.onnx"],
     "eval classify": ["eval", "classify", "data", "--out", "out"],
     "eval segment": ["eval", "segment", "data", "--out", "out"],
 }
@@ -124,3 +126,17 @@ def test_segment_defaults_are_the_protocols():
 def test_segment_knn_dtype_choices_are_the_segmentations(capsys):
     text = help_text(["eval", "segment"], capsys)
     assert "--knn-dtype {" + ",".join(KNN_DTYPES) + "}" in text
+
+
+def test_explore_defaults_and_limits_are_the_pages(capsys):
+    assert cli_defaults("explore")["title"] == parameter_default(explore.build_explorer, "title")
+    text = help_text(["explore"], capsys)
+    limits = (explore.MAX_PHOTOS, explore.MAX_PATCHES, explore.MAX_STORED_VALUES)
+    assert "Limits per page: {} photos, {} patches per model, {} stored feature values".format(*limits) in text
+
+
+def test_export_outputs_and_opset_are_the_exporters():
+    from capi_backbones.cli import export_commands
+
+    assert cli_defaults("export-onnx")["outputs"] == list(export.OUTPUTS)
+    assert export_commands.MIN_OPSET == export.MIN_OPSET  # the CLI checks --opset before torch is imported
