@@ -27,6 +27,10 @@ DOWNLOAD_TIMEOUT_ENV = "CAPI_DOWNLOAD_TIMEOUT"  # seconds a whole download may t
 # Feature extraction (capi_backbones.features; the CLI's extract, pca, explore and eval options)
 DEFAULT_BATCH_SIZE = 16  # FeatureExtractor's images per forward pass; --batch-size
 DEFAULT_SHARD_SIZE = 256  # images per shard written by extract_to_disk; --shard-size
+SHARD_FORMATS = ("safetensors", "npy")  # extract_to_disk's shard formats (--format)
+DEFAULT_SHARD_FORMAT = "safetensors"
+STORAGE_DTYPE_NAMES = ("float32", "float16")  # the dtypes extract_to_disk stores features in (--dtype)
+DEFAULT_STORAGE_DTYPE = "float32"
 CLI_DECODE_WORKERS = 2  # the CLI's --workers: image decoding processes (FeatureExtractor's num_workers defaults to 0)
 
 # PCA pictures (capi_backbones.viz; ``capi-backbones pca``)

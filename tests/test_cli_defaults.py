@@ -16,6 +16,9 @@ from capi_backbones.evals.segmentation import KNN_DTYPES, knn_segment
 from capi_backbones.evals.segmentation_protocol import SegmentationSettings
 from capi_backbones.features import FeatureExtractor
 from capi_backbones.features.disk import extract_to_disk
+from capi_backbones.features.shards import FORMATS
+from capi_backbones.features.writer import STORAGE_DTYPES
+from capi_backbones.runtime.precision import PRECISIONS
 from capi_backbones.viz import explore, joint_pca_maps, pca_grid, pca_map, upsample
 from capi_backbones.viz.grid import RESAMPLE_MODES
 
@@ -64,6 +67,15 @@ def test_extract_defaults_are_extract_to_disks():
         assert method == parameter_default(extract_to_disk, parameter), parameter  # the method hands it on
         assert args[option] == method, f"--{option.replace('_', '-')}"
     assert args["precision"] == parameter_default(FeatureExtractor, "precision")
+
+
+@pytest.mark.parametrize("command", ["extract", "pca"])
+def test_choices_are_the_libraries(command, capsys):
+    text = help_text([command], capsys)
+    assert "--precision {" + ",".join(PRECISIONS) + "}" in text
+    if command == "extract":
+        assert "--format {" + ",".join(FORMATS) + "}" in text
+        assert "--dtype {" + ",".join(STORAGE_DTYPES) + "}" in text
 
 
 def test_extract_and_eval_decode_with_the_same_workers():

@@ -17,6 +17,7 @@ from capi_backbones.constants import (
     PCA_VALUE_RANGE,
     RESAMPLE_NAMES,
 )
+from capi_backbones.runtime.precision import PRECISIONS  # no torch
 
 __all__ = ["register"]
 
@@ -62,7 +63,7 @@ def register(subparsers) -> None:
     add_model_options(parser, image_size_note=". Larger sizes give finer maps (448: 32 patches on the shorter side)")
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default="auto",
         help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
     )
