@@ -11,7 +11,7 @@ from capi_backbones import export
 from capi_backbones.cli.main import build_parser, main
 from capi_backbones.evals.classification_protocol import ClassificationSettings
 from capi_backbones.evals.knn import knn_classify
-from capi_backbones.evals.probe_grid import ProbeGrid, ProbeTrainingConfig
+from capi_backbones.evals.probe_grid import CachedBatches, ProbeGrid, ProbeTrainingConfig
 from capi_backbones.evals.segmentation import KNN_DTYPES, knn_segment
 from capi_backbones.evals.segmentation_protocol import SegmentationSettings
 from capi_backbones.features import FeatureExtractor
@@ -104,7 +104,7 @@ def test_classify_defaults_are_the_protocols():
     assert args["knn_k"] == field_default(ClassificationSettings, "knn_ks") == parameter_default(knn_classify, "ks")
     assert args["head_dim"] == field_default(ClassificationSettings, "head_dim")
     assert args["head_dim"] == parameter_default(ProbeGrid, "head_dim")
-    assert args["seed"] == field_default(ProbeTrainingConfig, "seed")
+    assert args["seed"] == field_default(ProbeTrainingConfig, "seed") == field_default(CachedBatches, "seed")
 
 
 def test_classify_help_says_the_official_training(capsys):

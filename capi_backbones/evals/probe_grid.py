@@ -155,7 +155,7 @@ class CachedBatches:
     features: dict[str, Tensor]
     labels: Tensor
     batch_size: int
-    seed: int = 0
+    seed: int = DEFAULT_PROBE_SEED
     _order: tuple[int, Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
