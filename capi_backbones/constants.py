@@ -1,4 +1,9 @@
-"""Constants shared across the package (one place, UPPER_CASE)."""
+"""Constants shared across the package (one place, UPPER_CASE).
+
+The library's defaults that the command line also shows live here (those of the evaluation protocols in
+``capi_backbones.evals.defaults``): the library's signatures and the CLI's options both read them, and the CLI can
+without importing torch. ``tests/test_cli_defaults.py`` checks that each option's default is its library argument's.
+"""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
