@@ -9,6 +9,7 @@ import pytest
 
 from capi_backbones import export
 from capi_backbones.cli.main import build_parser, main
+from capi_backbones.evals import datasets
 from capi_backbones.evals.classification_protocol import ClassificationSettings
 from capi_backbones.evals.knn import knn_classify
 from capi_backbones.evals.probe_grid import CachedBatches, ProbeGrid, ProbeTrainingConfig
@@ -118,6 +119,8 @@ def test_classify_help_says_the_official_training(capsys):
     assert f"lr grid (default: official {len(field_default(ProbeTrainingConfig, 'learning_rates'))})" in text
     assert f"wd grid (default: official {len(field_default(ProbeTrainingConfig, 'weight_decays'))})" in text
     assert f"attentive probe head size (default {field_default(ClassificationSettings, 'head_dim')})" in text
+    assert f"DATA/<class>/* (a seeded {datasets.TEST_FRACTION:.0%} is test)" in text
+    assert f"else on a seeded {datasets.SELECTION_FRACTION:.0%} of train" in text
 
 
 def test_segment_defaults_are_the_protocols():

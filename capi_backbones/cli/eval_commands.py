@@ -25,6 +25,8 @@ from capi_backbones.evals.defaults import (  # no torch
     OFFICIAL_LEARNING_RATES,
     OFFICIAL_WEIGHT_DECAYS,
     PROBES,
+    SELECTION_FRACTION,
+    TEST_FRACTION,
 )
 from capi_backbones.evals.representations import DEFAULT_REPRESENTATIONS  # no torch
 
@@ -87,8 +89,9 @@ def register(subparsers) -> None:
         help="k-NN, linear and attentive probes on an ImageFolder dataset",
         description=(
             "Classification probes on frozen features. DATA is DATA/train/<class>/* with DATA/test (else DATA/val) "
-            "to report on, or DATA/<class>/* (a seeded 20% is test). Hyper-parameters are chosen on DATA/val when "
-            "DATA has train, val and test, else on a seeded 10% of train. Features are center crops (resize to "
+            f"to report on, or DATA/<class>/* (a seeded {TEST_FRACTION:.0%} is test). Hyper-parameters are chosen on "
+            f"DATA/val when DATA has train, val and test, else on a seeded {SELECTION_FRACTION:.0%} of train. Features "
+            "are center crops (resize to "
             "256/224 of --image-size, crop), cached in --out; probes train on them, or with --augment on "
             "RandomResizedCrop + flip through the backbone. Probes: k-NN (cosine, "
             f"exp(sim/{KNN_TEMPERATURE}) votes), a grid of "
@@ -151,7 +154,8 @@ def register(subparsers) -> None:
         help="k-NN and logistic-regression segmentation from patch features",
         description=(
             "Semantic segmentation from frozen patch features. DATA is DATA/{train,val,test}/{images,masks} (test, "
-            "else val, is reported on) or DATA/{images,masks} (a seeded 20% is test); masks are PNG label maps "
+            f"else val, is reported on) or DATA/{{images,masks}} (a seeded {TEST_FRACTION:.0%} is test); masks are PNG "
+            "label maps "
             "with the images' names. Images are resized to --image-size squared (bicubic), masks with nearest. "
             "k-NN (cosine and L2 on standardised features) and logistic regression on each patch's labels, "
             "hyper-parameters chosen on val or the official 10% of train; mIoU and pixel accuracy on test, as the "
@@ -235,7 +239,7 @@ def run_classify(args: argparse.Namespace) -> int:
         batch = args.probe_batch_size or (FAST_BATCH_SIZE if args.fast else OFFICIAL_BATCH_SIZE)
         if batch < 1 or (args.iters is not None and args.iters < 1):
             raise ValueError("--probe-batch-size and --iters must be positive.")
-        n_fit = len(data.train) if data.val is not None else round(0.9 * len(data.train))
+        n_fit = len(data.train) if data.val is not None else round((1.0 - SELECTION_FRACTION) * len(data.train))
         steps_per_epoch = max(1, n_fit // min(batch, n_fit))
         default_iters = FAST_ITERATIONS if args.fast else OFFICIAL_ITERATIONS
         iters = args.iters or (

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from capi_backbones.evals.datasets import SELECTION_FRACTION, ClassificationData, held_out_split
+from capi_backbones.evals.datasets import ClassificationData, held_out_split
 from capi_backbones.evals.defaults import (
     ATTENTION_HEAD_DIM,
     DEFAULT_KNN_KS,
@@ -24,6 +24,7 @@ from capi_backbones.evals.defaults import (
     OFFICIAL_WARMUP_ITERATIONS,
     OFFICIAL_WEIGHT_DECAYS,
     PROBES,
+    SELECTION_FRACTION,
 )
 from capi_backbones.evals.feature_cache import SplitFeatures, cache_digest, extract_split
 from capi_backbones.evals.figure import classification_figure, save_png
@@ -216,7 +217,9 @@ def _run(data, extractor, out_dir: Path, settings: ClassificationSettings, vecto
     else:
         fit_rows, val_rows = held_out_split(len(labels["train"]), SELECTION_FRACTION)
         if len(val_rows) == 0:
-            raise ValueError("The train split is too small to hold out 10% for choosing hyper-parameters.")
+            raise ValueError(
+                f"The train split is too small to hold out {SELECTION_FRACTION:.0%} for choosing hyper-parameters."
+            )
         fit_features, fit_labels = _select(features["train"], labels["train"], fit_rows)
         val_features, val_labels = _select(features["train"], labels["train"], val_rows)
     counts = {name: len(split.kept) for name, split in extracted.items()}

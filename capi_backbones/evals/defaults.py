@@ -23,7 +23,13 @@ __all__ = [
     "OFFICIAL_WARMUP_ITERATIONS",
     "OFFICIAL_WEIGHT_DECAYS",
     "PROBES",
+    "SELECTION_FRACTION",
+    "TEST_FRACTION",
 ]
+
+# Splits (evals.datasets)
+SELECTION_FRACTION = 0.1  # share of train held out to choose hyper-parameters (official: 10%)
+TEST_FRACTION = 0.2  # share held out as test when a folder has no split subfolders (not a setting of the paper)
 
 # Classification (evals.classification_protocol, evals.knn, evals.probes, evals.probe_grid)
 PROBES = ("knn", "linear", "attentive")
