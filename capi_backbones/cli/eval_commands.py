@@ -226,7 +226,12 @@ def run_classify(args: argparse.Namespace) -> int:
     try:
         from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
         from capi_backbones.evals.datasets import read_classification_folders
-        from capi_backbones.evals.probe_grid import ProbeTrainingConfig
+        from capi_backbones.evals.probe_grid import (
+            OFFICIAL_BATCH_SIZE,
+            OFFICIAL_LEARNING_RATES,
+            OFFICIAL_WEIGHT_DECAYS,
+            ProbeTrainingConfig,
+        )
         from capi_backbones.evals.representations import check_representations
 
         data = read_classification_folders(args.data)  # bad layouts fail before a model is loaded

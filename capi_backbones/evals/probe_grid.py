@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_path
 from capi_backbones.evals.defaults import (
-    ATTENTION_HEAD_DIM,
     DEFAULT_PROBE_SEED,
     LR_REFERENCE_BATCH,
     OFFICIAL_BATCH_SIZE,
@@ -33,7 +32,7 @@ from capi_backbones.evals.defaults import (
     OFFICIAL_WARMUP_ITERATIONS,
     OFFICIAL_WEIGHT_DECAYS,
 )
-from capi_backbones.evals.probes import AttentiveProbe, LinearProbe
+from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
 from capi_backbones.runtime.seeding import probe_order_seed
 from capi_backbones.schedules import probe_lr_schedule
 
