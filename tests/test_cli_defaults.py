@@ -106,6 +106,7 @@ def test_classify_defaults_are_the_protocols():
     assert args["head_dim"] == field_default(ClassificationSettings, "head_dim")
     assert args["head_dim"] == parameter_default(ProbeGrid, "head_dim")
     assert args["seed"] == field_default(ProbeTrainingConfig, "seed") == field_default(CachedBatches, "seed")
+    assert args["probe_dtype"] == field_default(ProbeTrainingConfig, "dtype")
 
 
 def test_classify_help_says_the_official_training(capsys):
