@@ -64,7 +64,7 @@ def probe_grid_benchmark(device: str, n_images: int, tokens: int, dim: int, step
     """Steps of the default grids at the official global batch (1024): linear probes on the 3 vector
     representations and attentive probes on the patch tokens and the 16 registers, 30 probes each (10 lr x 3 wd).
     The default protocol is 12,500 such steps whatever the dataset size (5k images: about 2,560 epochs)."""
-    from capi_backbones.evals.probe_grid import OFFICIAL_BATCH_SIZE, OFFICIAL_ITERATIONS
+    from capi_backbones.evals.defaults import OFFICIAL_BATCH_SIZE, OFFICIAL_ITERATIONS
 
     batch = OFFICIAL_BATCH_SIZE
     g = torch.Generator().manual_seed(0)

@@ -41,6 +41,8 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from capi_backbones.atomic_files import atomic_path
+from capi_backbones.constants import EXPORT_OUTPUTS as OUTPUTS
+from capi_backbones.constants import MIN_ONNX_OPSET as MIN_OPSET
 from capi_backbones.models import CapiModel
 
 __all__ = [
@@ -59,8 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
-OUTPUTS = ("pooled", "registers", "patch_features")
-MIN_OPSET = 18  # torch's ONNX exporter writes opset 18 when asked for less, without an error
 SIZE_CHECK_NODE = "check_size_multiple_of_14"  # the graph's size rule, as onnxruntime names it in its error
 _SYMBOL = re.compile(r"\bs\d+\b")  # torch's symbolic sizes in ONNX dim names ("s34", "14*s53")
 

@@ -6,6 +6,29 @@ import sys
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
+from capi_backbones.constants import CLI_DECODE_WORKERS
+from capi_backbones.evals.defaults import (  # no torch
+    ATTENTION_HEAD_DIM,
+    CLASSIFIERS,
+    DEFAULT_IGNORE_LABELS,
+    DEFAULT_KNN_DTYPE,
+    DEFAULT_KNN_KS,
+    DEFAULT_PROBE_SEED,
+    DEFAULT_SEGMENTATION_KS,
+    DISTANCES,
+    KNN_DTYPES,
+    KNN_TEMPERATURE,
+    LR_REFERENCE_BATCH,
+    N_PICTURES,
+    OFFICIAL_BATCH_SIZE,
+    OFFICIAL_ITERATIONS,
+    OFFICIAL_LEARNING_RATES,
+    OFFICIAL_WEIGHT_DECAYS,
+    PROBES,
+    SELECTION_FRACTION,
+    TEST_FRACTION,
+)
+from capi_backbones.evals.representations import DEFAULT_REPRESENTATIONS  # no torch
 
 __all__ = ["register"]
 
@@ -23,6 +46,11 @@ def check_classify_arguments(args: argparse.Namespace) -> None:
         raise CliError(f"--representations {','.join(unknown)}: unknown; choose from {', '.join(REPRESENTATIONS)}.")
     if min(args.knn_k) < 1 or args.head_dim < 1 or (args.probe_micro_batch or 1) < 1:
         raise CliError("--knn-k, --head-dim and --probe-micro-batch must be positive.")
+
+
+def _listed(values) -> str:
+    """Option values as the command line writes them: comma-separated."""
+    return ",".join(map(str, values))
 
 
 def _csv(kind):
@@ -45,7 +73,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: cached features, checkpoints, "
                         "results.json (created; a rerun reuses what is there)")  # fmt: skip
     add_model_options(parser, image_size_note="; the evaluation resolution (a square)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument("--workers", type=int, default=CLI_DECODE_WORKERS,
+                        help="image decoding processes (default %(default)s; 0: none)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -60,28 +89,34 @@ def register(subparsers) -> None:
         help="k-NN, linear and attentive probes on an ImageFolder dataset",
         description=(
             "Classification probes on frozen features. DATA is DATA/train/<class>/* with DATA/test (else DATA/val) "
-            "to report on, or DATA/<class>/* (a seeded 20% is test). Hyper-parameters are chosen on DATA/val when "
-            "DATA has train, val and test, else on a seeded 10% of train. Features are center crops (resize to "
+            f"to report on, or DATA/<class>/* (a seeded {TEST_FRACTION:.0%} is test). Hyper-parameters are chosen on "
+            f"DATA/val when DATA has train, val and test, else on a seeded {SELECTION_FRACTION:.0%} of train. Features "
+            "are center crops (resize to "
             "256/224 of --image-size, crop), cached in --out; probes train on them, or with --augment on "
-            "RandomResizedCrop + flip through the backbone. Probes: k-NN (cosine, exp(sim/0.07) votes), a grid of "
+            "RandomResizedCrop + flip through the backbone. Probes: k-NN (cosine, "
+            f"exp(sim/{KNN_TEMPERATURE}) votes), a grid of "
             "linear probes and attentive probes (lr x wd, AdamW, warmup + cosine), all in one run, checkpointed. "
-            "The defaults are the official protocol (12,500 steps of a global batch of 1024, lr x 1024/256); --fast "
+            f"The defaults are the official protocol ({OFFICIAL_ITERATIONS:,} steps of a global batch of "
+            f"{OFFICIAL_BATCH_SIZE}, lr x {OFFICIAL_BATCH_SIZE}/{LR_REFERENCE_BATCH}); --fast "
             "is a quick CPU setting whose results say they are not the official protocol. results.json and "
             "results.png (validation top-1 over the lr x wd grid, test top-1 per probe) are written to --out."
         ),
     )
     _common(classify)
-    classify.add_argument("--probes", type=_csv(str), default=("knn", "linear", "attentive"),
-                          help="comma-separated: knn,linear,attentive (default all)")  # fmt: skip
+    classify.add_argument("--probes", type=_csv(str), default=PROBES,
+                          help=f"comma-separated: {_listed(PROBES)} (default all)")  # fmt: skip
     classify.add_argument("--representations", type=_csv(str),
-                          default=("pooled", "avg_patch", "pooled+avg_patch", "patch", "registers"),
+                          default=DEFAULT_REPRESENTATIONS,
                           help="comma-separated: pooled, avg_patch, pooled+avg_patch (k-NN, linear), patch, registers "
                           "(attentive); default all")  # fmt: skip
     length = classify.add_mutually_exclusive_group()
-    length.add_argument("--iters", type=int, default=None, help="probe training steps (default 12500, official)")
+    length.add_argument(
+        "--iters", type=int, default=None, help=f"probe training steps (default {OFFICIAL_ITERATIONS}, official)"
+    )
     length.add_argument("--epochs", type=float, default=None, help="probe training length in passes over train")
     classify.add_argument("--probe-batch-size", type=int, default=None,
-                          help="global probe batch (default 1024, official; lr x batch/256)")  # fmt: skip
+                          help=f"global probe batch (default {OFFICIAL_BATCH_SIZE}, official; lr x "
+                          f"batch/{LR_REFERENCE_BATCH})")  # fmt: skip
     classify.add_argument("--probe-micro-batch", type=int, default=None,
                           help="compute each probe batch in pieces of this size (same steps, less memory)")  # fmt: skip
     classify.add_argument("--probe-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -90,12 +125,28 @@ def register(subparsers) -> None:
     classify.add_argument("--fast", action="store_true",
                           help=f"quick CPU setting, NOT the official protocol: {FAST_ITERATIONS} steps of batch "
                           f"{FAST_BATCH_SIZE} (--iters/--epochs/--probe-batch-size still override)")  # fmt: skip
-    classify.add_argument("--learning-rates", type=_csv(float), default=None, help="lr grid (default: official 10)")
-    classify.add_argument("--weight-decays", type=_csv(float), default=None, help="wd grid (default: official 3)")
-    classify.add_argument("--knn-k", type=_csv(int), default=(10, 20), help="k-NN neighbours (default 10,20)")
-    classify.add_argument("--head-dim", type=int, default=64, help="attentive probe head size (default 64)")
+    classify.add_argument(
+        "--learning-rates",
+        type=_csv(float),
+        default=None,
+        help=f"lr grid (default: official {len(OFFICIAL_LEARNING_RATES)})",
+    )
+    classify.add_argument(
+        "--weight-decays",
+        type=_csv(float),
+        default=None,
+        help=f"wd grid (default: official {len(OFFICIAL_WEIGHT_DECAYS)})",
+    )
+    classify.add_argument(
+        "--knn-k", type=_csv(int), default=DEFAULT_KNN_KS, help=f"k-NN neighbours (default {_listed(DEFAULT_KNN_KS)})"
+    )
+    classify.add_argument(
+        "--head-dim", type=int, default=ATTENTION_HEAD_DIM, help="attentive probe head size (default %(default)s)"
+    )
     classify.add_argument("--augment", action="store_true", help="train probes on augmented images (slow on CPU)")
-    classify.add_argument("--seed", type=int, default=0, help="probe initialisation and data order")
+    classify.add_argument(
+        "--seed", type=int, default=DEFAULT_PROBE_SEED, help="probe initialisation and data order (default %(default)s)"
+    )
     classify.set_defaults(handler=run_classify, check=check_classify_arguments)
 
     segment = protocols.add_parser(
@@ -103,7 +154,8 @@ def register(subparsers) -> None:
         help="k-NN and logistic-regression segmentation from patch features",
         description=(
             "Semantic segmentation from frozen patch features. DATA is DATA/{train,val,test}/{images,masks} (test, "
-            "else val, is reported on) or DATA/{images,masks} (a seeded 20% is test); masks are PNG label maps "
+            f"else val, is reported on) or DATA/{{images,masks}} (a seeded {TEST_FRACTION:.0%} is test); masks are PNG "
+            "label maps "
             "with the images' names. Images are resized to --image-size squared (bicubic), masks with nearest. "
             "k-NN (cosine and L2 on standardised features) and logistic regression on each patch's labels, "
             "hyper-parameters chosen on val or the official 10% of train; mIoU and pixel accuracy on test, as the "
@@ -111,17 +163,30 @@ def register(subparsers) -> None:
         ),
     )
     _common(segment)
-    segment.add_argument("--classifiers", type=_csv(str), default=("knn", "logreg"), help="knn,logreg (default both)")
-    segment.add_argument("--ks", type=_csv(int), default=(1, 3, 10, 30), help="k-NN grid (default 1,3,10,30)")
-    segment.add_argument("--distances", type=_csv(str), default=("cosine", "L2"), help="default cosine,L2")
-    segment.add_argument("--ignore-labels", type=_csv(int), default=(0, 255),
-                         help="labels not scored, and train patches mostly made of them not fitted (default 0,255, "
+    segment.add_argument(
+        "--classifiers", type=_csv(str), default=CLASSIFIERS, help=f"{_listed(CLASSIFIERS)} (default all)"
+    )
+    segment.add_argument(
+        "--ks",
+        type=_csv(int),
+        default=DEFAULT_SEGMENTATION_KS,
+        help=f"k-NN grid (default {_listed(DEFAULT_SEGMENTATION_KS)})",
+    )
+    segment.add_argument("--distances", type=_csv(str), default=DISTANCES, help=f"default {_listed(DISTANCES)}")
+    segment.add_argument("--ignore-labels", type=_csv(int), default=DEFAULT_IGNORE_LABELS,
+                         help="labels not scored, and train patches mostly made of them not fitted (default "
+                         f"{_listed(DEFAULT_IGNORE_LABELS)}, "
                          "official ADE20K setting; use 255 for datasets whose class 0 is a real class)")  # fmt: skip
-    segment.add_argument("--knn-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+    segment.add_argument("--knn-dtype", choices=KNN_DTYPES, default=DEFAULT_KNN_DTYPE,
                          help="k-NN distance precision (default auto: bfloat16 as the official where the device has it "
                          "natively, else float32)")  # fmt: skip
     segment.add_argument("--num-classes", type=int, default=None, help="classes (default: largest train label + 1)")
-    segment.add_argument("--pictures", type=int, default=4, help="test images drawn in segmentation_examples.png")
+    segment.add_argument(
+        "--pictures",
+        type=int,
+        default=N_PICTURES,
+        help="test images drawn in segmentation_examples.png (default %(default)s)",
+    )
     segment.set_defaults(handler=run_segment)
 
 
@@ -159,7 +224,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from capi_backbones.features import FolderBusyError
 
     try:
-        from capi_backbones.evals.classification_protocol import PROBES, ClassificationSettings, run_classification
+        from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
         from capi_backbones.evals.datasets import read_classification_folders
         from capi_backbones.evals.probe_grid import (
             OFFICIAL_BATCH_SIZE,
@@ -179,9 +244,9 @@ def run_classify(args: argparse.Namespace) -> int:
         batch = args.probe_batch_size or (FAST_BATCH_SIZE if args.fast else OFFICIAL_BATCH_SIZE)
         if batch < 1 or (args.iters is not None and args.iters < 1):
             raise ValueError("--probe-batch-size and --iters must be positive.")
-        n_fit = len(data.train) if data.val is not None else round(0.9 * len(data.train))
+        n_fit = len(data.train) if data.val is not None else round((1.0 - SELECTION_FRACTION) * len(data.train))
         steps_per_epoch = max(1, n_fit // min(batch, n_fit))
-        default_iters = FAST_ITERATIONS if args.fast else 12_500
+        default_iters = FAST_ITERATIONS if args.fast else OFFICIAL_ITERATIONS
         iters = args.iters or (
             max(1, round(args.epochs * steps_per_epoch)) if args.epochs is not None else default_iters
         )

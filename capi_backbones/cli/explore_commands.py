@@ -9,6 +9,12 @@ from pathlib import Path
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
+from capi_backbones.constants import (
+    EXPLORER_MAX_PATCHES,
+    EXPLORER_MAX_PHOTOS,
+    EXPLORER_MAX_STORED_VALUES,
+    EXPLORER_TITLE,
+)
 from capi_backbones.models import ARCHITECTURES
 
 __all__ = ["register"]
@@ -27,7 +33,8 @@ def register(subparsers) -> None:
             "clicked patch, its cosine similarity to every patch of every photo as heatmaps, with the photos ranked "
             "by the similarity of their pooled embeddings. With --compare-weights, --compare-model or "
             "--compare-random-init a second model is shown side by side. Limits per page: "
-            "64 photos, 24576 patches per model, 33554432 stored feature values (patches x dimensions, both models): "
+            f"{EXPLORER_MAX_PHOTOS} photos, {EXPLORER_MAX_PATCHES} patches per model, {EXPLORER_MAX_STORED_VALUES} "
+            "stored feature values (patches x dimensions, both models): "
             "the page says what it stores and how exact the similarities are."
         ),
         epilog="Exit status: 0 page written, 1 page written but some images could not be read (listed), "
@@ -55,7 +62,7 @@ def register(subparsers) -> None:
         help="store K dimensions per patch (a projection; the page states the error measured) instead of all: for "
         "pages over the stored-values limit",
     )
-    parser.add_argument("--title", default="CAPI feature explorer", help="page title")
+    parser.add_argument("--title", default=EXPLORER_TITLE, help="page title (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=run_explore)
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError, EnvironmentFailure
 from capi_backbones.cli.model_options import _device, add_weights_options, load_model
+from capi_backbones.constants import EXPORT_OUTPUTS as OUTPUT_NAMES
+from capi_backbones.constants import MIN_ONNX_OPSET as MIN_OPSET
+from capi_backbones.constants import N_REGISTERS, PATCH_SIZE
 
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("pooled", "registers", "patch_features")  # capi_backbones.export.OUTPUTS, without importing torch
-MIN_OPSET = 18  # capi_backbones.export.MIN_OPSET, without importing torch
 TOLERANCE = 1e-4  # fp32 graph against the eager model (the tests see ~3e-6 on small models)
 THIRD_PARTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 
@@ -27,8 +28,9 @@ def register(subparsers) -> None:
             command,
             help=f"export a backbone as one {kind} file that runs at any resolution",
             description=f"Export the backbone as a {kind} file ({suffix}) with a symbolic batch size, height and width "
-            "(any multiples of 14). Input: images (B, 3, H, W), normalised as for the model; outputs, in this "
-            "order: pooled (B, D), registers (B, 16, D), patch_features (B, H/14, W/14, D). The file is then run "
+            f"(any multiples of {PATCH_SIZE}). Input: images (B, 3, H, W), normalised as for the model; outputs, in "
+            f"this order: pooled (B, D), registers (B, {N_REGISTERS}, D), patch_features (B, H/{PATCH_SIZE}, "
+            f"W/{PATCH_SIZE}, D). The file is then run "
             "at two other sizes and compared with the model (skip with --no-verify).",
         )
         parser.add_argument("output", metavar="OUTPUT", help=f"file to write, ending in {suffix}")

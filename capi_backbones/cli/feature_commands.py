@@ -8,6 +8,15 @@ import sys
 from capi_backbones.cli.checks import progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
+from capi_backbones.constants import (
+    CLI_DECODE_WORKERS,
+    DEFAULT_SHARD_FORMAT,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_STORAGE_DTYPE,
+    SHARD_FORMATS,
+    STORAGE_DTYPE_NAMES,
+)
+from capi_backbones.runtime.precision import PRECISIONS  # no torch
 
 __all__ = ["register"]
 
@@ -40,13 +49,20 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)")
     add_model_options(parser)
     parser.add_argument("--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead")
-    parser.add_argument("--format", choices=("safetensors", "npy"), default="safetensors", help="shard format")
-    parser.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument("--format", choices=SHARD_FORMATS, default=DEFAULT_SHARD_FORMAT, help="shard format")
+    parser.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (default %(default)s)"
+    )
+    parser.add_argument("--dtype", choices=STORAGE_DTYPE_NAMES, default=DEFAULT_STORAGE_DTYPE, help="storage dtype")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=CLI_DECODE_WORKERS,
+        help="image decoding processes (default %(default)s; 0: none)",
+    )
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default="auto",
         help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from capi_backbones.cli.checks import SMALLEST_ARCHITECTURE, architecture_of
 from capi_backbones.cli.errors import USER_ERRORS, CliError
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE, DOWNLOAD_DEADLINE_S, DOWNLOAD_TIMEOUT_ENV
+from capi_backbones.constants import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, DOWNLOAD_DEADLINE_S, DOWNLOAD_TIMEOUT_ENV
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -62,7 +62,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, image_size_note: str =
     a FeatureExtractor (see :func:`build_extractor`)."""
     add_weights_options(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass (default %(default)s)"
+    )
     parser.add_argument(
         "--image-size",
         type=int,

@@ -8,6 +8,16 @@ from pathlib import Path
 from capi_backbones.cli.checks import check_output_file, check_weights_file, plural, progress_wanted
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
+from capi_backbones.constants import (
+    DEFAULT_RESAMPLE,
+    MAX_ASPECT_RATIO,
+    N_RGB,
+    PCA_MIN_TILE_HEIGHT,
+    PCA_TILE_HEIGHT,
+    PCA_VALUE_RANGE,
+    RESAMPLE_NAMES,
+)
+from capi_backbones.runtime.precision import PRECISIONS  # no torch
 
 __all__ = ["register"]
 
@@ -23,10 +33,11 @@ def register(subparsers) -> None:
         help="PCA picture of the feature maps of images",
         description=(
             "Fit a PCA on the patch features of each image (or, with --joint, one PCA on all images so that colours "
-            "are comparable) and write a PNG grid: per image, the input | the first 3 components as RGB | each "
+            f"are comparable) and write a PNG grid: per image, the input | the first {N_RGB} components as RGB | each "
             "component as a coolwarm heatmap. Components are whitened and their signs fixed so that each has "
-            "positive skewness; values in [-2.3, 2.3] standard deviations fill the colour range. Files that cannot "
-            "be used (unreadable, or more than 10 times longer than wide) are reported and left out."
+            f"positive skewness; values in [-{PCA_VALUE_RANGE}, {PCA_VALUE_RANGE}] standard deviations fill the colour "
+            f"range. Files that cannot be used (unreadable, or more than {MAX_ASPECT_RATIO} times longer than wide) "
+            "are reported and left out."
         ),
         epilog="Exit status: 0 all images drawn, 1 some images could not be used (listed), 2 usage error.",
     )
@@ -34,7 +45,11 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="FILE.png", help="output PNG (written atomically)")
     parser.add_argument("--joint", action="store_true", help="one PCA over all images instead of one per image")
     parser.add_argument(
-        "--components", type=int, default=3, metavar="K", help=f"heatmap columns, 1..{MAX_COMPONENTS} (default 3)"
+        "--components",
+        type=int,
+        default=N_RGB,
+        metavar="K",
+        help=f"heatmap columns, 1..{MAX_COMPONENTS} (default %(default)s)",
     )
     parser.add_argument(
         "--foreground-threshold",
@@ -48,18 +63,23 @@ def register(subparsers) -> None:
     add_model_options(parser, image_size_note=". Larger sizes give finer maps (448: 32 patches on the shorter side)")
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default="auto",
         help="auto: bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; fp16 needs CUDA",
     )
     parser.add_argument(
         "--square", action="store_true", help="resize every image to an IMAGE_SIZE square instead of keeping its shape"
     )
-    parser.add_argument("--tile-height", type=int, default=224, help="height of each picture in pixels (default 224)")
+    parser.add_argument(
+        "--tile-height",
+        type=int,
+        default=PCA_TILE_HEIGHT,
+        help="height of each picture in pixels (default %(default)s)",
+    )
     parser.add_argument(
         "--resample",
-        choices=("nearest", "bilinear", "bicubic"),
-        default="nearest",
+        choices=RESAMPLE_NAMES,
+        default=DEFAULT_RESAMPLE,
         help="upsampling of the maps: nearest keeps patches crisp (default), bilinear/bicubic look smoother",
     )
     parser.add_argument("--no-labels", action="store_true", help="leave out the column titles and file names")
@@ -72,8 +92,8 @@ def _check_args(args: argparse.Namespace) -> Path:
     out = check_output_file(args.out, (".png",), flag="--out")
     if not 1 <= args.components <= MAX_COMPONENTS:
         raise CliError(f"--components must be between 1 and {MAX_COMPONENTS}, got {args.components}.")
-    if args.tile_height < 16:
-        raise CliError(f"--tile-height must be at least 16 pixels, got {args.tile_height}.")
+    if args.tile_height < PCA_MIN_TILE_HEIGHT:
+        raise CliError(f"--tile-height must be at least {PCA_MIN_TILE_HEIGHT} pixels, got {args.tile_height}.")
     check_weights_file(args.weights)
     return out
 
@@ -90,7 +110,6 @@ def _features(args: argparse.Namespace, sources: list) -> tuple[list, list, list
     from tqdm.auto import tqdm
 
     from capi_backbones.features import load_image
-    from capi_backbones.features.preprocessing import MAX_ASPECT_RATIO
 
     extractor = build_extractor(args, keep_aspect=not args.square, precision=args.precision)
     images, maps, labels, failed = [], [], [], {}

@@ -15,8 +15,8 @@ _LAZY = {
     "miou": "capi_backbones.evals.metrics",
     "pixel_accuracy": "capi_backbones.evals.metrics",
     "topk_accuracy": "capi_backbones.evals.metrics",
-    "OFFICIAL_LEARNING_RATES": "capi_backbones.evals.probe_grid",
-    "OFFICIAL_WEIGHT_DECAYS": "capi_backbones.evals.probe_grid",
+    "OFFICIAL_LEARNING_RATES": "capi_backbones.evals.defaults",
+    "OFFICIAL_WEIGHT_DECAYS": "capi_backbones.evals.defaults",
     "CachedBatches": "capi_backbones.evals.probe_grid",
     "ProbeGrid": "capi_backbones.evals.probe_grid",
     "ProbeTrainingConfig": "capi_backbones.evals.probe_grid",
@@ -36,11 +36,10 @@ _LAZY = {
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # static type checkers and IDEs see the real objects
+    from capi_backbones.evals.defaults import OFFICIAL_LEARNING_RATES, OFFICIAL_WEIGHT_DECAYS
     from capi_backbones.evals.knn import knn_classify, knn_top1
     from capi_backbones.evals.metrics import miou, pixel_accuracy, topk_accuracy
     from capi_backbones.evals.probe_grid import (
-        OFFICIAL_LEARNING_RATES,
-        OFFICIAL_WEIGHT_DECAYS,
         CachedBatches,
         ProbeGrid,
         ProbeTrainingConfig,

@@ -13,18 +13,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from capi_backbones.evals.datasets import SELECTION_FRACTION, ClassificationData, held_out_split
-from capi_backbones.evals.feature_cache import SplitFeatures, cache_digest, extract_split
-from capi_backbones.evals.figure import classification_figure, save_png
-from capi_backbones.evals.knn import DEFAULT_KNN_KS, knn_classify
-from capi_backbones.evals.metrics import topk_accuracy
-from capi_backbones.evals.probe_grid import (
+from capi_backbones.evals.datasets import ClassificationData, held_out_split
+from capi_backbones.evals.defaults import (
+    ATTENTION_HEAD_DIM,
+    DEFAULT_KNN_KS,
     LR_REFERENCE_BATCH,
     OFFICIAL_BATCH_SIZE,
     OFFICIAL_ITERATIONS,
     OFFICIAL_LEARNING_RATES,
     OFFICIAL_WARMUP_ITERATIONS,
     OFFICIAL_WEIGHT_DECAYS,
+    PROBES,
+    SELECTION_FRACTION,
+)
+from capi_backbones.evals.feature_cache import SplitFeatures, cache_digest, extract_split
+from capi_backbones.evals.figure import classification_figure, save_png
+from capi_backbones.evals.knn import knn_classify
+from capi_backbones.evals.metrics import topk_accuracy
+from capi_backbones.evals.probe_grid import (
     CachedBatches,
     ProbeGrid,
     ProbeTrainingConfig,
@@ -33,6 +39,7 @@ from capi_backbones.evals.probe_grid import (
 )
 from capi_backbones.evals.report import locked_output
 from capi_backbones.evals.representations import (
+    DEFAULT_REPRESENTATIONS,
     REPRESENTATIONS,
     TOKEN_REPRESENTATIONS,
     check_representations,
@@ -45,7 +52,6 @@ __all__ = ["PROBES", "AugmentedBatches", "ClassificationSettings", "run_classifi
 
 logger = logging.getLogger(__name__)
 
-PROBES = ("knn", "linear", "attentive")
 AUGMENT_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the official probes use
 FIGURE_NAME = "results.png"
 
@@ -53,11 +59,11 @@ FIGURE_NAME = "results.png"
 @dataclass(frozen=True)
 class ClassificationSettings:
     probes: tuple[str, ...] = PROBES
-    representations: tuple[str, ...] = ("pooled", "avg_patch", "pooled+avg_patch", "patch", "registers")
+    representations: tuple[str, ...] = DEFAULT_REPRESENTATIONS
     knn_ks: tuple[int, ...] = DEFAULT_KNN_KS
     training: ProbeTrainingConfig = ProbeTrainingConfig()
     augment: bool = False  # train probes on RandomResizedCrop + flip through the backbone, not on cached crops
-    head_dim: int = 64
+    head_dim: int = ATTENTION_HEAD_DIM
     device: str = "cpu"  # where the probes train (the extractor has its own device)
 
 
@@ -211,7 +217,9 @@ def _run(data, extractor, out_dir: Path, settings: ClassificationSettings, vecto
     else:
         fit_rows, val_rows = held_out_split(len(labels["train"]), SELECTION_FRACTION)
         if len(val_rows) == 0:
-            raise ValueError("The train split is too small to hold out 10% for choosing hyper-parameters.")
+            raise ValueError(
+                f"The train split is too small to hold out {SELECTION_FRACTION:.0%} for choosing hyper-parameters."
+            )
         fit_features, fit_labels = _select(features["train"], labels["train"], fit_rows)
         val_features, val_labels = _select(features["train"], labels["train"], val_rows)
     counts = {name: len(split.kept) for name, split in extracted.items()}

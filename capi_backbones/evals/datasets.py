@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capi_backbones.evals.defaults import SELECTION_FRACTION, TEST_FRACTION
 from capi_backbones.features import find_image_files
 
 __all__ = [
@@ -20,8 +21,6 @@ __all__ = [
     "segmentation_held_out_split",
 ]
 
-SELECTION_FRACTION = 0.1  # share of train held out to choose hyper-parameters (official: 10%)
-TEST_FRACTION = 0.2  # share held out as test when a folder has no split subfolders
 SPLIT_SEED = 42  # the official seed of the classification held-out split
 TEST_SPLIT_SEED = 43  # the seed of the test split of a folder without split subfolders (ours: SPLIT_SEED + 1)
 SEGMENTATION_SPLIT_SEED = 0  # the official segmentation script seeds numpy's global generator with 0 (rank 0)
@@ -104,11 +103,16 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
 
 
 def _split_note(folders: dict[str, Path]) -> str:
-    selection = f"selection: {folders['val']}" if "val" in folders else "selection: a seeded 10% of train"
+    selection = (
+        f"selection: {folders['val']}" if "val" in folders else f"selection: a seeded {SELECTION_FRACTION:.0%} of train"
+    )
     return f"train: {folders['train']}; test: {folders['test']}; {selection}"
 
 
-ONE_FOLDER_NOTE = f"one folder: a seeded {TEST_FRACTION:.0%} is test, a seeded 10% of the rest chooses hyper-parameters"
+ONE_FOLDER_NOTE = (
+    f"one folder: a seeded {TEST_FRACTION:.0%} is test, a seeded {SELECTION_FRACTION:.0%} of the rest chooses "
+    "hyper-parameters"
+)
 
 
 def read_classification_folders(root: str | os.PathLike) -> ClassificationData:

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from capi_backbones.evals.defaults import DEFAULT_KNN_KS, KNN_TEMPERATURE
+
 __all__ = ["DEFAULT_KNN_KS", "KNN_TEMPERATURE", "knn_classify", "knn_top1"]
 
-DEFAULT_KNN_KS = (10, 20)
-KNN_TEMPERATURE = 0.07
 SIMILARITY_BUDGET = 2**26  # entries of one (queries x train) similarity block: 256 MiB in float32
 
 

@@ -5,9 +5,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_IGNORE_LABELS", "miou", "pixel_accuracy", "topk_accuracy"]
+from capi_backbones.evals.defaults import DEFAULT_IGNORE_LABELS
 
-DEFAULT_IGNORE_LABELS = (0, 255)  # the official ADE20K setting (0: 'other', 255: unlabelled)
+__all__ = ["DEFAULT_IGNORE_LABELS", "miou", "pixel_accuracy", "topk_accuracy"]
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, k: int = 1) -> float:

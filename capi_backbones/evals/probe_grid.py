@@ -23,6 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_path
+from capi_backbones.evals.defaults import (
+    DEFAULT_PROBE_SEED,
+    LR_REFERENCE_BATCH,
+    OFFICIAL_BATCH_SIZE,
+    OFFICIAL_ITERATIONS,
+    OFFICIAL_LEARNING_RATES,
+    OFFICIAL_WARMUP_ITERATIONS,
+    OFFICIAL_WEIGHT_DECAYS,
+)
 from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
 from capi_backbones.runtime.seeding import probe_order_seed
 from capi_backbones.schedules import probe_lr_schedule
@@ -40,12 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
-OFFICIAL_WEIGHT_DECAYS = (5e-4, 1e-3, 5e-2)
-OFFICIAL_BATCH_SIZE = 1024  # 8 processes x 128 in the official launcher
-OFFICIAL_ITERATIONS = 12_500
-OFFICIAL_WARMUP_ITERATIONS = 1_250
-LR_REFERENCE_BATCH = 256  # lr = grid lr * batch / 256
 BETAS = (0.9, 0.95)
 Batches = Callable[[int], tuple[dict[str, Tensor], Tensor]]
 
@@ -59,7 +62,7 @@ class ProbeTrainingConfig:
     batch_size: int = OFFICIAL_BATCH_SIZE  # the global batch; lr = grid lr * batch_size / 256
     learning_rates: tuple[float, ...] = OFFICIAL_LEARNING_RATES
     weight_decays: tuple[float, ...] = OFFICIAL_WEIGHT_DECAYS
-    seed: int = 0  # probe initialisation and data order
+    seed: int = DEFAULT_PROBE_SEED  # probe initialisation and data order
     checkpoint_every: int = 1_250  # iterations between checkpoints (when a checkpoint path is given)
     micro_batch_size: int | None = None  # compute each batch in pieces of this size (same step, less memory)
     dtype: str = "float32"  # "bfloat16": forward and backward under bf16 autocast (faster where native; not official)
@@ -152,7 +155,7 @@ class CachedBatches:
     features: dict[str, Tensor]
     labels: Tensor
     batch_size: int
-    seed: int = 0
+    seed: int = DEFAULT_PROBE_SEED
     _order: tuple[int, Tensor] | None = field(default=None, init=False, repr=False)
 
     @property

@@ -4,9 +4,10 @@
 import torch
 from torch import Tensor, nn
 
+from capi_backbones.evals.defaults import ATTENTION_HEAD_DIM
+
 __all__ = ["ATTENTION_HEAD_DIM", "AttentiveProbe", "LinearProbe"]
 
-ATTENTION_HEAD_DIM = 64  # the official head size: heads = D // 64
 INIT_STD = 0.02
 
 

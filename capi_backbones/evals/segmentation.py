@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from capi_backbones.evals.metrics import DEFAULT_IGNORE_LABELS
+from capi_backbones.evals.defaults import DEFAULT_IGNORE_LABELS, DEFAULT_SEGMENTATION_KS, DISTANCES, KNN_DTYPES
 from capi_backbones.runtime.precision import native_bf16
 
 __all__ = [
@@ -40,9 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SEGMENTATION_KS = (1, 3, 10, 30)
-DISTANCES = ("cosine", "L2")
-KNN_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 where native (the official ADE20K setting), else float32
 LOGISTIC_C_GRID = tuple(float(c) for c in 10 ** np.linspace(-6, 5, 8))
 LOGISTIC_TOLERANCE = 1e-12  # the official (cuML) tolerance; scikit-learn's default 1e-4 stops too early
 LOGISTIC_MAX_ITER = 1000

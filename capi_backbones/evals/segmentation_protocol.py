@@ -19,13 +19,19 @@ from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.evals.datasets import SegmentationData, segmentation_held_out_split
-from capi_backbones.evals.feature_cache import extract_split
-from capi_backbones.evals.figure import save_png
-from capi_backbones.evals.metrics import DEFAULT_IGNORE_LABELS, miou, pixel_accuracy
-from capi_backbones.evals.report import locked_output
-from capi_backbones.evals.segmentation import (
+from capi_backbones.evals.defaults import (
+    CLASSIFIERS,
+    DEFAULT_IGNORE_LABELS,
+    DEFAULT_KNN_DTYPE,
     DEFAULT_SEGMENTATION_KS,
     DISTANCES,
+    N_PICTURES,
+)
+from capi_backbones.evals.feature_cache import extract_split
+from capi_backbones.evals.figure import save_png
+from capi_backbones.evals.metrics import miou, pixel_accuracy
+from capi_backbones.evals.report import locked_output
+from capi_backbones.evals.segmentation import (
     LOGISTIC_C_GRID,
     LOGISTIC_MAX_ITER,
     LOGISTIC_TOLERANCE,
@@ -47,7 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIERS = ("knn", "logreg")
 SCORES_NAME = "selection_scores.json"  # validation scores of the hyper-parameters already tried (for resuming)
 
 
@@ -59,10 +64,10 @@ class SegmentationSettings:
     c_grid: tuple[float, ...] = LOGISTIC_C_GRID
     logreg_max_iter: int = LOGISTIC_MAX_ITER
     logreg_tol: float = LOGISTIC_TOLERANCE
-    knn_dtype: str = "auto"  # "auto": bfloat16 (official) where the device has it natively, else float32
+    knn_dtype: str = DEFAULT_KNN_DTYPE  # "auto": bfloat16 (official) where the device has it natively, else float32
     ignore_labels: tuple[int, ...] = DEFAULT_IGNORE_LABELS
     num_classes: int | None = None  # None: the largest label of the train masks + 1
-    n_pictures: int = 4
+    n_pictures: int = N_PICTURES  # test images drawn in segmentation_examples.png
     device: str = "cpu"  # where the k-NN search runs
 
 

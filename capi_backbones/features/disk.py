@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from capi_backbones.constants import DEFAULT_SHARD_FORMAT, DEFAULT_SHARD_SIZE, DEFAULT_STORAGE_DTYPE
 from capi_backbones.features.folder_lock import FolderLock
 from capi_backbones.features.images import expand_inputs, iter_file_paths
 from capi_backbones.features.index import check_output_path, load_index
 from capi_backbones.features.writer import (
-    DEFAULT_SHARD_SIZE,
     ShardWriter,
     check_writer_options,
     make_folder,
@@ -61,10 +61,10 @@ def extract_to_disk(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    format: str = "safetensors",
+    format: str = DEFAULT_SHARD_FORMAT,
     shard_size: int = DEFAULT_SHARD_SIZE,
     pooled: bool = True,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_STORAGE_DTYPE,
     progress: bool = True,
     retry_failed: bool = False,
 ) -> ExtractionSummary:

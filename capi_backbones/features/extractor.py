@@ -13,11 +13,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from capi_backbones.constants import PATCH_SIZE
+from capi_backbones.constants import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SHARD_FORMAT,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_STORAGE_DTYPE,
+    PATCH_SIZE,
+)
 from capi_backbones.features.images import ImageSource, expand_inputs, to_rgb_tensor
 from capi_backbones.features.output import FeatureOutput
 from capi_backbones.features.preprocessing import Preprocessor
-from capi_backbones.features.writer import DEFAULT_SHARD_SIZE
 from capi_backbones.images import file_stamp
 from capi_backbones.models import CapiModel
 from capi_backbones.runtime.devices import resolve_device
@@ -145,7 +150,7 @@ class FeatureExtractor:
         weights: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         image_size: int | None = None,
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         keep_aspect: bool = True,
         precision: str = "auto",
         num_workers: int = 0,
@@ -237,10 +242,10 @@ class FeatureExtractor:
         inputs: str | os.PathLike | Sequence[str | os.PathLike],
         out_dir: str | os.PathLike,
         *,
-        format: str = "safetensors",
+        format: str = DEFAULT_SHARD_FORMAT,
         shard_size: int = DEFAULT_SHARD_SIZE,
         pooled: bool = True,
-        dtype: str = "float32",
+        dtype: str = DEFAULT_STORAGE_DTYPE,
         progress: bool = True,
         retry_failed: bool = False,
     ) -> "ExtractionSummary":

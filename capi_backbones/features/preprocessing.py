@@ -26,12 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from capi_backbones.constants import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, PATCH_SIZE
+from capi_backbones.constants import (
+    DEFAULT_IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_SIZE,
+    PATCH_SIZE,
+)
 from capi_backbones.models import nearest_valid_sizes
 
 __all__ = ["MAX_ASPECT_RATIO", "Preprocessor", "resize_and_normalize"]
-
-MAX_ASPECT_RATIO = 10  # longer side / shorter side accepted with keep_aspect (see the module docstring)
 
 
 @dataclass(frozen=True)

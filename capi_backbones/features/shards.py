@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from capi_backbones.atomic_files import atomic_folder, atomic_path
+from capi_backbones.constants import SHARD_FORMATS
 
 __all__ = [
     "FORMATS",
@@ -39,7 +40,7 @@ __all__ = [
     "write_shard",
 ]
 
-FORMATS = {"safetensors": ".safetensors", "npy": ""}  # format -> shard name suffix
+FORMATS = dict(zip(SHARD_FORMATS, (".safetensors", ""), strict=True))  # format -> shard name suffix
 ARRAY_NAMES = ("patch_features", "registers", "pooled")
 NPY_SHARD_FILES = frozenset({*(f"{name}.npy" for name in ARRAY_NAMES), "files.json"})  # all an npy shard holds
 

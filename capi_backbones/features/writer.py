@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.constants import DEFAULT_SHARD_SIZE, STORAGE_DTYPE_NAMES
 from capi_backbones.features.index import (
     INDEX_NAME,
     INDEX_VERSION,
@@ -65,8 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 256
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+STORAGE_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES}
 INFORMATIONAL_SETTINGS = ("model",)  # recorded, not compared on resume (the same file may be named differently)
 MAX_PENDING_SHARDS = 2  # images held in memory, in shards; then the fullest bucket is written as a smaller shard
 

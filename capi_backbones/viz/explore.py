@@ -45,7 +45,10 @@ import numpy as np
 from PIL import Image
 
 from capi_backbones.atomic_files import atomic_write_text
-from capi_backbones.constants import PATCH_SIZE
+from capi_backbones.constants import EXPLORER_MAX_PATCHES as MAX_PATCHES
+from capi_backbones.constants import EXPLORER_MAX_PHOTOS as MAX_PHOTOS
+from capi_backbones.constants import EXPLORER_MAX_STORED_VALUES as MAX_STORED_VALUES
+from capi_backbones.constants import EXPLORER_TITLE, PATCH_SIZE
 from capi_backbones.viz.colormap import COOLWARM_ANCHORS
 from capi_backbones.viz.pca import joint_pca_maps, pca_map
 
@@ -64,9 +67,6 @@ __all__ = [
     "write_explorer",
 ]
 
-MAX_PHOTOS = 64  # cards in one page
-MAX_PATCHES = 96 * 16 * 16  # patches per model over all photos: 64 photos of 3:2 aspect at 224 px (21504)
-MAX_STORED_VALUES = 2**25  # feature values over all models: 64 MiB of float16, about 90 MB of page
 MAX_MODELS = 2  # side by side
 FLOAT16_COSINE_BOUND = 2.0**-10  # |cos(fp16(a), fp16(b)) - cos(a, b)| for unit a, b (2 x 2**-11, plus rounding)
 FOREGROUND_THRESHOLDS = tuple(round(-0.5 + 0.25 * i, 2) for i in range(11))  # -0.5 .. 2.0 standard deviations
@@ -329,7 +329,7 @@ def build_explorer(
     labels: Sequence[str] | None = None,
     names: Sequence[str] | None = None,
     dims: int | None = None,
-    title: str = "CAPI feature explorer",
+    title: str = EXPLORER_TITLE,
 ) -> str:
     """The explorer page as one HTML string.
 

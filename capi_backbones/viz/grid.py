@@ -13,16 +13,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from capi_backbones.atomic_files import atomic_path
+from capi_backbones.constants import DEFAULT_RESAMPLE, PCA_MIN_TILE_HEIGHT, PCA_TILE_HEIGHT, RESAMPLE_NAMES
 from capi_backbones.viz.colormap import coolwarm
 from capi_backbones.viz.pca import PcaResult
 
 __all__ = ["RESAMPLE_MODES", "pca_grid", "save_png", "upsample"]
 
-RESAMPLE_MODES = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+RESAMPLE_MODES = {name: Image.Resampling[name.upper()] for name in RESAMPLE_NAMES}
 BACKGROUND = (255, 255, 255)
 BORDER = (200, 200, 200)
 TEXT = (40, 40, 40)
@@ -36,7 +33,7 @@ def _resample_mode(resample: str) -> Image.Resampling:
     return RESAMPLE_MODES[resample]
 
 
-def upsample(values: np.ndarray, size: tuple[int, int], resample: str = "nearest") -> np.ndarray:
+def upsample(values: np.ndarray, size: tuple[int, int], resample: str = DEFAULT_RESAMPLE) -> np.ndarray:
     """Resize a (h, w) or (h, w, c) float map to ``size`` = (H, W), channel by channel. Returns float32."""
     mode = _resample_mode(resample)
     values = np.asarray(values, dtype=np.float32)
@@ -97,8 +94,8 @@ def pca_grid(
     results: Sequence[PcaResult],
     *,
     n_heatmaps: int | None = None,
-    tile_height: int = 224,
-    resample: str = "nearest",
+    tile_height: int = PCA_TILE_HEIGHT,
+    resample: str = DEFAULT_RESAMPLE,
     labels: bool = True,
     row_labels: Sequence[str] | None = None,
 ) -> Image.Image:
@@ -114,8 +111,8 @@ def pca_grid(
         raise ValueError(f"Got {len(row_labels)} row labels for {len(images)} images; pass one label per image.")
     if not results:
         raise ValueError("Nothing to draw: no images given.")
-    if tile_height < 16:
-        raise ValueError(f"tile_height must be at least 16 pixels, got {tile_height}.")
+    if tile_height < PCA_MIN_TILE_HEIGHT:
+        raise ValueError(f"tile_height must be at least {PCA_MIN_TILE_HEIGHT} pixels, got {tile_height}.")
     available = min(r.n_components for r in results)
     n_heatmaps = available if n_heatmaps is None else n_heatmaps
     if not 0 <= n_heatmaps <= available:

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.decomposition import PCA
 
-__all__ = ["DEFAULT_VALUE_RANGE", "PcaProjection", "PcaResult", "fit_pca_projection", "joint_pca_maps", "pca_map"]
+from capi_backbones.constants import N_RGB
+from capi_backbones.constants import PCA_VALUE_RANGE as DEFAULT_VALUE_RANGE
 
-DEFAULT_VALUE_RANGE = 2.3  # whitened values in [-r, r] map to [0, 1]
-N_RGB = 3
+__all__ = ["DEFAULT_VALUE_RANGE", "PcaProjection", "PcaResult", "fit_pca_projection", "joint_pca_maps", "pca_map"]
 
 
 @dataclass(frozen=True)
