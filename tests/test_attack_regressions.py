@@ -1,8 +1,11 @@
 """Faults found by benchmarks/attacks/run_attacks.py (issue 20's attacks, rebuilt), each pinned by a test."""
 
 import math
+import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from capi_backbones.cli.main import main
 
@@ -33,3 +36,50 @@ def test_the_probe_config_refuses_non_finite_grids(field):
         ProbeTrainingConfig(**{field: (1e-3, math.inf)})
     with pytest.raises(ValueError, match="finite"):
         ProbeTrainingConfig(**{field: (math.nan,)})
+
+
+def _lock_folders_named(monkeypatch, name: str) -> None:
+    """Folders called ``name`` cannot be listed, as with ``chmod 0`` for a user who is not root."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("command", ["pca", "explore"])
+def test_pca_and_explore_name_an_unreadable_sub_folder_and_exit_1(tmp_path, monkeypatch, capsys, command):
+    """As extract does (issue 20, item 10): pca used to stop with exit 3 ("Permission denied: 'photos/locked'")."""
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "locked/c.png"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "photos" / name)
+    _lock_folders_named(monkeypatch, "locked")
+    out = tmp_path / ("pca.png" if command == "pca" else "page.html")
+    argv = [command, str(tmp_path / "photos"), "--out", str(out), "--random-init", "--image-size", "28", "--device",
+            "cpu", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"failed: {tmp_path / 'photos' / 'locked'}/: Cannot list the folder (Permission denied)" in err, err
+    assert f"wrote {out} (2 " in err
+
+
+def test_a_protocol_5_checkpoint_is_one_line_without_torch_s_two_line_warning(tmp_path, recwarn):
+    """torch's weights-only reader warns about pickle protocol 5 in two lines of stderr (its UserWarning and the
+    source line) before the package's own one-line refusal."""
+    import torch
+    from checkpoint_files import tiny_model
+
+    from capi_backbones import from_pretrained
+    from capi_backbones.pretrained import CheckpointError
+
+    path = tmp_path / "protocol5.pth"
+    state = {f"backbone.{k}": v for k, v in tiny_model().state_dict().items()}
+    torch.save(state, path, pickle_protocol=5, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="not unpickled for safety"):
+        from_pretrained(path)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
