@@ -83,3 +83,32 @@ def test_a_protocol_5_checkpoint_is_one_line_without_torch_s_two_line_warning(tm
     with pytest.raises(CheckpointError, match="not unpickled for safety"):
         from_pretrained(path)
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_a_moved_project_resumes_instead_of_listing_every_image_twice(tmp_path, monkeypatch, capsys):
+    """Images and their extraction moved together (mv project elsewhere), then the same command: the index used to
+    keep the old absolute root, so every image was extracted again and listed twice, the second time as
+    '../../new/photos/a.png' (exit 0, no word)."""
+    import json
+
+    old = tmp_path / "old"
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "sub/b.png"):
+        (old / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(old / "photos" / name)
+    argv = ["--out", "features", "--random-init", "--image-size", "28", "--device", "cpu", "--no-progress",
+            "--workers", "0"]  # fmt: skip
+    monkeypatch.chdir(old)
+    assert main(["extract", "photos", *argv]) == 0
+    first = json.loads((old / "features" / "index.json").read_text())
+    new = tmp_path / "new"
+    old.rename(new)
+    monkeypatch.chdir(new)
+    capsys.readouterr()
+    assert main(["extract", "photos", *argv]) == 0
+    err = capsys.readouterr().err
+    assert "0 images written" in err and "2 already done" in err, err
+    index = json.loads((new / "features" / "index.json").read_text())
+    assert [entry["files"] for entry in index["shards"]] == [entry["files"] for entry in first["shards"]]
+    assert index["root"] == str(new / "photos")
+    assert main(["verify", "features"]) == 0

@@ -876,6 +876,33 @@ def same_file_name_urls_case() -> Case:
     return Case("faults", "two-urls-one-file-name", run=run)
 
 
+def moved_project_case() -> Case:
+    """A project folder (images and their extraction) moved elsewhere, then the same command again: the index must
+    not end up listing every image twice, under the old names and again as '../../new/photos/...'."""
+
+    def run(folder: Path) -> dict:
+        old, new = folder / "old", folder / "new"
+        old.mkdir()
+        copy_in("photos", "tiny.pth")(old)
+        argv = _extract_argv("features")
+        if cli(argv, old, 120, drop_caps=False).returncode != 0:
+            return {"kind": "HARNESS_ERROR", "why": "first run failed"}
+        old.rename(new)
+        again = cli(argv, new, 120, drop_caps=False)
+        if "Traceback" in again.stderr:
+            return {"kind": "TRACEBACK", "why": error_lines(again.stderr)[-1:]}
+        if again.returncode == 0:
+            index = json.loads((new / "features" / "index.json").read_text())
+            names = sorted(n for shard in index["shards"] for n in shard["files"])
+            if names != [f"photo{i}.png" for i in range(3)]:
+                return {"kind": "LOST_OR_MIXED", "why": f"the index lists {names}"}
+        elif again.returncode != 2 or len(error_lines(again.stderr)) != 1:
+            return {"kind": "WRONG_EXIT", "why": f"exit {again.returncode}"}
+        return {"kind": "CLEAN", "why": ""}
+
+    return Case("faults", "project-folder-moved-then-rerun", run=run)
+
+
 def second_ctrl_c_case() -> Case:
     return kill_case(signal.SIGINT, "second-ctrl-c", second_sig=True)
 
@@ -955,6 +982,7 @@ def fault_cases() -> list[Case]:
         replaced_image_case(),
         fixed_image_eval_case(),
         same_file_name_urls_case(),
+        moved_project_case(),
     ]
     return cases
 
