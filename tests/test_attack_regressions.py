@@ -112,3 +112,31 @@ def test_a_moved_project_resumes_instead_of_listing_every_image_twice(tmp_path, 
     assert [entry["files"] for entry in index["shards"]] == [entry["files"] for entry in first["shards"]]
     assert index["root"] == str(new / "photos")
     assert main(["verify", "features"]) == 0
+
+
+def test_eval_on_a_full_disk_is_exit_3_not_unreadable_images(tmp_path, monkeypatch, capsys):
+    """The cached center crops could not be written (disk full): eval said "None of the 6 images of the train split
+    could be read (... No space left on device)" with exit 2, as if the images were broken."""
+    import errno
+
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for label in ("cats", "dogs"):
+            for i in range(3):
+                path = tmp_path / "data" / split / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if "crops" in os.fspath(fp):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() reports it: no file name
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    argv = ["eval", "classify", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--random-init",
+            "--image-size", "28", "--device", "cpu", "--no-progress", "--workers", "0", "--iters", "2", "--probes",
+            "knn"]  # fmt: skip
+    assert main(argv) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "--random-init" not in line]
+    assert len(err) == 1 and "No space left on device" in err[0] and "could be read" not in err[0], err

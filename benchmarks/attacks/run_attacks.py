@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 
 KINDS = ("CLEAN", "TRACEBACK", "WRONG_EXIT", "NOT_ONE_LINE", "HANG", "CODE_RAN", "LOST_OR_MIXED")
 DROP_CAPS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
-LOG_PREFIXES = ("INFO ", "WARNING ", "--random-init", "DEBUG ")
+LOG_PREFIXES = ("INFO ", "WARNING ", "--random-init", "DEBUG ", "building the page")  # logs and progress lines
 
 
 @dataclass
