@@ -735,7 +735,9 @@ def concurrent_case() -> Case:
         _many_photos(folder, 20)
         argv = _extract_argv("out", "--shard-size", "4", "--batch-size", "2")
         command = [sys.executable, "-m", "capi_backbones", *argv]
-        first = subprocess.Popen(command, cwd=folder, env=env(), stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            command, cwd=folder, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not list((folder / "out").glob("shard_*")) and first.poll() is None:
             time.sleep(0.05)
@@ -760,7 +762,9 @@ def concurrent_eval_case() -> Case:
         copy_in("data", "tiny.pth")(folder)
         argv = ["eval", "classify", "data", "--out", "ev", "--weights", "tiny.pth", *EVAL_FAST]
         command = [sys.executable, "-m", "capi_backbones", *argv]
-        first = subprocess.Popen(command, cwd=folder, env=env(), stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            command, cwd=folder, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (folder / "ev").exists() and first.poll() is None:
             time.sleep(0.02)
