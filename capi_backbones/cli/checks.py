@@ -37,6 +37,7 @@ __all__ = [
     "cuda_is_certainly_missing",
     "plural",
     "progress_wanted",
+    "unreadable_folders",
 ]
 
 SMALLEST_ARCHITECTURE = "capi_vits14"  # what --random-init uses without --model
@@ -107,6 +108,12 @@ def check_download_timeout(value: float | None, flag: str = "--download-timeout"
     """A finite number of seconds above zero."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise CliError(f"{flag} must be a positive number of seconds (e.g. {flag} 7200), got {value}.")
+
+
+def unreadable_folders(found: Iterable[tuple[Path, str]]) -> dict[str, str]:
+    """{folder/: why} for the sub-folders an image search could not list (``expand_inputs(..., unreadable=[])``),
+    in the words ``extract`` uses; commands name them with their failed images and exit 1."""
+    return {f"{folder}/": f"Cannot list the folder ({reason}); its images were left out" for folder, reason in found}
 
 
 def check_input_paths(paths: Iterable[str], what: str = "IMAGES") -> None:

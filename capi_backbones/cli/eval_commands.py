@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 import sys
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
@@ -46,6 +47,11 @@ def check_classify_arguments(args: argparse.Namespace) -> None:
         raise CliError(f"--representations {','.join(unknown)}: unknown; choose from {', '.join(REPRESENTATIONS)}.")
     if min(args.knn_k) < 1 or args.head_dim < 1 or (args.probe_micro_batch or 1) < 1:
         raise CliError("--knn-k, --head-dim and --probe-micro-batch must be positive.")
+    for flag, values, low in (("--learning-rates", args.learning_rates, "above 0"), ("--weight-decays",
+                              args.weight_decays, "0 or more")):  # fmt: skip
+        bad = [v for v in values or () if not (math.isfinite(v) and (v > 0 if low == "above 0" else v >= 0))]
+        if bad:
+            raise CliError(f"{flag} must be finite numbers {low}, got {bad[0]}; e.g. {flag} 0.001,0.01.")
 
 
 def _listed(values) -> str:

@@ -186,6 +186,7 @@ def _check_before_loading(args: argparse.Namespace, images: list) -> None:
 
 def run_explore(args: argparse.Namespace) -> int:
     out = _check_args(args)
+    from capi_backbones.cli.checks import unreadable_folders
     from capi_backbones.features import expand_inputs
     from capi_backbones.viz.explore import (
         build_explorer,
@@ -195,9 +196,11 @@ def run_explore(args: argparse.Namespace) -> int:
     )
 
     try:
-        sources = expand_inputs(args.images)  # missing or non-image paths fail before a model loads
+        unreadable = []  # sub-folders that cannot be listed: named and left out, exit 1 (as extract does)
+        sources = expand_inputs(args.images, unreadable=unreadable)  # missing or non-image paths fail first
         check_limits(len(sources))
         images, labels, failed = _load_photos(sources)
+        failed |= unreadable_folders(unreadable)
         for name, message in failed.items():
             print(f"failed: {name}: {message}", file=sys.stderr)
         if not images:

@@ -143,12 +143,15 @@ def _features(args: argparse.Namespace, sources: list) -> tuple[list, list, list
 
 def run_pca(args: argparse.Namespace) -> int:
     out = _check_args(args)
+    from capi_backbones.cli.checks import unreadable_folders
     from capi_backbones.features import expand_inputs
     from capi_backbones.viz import joint_pca_maps, pca_grid, pca_map, save_png
 
     try:
-        sources = expand_inputs(args.images)  # fail on missing or non-image paths before loading a model
+        unreadable = []  # sub-folders that cannot be listed: named and left out, exit 1 (as extract does)
+        sources = expand_inputs(args.images, unreadable=unreadable)  # missing or non-image paths fail first
         images, maps, labels, failed = _features(args, sources)
+        failed |= unreadable_folders(unreadable)
         for name, message in failed.items():
             print(f"failed: {name}: {message}", file=sys.stderr)
         if not images:

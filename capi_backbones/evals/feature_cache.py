@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capi_backbones.atomic_files import atomic_write_text
+from capi_backbones.atomic_files import ENVIRONMENT_ERRNOS, WriteError, atomic_write_text
 from capi_backbones.features import load_image, load_index, load_saved_features
 from capi_backbones.transforms import CROP_RESIZE_RATIO, center_crop  # noqa: F401 (CROP_RESIZE_RATIO: re-exported)
 
@@ -113,10 +113,17 @@ def _extract_crops(extractor, paths, folder: Path, *, pooled, progress, desc, fa
             written = []
             for i in todo[start : start + CROP_BLOCK]:
                 try:
-                    center_crop(load_image(paths[i]), extractor.image_size).save(crops / f"{i:08d}.png")
-                    written.append(crops / f"{i:08d}.png")
-                except (OSError, ValueError) as error:
+                    crop = center_crop(load_image(paths[i]), extractor.image_size)
+                except (OSError, ValueError) as error:  # the image's own failure: named, the others go on
                     failed[os.fspath(paths[i])] = str(error)
+                    continue
+                try:
+                    crop.save(crops / f"{i:08d}.png")
+                except OSError as error:  # a full disk is the machine's failure, not the image's (exit 3)
+                    if error.errno in ENVIRONMENT_ERRNOS:
+                        raise WriteError(crops / f"{i:08d}.png", error) from error
+                    raise
+                written.append(crops / f"{i:08d}.png")
             if written:
                 summary = extractor.extract_to_disk(written, folder, pooled=pooled, progress=False)
                 failures = {**summary.failed_before, **summary.failed}

@@ -75,6 +75,13 @@ class ProbeTrainingConfig:
             )
         if self.batch_size < 1 or not self.learning_rates or not self.weight_decays:
             raise ValueError("batch_size must be positive and the lr and wd grids non-empty.")
+        if not all(math.isfinite(v) and v > 0 for v in self.learning_rates) or not all(
+            math.isfinite(v) and v >= 0 for v in self.weight_decays
+        ):
+            raise ValueError(
+                f"Learning rates must be finite and above 0, weight decays finite and 0 or more; got "
+                f"{list(self.learning_rates)} and {list(self.weight_decays)}."
+            )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {self.micro_batch_size}.")
         if self.dtype not in ("float32", "bfloat16"):

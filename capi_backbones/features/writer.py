@@ -234,6 +234,11 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
     else:
         index = load_index(out_dir)
         _check_compatible(out_dir, index, new_index)
+        recorded = Path(index["root"])
+        if recorded != Path(root) and not recorded.exists() and Path(root).exists():  # the project was moved
+            logger.warning("The images of '%s' were under %s, which is gone; looking for them under %s now.",
+                           out_dir, recorded, root)  # fmt: skip
+            index["root"] = str(root)  # names are relative to it: the images already done stay done
     index = merge_rank_manifests(out_dir, index)
     bad = check_listed_shards(out_dir, index, read=False)
     index["shards"] = [entry for entry in index["shards"] if entry["name"] not in bad]

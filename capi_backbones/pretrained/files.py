@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -174,11 +175,13 @@ def _flatten(obj: Mapping, prefix: str, tensors: dict[str, Tensor], skipped: lis
 
 def _read_pytorch(path: Path, mmap: bool) -> tuple[dict[str, Tensor], list[str]]:
     try:
-        if path.suffix == ".safetensors":  # torch.load hands any path so named to safetensors: give it the bytes
-            with open(path, "rb") as file:
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # two lines on stderr before the one-line refusal of such a file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            if path.suffix == ".safetensors":  # torch.load hands any path so named to safetensors: give it the bytes
+                with open(path, "rb") as file:
+                    obj = torch.load(file, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # any failure to parse means a damaged file or one holding arbitrary objects
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "weights only" in str(error).lower() or "weights_only" in str(error):
