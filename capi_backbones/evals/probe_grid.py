@@ -25,16 +25,19 @@ from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_path
 from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
+from capi_backbones.runtime.precision import native_bf16
 
 __all__ = [
     "OFFICIAL_BATCH_SIZE",
     "OFFICIAL_LEARNING_RATES",
     "OFFICIAL_WEIGHT_DECAYS",
+    "PROBE_DTYPES",
     "CachedBatches",
     "ProbeGrid",
     "ProbeTrainingConfig",
     "predict_grid",
     "probe_lr_schedule",
+    "resolve_probe_dtype",
     "train_probe_grid",
 ]
 
@@ -47,6 +50,7 @@ OFFICIAL_ITERATIONS = 12_500
 OFFICIAL_WARMUP_ITERATIONS = 1_250
 LR_REFERENCE_BATCH = 256  # lr = grid lr * batch / 256
 BETAS = (0.9, 0.95)
+PROBE_DTYPES = ("float32", "bfloat16")  # what ProbeTrainingConfig.dtype takes; resolve_probe_dtype also takes "auto"
 Batches = Callable[[int], tuple[dict[str, Tensor], Tensor]]
 
 
@@ -74,7 +78,7 @@ class ProbeTrainingConfig:
             raise ValueError("batch_size must be positive and the lr and wd grids non-empty.")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {self.micro_batch_size}.")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in PROBE_DTYPES:
             raise ValueError(f"The probe dtype must be 'float32' or 'bfloat16', got '{self.dtype}'.")
 
     @property
@@ -88,6 +92,17 @@ class ProbeTrainingConfig:
             and tuple(self.weight_decays) == OFFICIAL_WEIGHT_DECAYS
             and self.dtype == "float32"
         )
+
+
+def resolve_probe_dtype(dtype: str, device: str | torch.device) -> str:
+    """The probe training dtype for ``dtype``: ``"float32"`` (the official one) and ``"bfloat16"`` as they are;
+    ``"auto"``: ``"bfloat16"`` where ``device`` multiplies bf16 natively (CUDA sm80+, CPUs with AVX512-BF16 or AMX;
+    ``capi_backbones.runtime.precision.native_bf16``), else ``"float32"`` (emulated bf16 is slower)."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if dtype not in PROBE_DTYPES:
+        raise ValueError(f"The probe dtype must be 'auto', 'float32' or 'bfloat16', got '{dtype}'.")
+    return dtype
 
 
 def probe_lr_schedule(iterations: int, warmup_iterations: int) -> Tensor:
