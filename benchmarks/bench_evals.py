@@ -9,8 +9,16 @@
 3. Peak memory of k-NN segmentation with 1M train patches of D=1024 (stored as float16, 2 GiB, as the features of a
    ViT-L would be cached to fit) and 196 pixel labels each (int16), in a fresh process: peak RSS, target < 4 GiB
    (in the protocol's default precision: bfloat16 where the device has it natively).
+4. (``--probe-dtypes``, only this) float32 against bfloat16 probe grids on held-out real data: sklearn's digits
+   (upsampled to 56 px, the seeded 50/50 split of ``bench_bf16_training.py``) through a random-init ViT-S/14 in fp32,
+   then ``run_classification`` (the code behind ``eval classify``) with linear probes on ``pooled`` and ``avg_patch``
+   (``--attentive`` adds attentive probes on the registers), the official lr x wd grid, ``--probe-iters`` steps of
+   ``--probe-batch`` images, for each probe seed (init and data order) and dtype. Prints the selected (lr, wd), the
+   validation and test top-1 of each, the seed spread at each dtype, and the process time of the probe training
+   (the features are extracted once and read from the cache after that).
 
 Run: python benchmarks/bench_evals.py [--device cpu] [--skip-knn] [--skip-probes] [--skip-segmentation]
+     OMP_NUM_THREADS=1 python benchmarks/bench_evals.py --probe-dtypes [--seeds 0 1] [--attentive]
 """
 
 import argparse
@@ -137,6 +145,81 @@ def segmentation_benchmark(device: str, n_train: int, n_query: int, dim: int) ->
           f"{result['seconds']:.0f} s")  # fmt: skip
 
 
+def probe_dtype_benchmark(seeds: list[int], iterations: int, batch: int, attentive: bool) -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from bench_bf16_training import write_digits  # benchmarks/ is the script's folder
+
+    from capi_backbones import FeatureExtractor, create_model
+    from capi_backbones.evals import classification_protocol
+    from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
+    from capi_backbones.evals.datasets import read_classification_folders
+    from capi_backbones.runtime.precision import cpu_bf16_support
+
+    unit = cpu_bf16_support()
+    where = unit or "no native bf16: bfloat16 is emulated"
+    print(f"\n# Probe grids in float32 and bfloat16 autocast on held-out digits (this CPU: {where}); {iterations} "
+          f"steps of {batch}, seeds {seeds}")  # fmt: skip
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(create_model("capi_vits14", pretrained=False), image_size=56, keep_aspect=False,
+                                 batch_size=64, device="cpu", precision="fp32")  # fmt: skip
+    probes = ("linear", "attentive") if attentive else ("linear",)
+    representations = ("pooled", "avg_patch", "registers") if attentive else ("pooled", "avg_patch")
+    runs = []
+    training_seconds = []
+    train = classification_protocol.train_probe_grid
+
+    def timed_train(*args, **kwargs):  # the probe training alone, not the extraction, k-NN or predictions
+        start = time.process_time()
+        grid = train(*args, **kwargs)
+        training_seconds.append(time.process_time() - start)
+        return grid
+
+    classification_protocol.train_probe_grid = timed_train
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "digits"
+        write_digits(data, 56)
+        dataset = read_classification_folders(data)
+        for seed in seeds:
+            for dtype in ("float32", "bfloat16"):
+                out = Path(tmp) / f"{dtype}_s{seed}"
+                if runs:  # the features of the first run, so that only the probes run again
+                    shutil.copytree(Path(tmp) / "float32_s0" / "features", out / "features")
+                training = ProbeTrainingConfig(iterations=iterations, warmup_iterations=iterations // 10,
+                                               batch_size=batch, seed=seed, dtype=dtype)  # fmt: skip
+                settings = ClassificationSettings(probes=probes, representations=representations, training=training,
+                                                  device="cpu")  # fmt: skip
+                training_seconds.clear()
+                payload = run_classification(dataset, extractor, out, settings, progress=False)
+                seconds = sum(training_seconds)
+                rows = {(r["probe"], r["representation"]): r for r in payload["results"] if r["selected"]}
+                runs.append({"seed": seed, "dtype": dtype, "seconds": seconds, "rows": rows})
+                print(f"seed {seed} {dtype}: probe training {seconds:.1f} s (process time)", flush=True)
+    keys = list(runs[0]["rows"])
+    print("\nprobe | representation | seed | float32: selected, val, test | bfloat16: selected, val, test | same")
+    print("---|---|---|---|---|---")
+    for key in keys:
+        for seed in seeds:
+            a, b = (next(r["rows"][key] for r in runs if r["seed"] == seed and r["dtype"] == d)
+                    for d in ("float32", "bfloat16"))  # fmt: skip
+            print(f"{key[0]} | {key[1]} | {seed} | {a['setting']}, {a['val_top1']:.3f}, {a['top1']:.3f} | "
+                  f"{b['setting']}, {b['val_top1']:.3f}, {b['top1']:.3f} | {a['setting'] == b['setting']}")  # fmt: skip
+    print("\nprobe | representation | float32 test mean (seed spread) | bfloat16 test mean (seed spread) | diff")
+    print("---|---|---|---|---")
+    for key in keys:
+        cells = {}
+        for dtype in ("float32", "bfloat16"):
+            values = [r["rows"][key]["top1"] for r in runs if r["dtype"] == dtype]
+            cells[dtype] = (sum(values) / len(values), max(values) - min(values))
+        (ma, sa), (mb, sb) = cells["float32"], cells["bfloat16"]
+        print(f"{key[0]} | {key[1]} | {ma:.4f} ({sa:.4f}) | {mb:.4f} ({sb:.4f}) | {mb - ma:+.4f}")
+    fp32, bf16 = (min(r["seconds"] for r in runs if r["dtype"] == d) for d in ("float32", "bfloat16"))
+    print(f"\nprobe training, process time (best of the seeds): float32 {fp32:.1f} s, bfloat16 {bf16:.1f} s, "
+          f"bfloat16 {fp32 / bf16:.2f}x as fast")  # fmt: skip
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--segmentation-child":
         n_train, n_query, dim, device = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -155,7 +238,14 @@ def main() -> None:
     parser.add_argument("--skip-knn", action="store_true")
     parser.add_argument("--skip-probes", action="store_true")
     parser.add_argument("--skip-segmentation", action="store_true")
+    parser.add_argument("--probe-dtypes", action="store_true", help="only: float32 vs bfloat16 probes on digits")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="probe seeds of --probe-dtypes")
+    parser.add_argument("--probe-iters", type=int, default=1000, help="probe steps of --probe-dtypes")
+    parser.add_argument("--probe-batch", type=int, default=128, help="probe batch of --probe-dtypes")
+    parser.add_argument("--attentive", action="store_true", help="--probe-dtypes: add attentive probes (registers)")
     args = parser.parse_args()
+    if args.probe_dtypes:
+        return probe_dtype_benchmark(args.seeds, args.probe_iters, args.probe_batch, args.attentive)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} (probes in float32)")
     if not args.skip_knn:
         knn_benchmark(args.device, 60_000, 10_000, 1024, args.knn_repeats)

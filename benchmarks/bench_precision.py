@@ -15,7 +15,8 @@ Reports:
 Without native bf16 only fp32 is measured (``--force-bf16`` measures the emulated path anyway).
 
 Clock: ``--clock cpu`` counts this process's CPU time, which other jobs on a shared machine barely disturb; use it
-with one thread (``OMP_NUM_THREADS=1``), since waiting threads also count. ``--clock wall`` (default) is real time.
+with one thread (``OMP_NUM_THREADS=1``), since waiting threads also count, and with ``--workers 0`` (decoding
+workers are other processes: their time would not count). ``--clock wall`` (default) is real time.
 Ratios are measured within one run. ViT-L/14 is optional (``--vitl``); the default run takes a few minutes on one
 thread.
 
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--extract-arch", default="capi_vits14", choices=list(ARCHITECTURES))
     parser.add_argument("--skip-extraction", action="store_true")
+    parser.add_argument("--skip-models", action="store_true", help="only the extraction part")
     parser.add_argument("--workers", type=int, default=0, help="FeatureExtractor num_workers (decoding processes)")
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even where it is emulated")
     args = parser.parse_args()
@@ -238,7 +240,8 @@ def main() -> None:
             "This CPU has no AVX512-BF16 or AMX: bf16 would be emulated (slower than fp32), precision='auto' runs "
             "fp32. " + ("Measuring bf16 anyway (--force-bf16)." if bf16 else "Reporting fp32 only.")
         )
-    bench_models(args, clock, bf16)
+    if not args.skip_models:
+        bench_models(args, clock, bf16)
     if not args.skip_extraction:
         bench_extraction(args, clock, ["fp32", "bf16"] if bf16 else ["fp32"])
 

@@ -18,6 +18,7 @@ Run: python benchmarks/gpu_check.py --out gpu_check.json [--train-batch 128] [--
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -151,12 +152,17 @@ def precision_of(model: CapiModel, x: torch.Tensor, sizes: Sizes) -> dict:
             reference = model(x)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 low = model(x)
+                weights_bf16 = copy.deepcopy(model).to(torch.bfloat16)  # what FeatureExtractor runs in bf16
+                low_weights = weights_bf16(x.to(torch.bfloat16))
+                del weights_bf16
     finally:
         torch.set_float32_matmul_precision(matmul_precision)
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
     names = ("pooled", "registers", "patch_features")
     diffs = {name: relative_difference(a, b) for name, a, b in zip(names, low, reference, strict=True)}
+    weights_diffs = {name: relative_difference(a, b) for name, a, b in zip(names, low_weights, reference, strict=True)}
     return {
+        "bf16_weights_relative_difference": weights_diffs,  # bf16 weights and input (FeatureExtractor's bf16)
         "batch": sizes.precision_batch,
         "image_size": sizes.image_size,
         "relative_difference": diffs,
@@ -165,6 +171,7 @@ def precision_of(model: CapiModel, x: torch.Tensor, sizes: Sizes) -> dict:
         },
         "target": PRECISION_TARGET,
         "within_target": max(diffs.values()) <= PRECISION_TARGET,
+        "bf16_weights_within_target": max(weights_diffs.values()) <= PRECISION_TARGET,
     }
 
 
@@ -172,9 +179,12 @@ def precision_of(model: CapiModel, x: torch.Tensor, sizes: Sizes) -> dict:
 def check_inference(model: CapiModel, sizes: Sizes, device: torch.device, peak: float | None, compile_: bool) -> dict:
     batch = sizes.throughput_batch
     x = torch.randn(batch, 3, sizes.image_size, sizes.image_size, device=device)
+    weights_bf16 = copy.deepcopy(model).to(torch.bfloat16)  # FeatureExtractor's bf16: bf16 weights and input
+    x_bf16 = x.to(torch.bfloat16)
     forwards = {
         "model(x)": lambda: model(x),
         "official all-predictor-blocks forward": lambda: official_forward(model, x),
+        "model(x), bf16 weights": lambda: weights_bf16(x_bf16),
     }
     if compile_:
         compiled = torch.compile(model)
@@ -182,7 +192,7 @@ def check_inference(model: CapiModel, sizes: Sizes, device: torch.device, peak: 
     rows = {}
     with torch.inference_mode():  # the FLOPs do not depend on the dtype
         flops = {name: count_flops(forwards[name]) for name in ("model(x)", "official all-predictor-blocks forward")}
-    flops["model(x), torch.compile"] = flops["model(x)"]
+    flops["model(x), torch.compile"] = flops["model(x), bf16 weights"] = flops["model(x)"]
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         compile_seconds = None
         if compile_:
@@ -209,7 +219,7 @@ def check_inference(model: CapiModel, sizes: Sizes, device: torch.device, peak: 
         "arch": sizes.inference_name,
         "batch": batch,
         "image_size": sizes.image_size,
-        "dtype": "bf16 autocast, fp32 weights",
+        "dtype": "bf16 autocast, fp32 weights (and a bf16-weights row)",
         "forwards": rows,
         "speedup_over_official": official["seconds_per_batch"] / ours["seconds_per_batch"],
         "compile_seconds": compile_seconds,
@@ -330,6 +340,8 @@ def summary(results: dict) -> str:
             verdict = "OK" if row["within_target"] else "ABOVE TARGET"
             lines.append(f"precision bf16 vs fp32 on {inputs} (relative, target <= {row['target']:.0e}): {diffs} -> "
                          f"{verdict}")  # fmt: skip
+            weights = ", ".join(f"{k} {v:.2e}" for k, v in row["bf16_weights_relative_difference"].items())
+            lines.append(f"  bf16 weights (FeatureExtractor's bf16) vs fp32 on {inputs}: {weights}")
     i = results["inference"]
     if "error" in i:
         lines.append(f"inference: FAILED {i['error']}")

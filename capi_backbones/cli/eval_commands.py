@@ -4,6 +4,7 @@ import argparse
 import logging
 import math
 import sys
+from dataclasses import replace
 
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
@@ -14,6 +15,7 @@ from capi_backbones.evals.defaults import (  # no torch
     DEFAULT_IGNORE_LABELS,
     DEFAULT_KNN_DTYPE,
     DEFAULT_KNN_KS,
+    DEFAULT_PROBE_DTYPE,
     DEFAULT_PROBE_SEED,
     DEFAULT_SEGMENTATION_KS,
     DISTANCES,
@@ -25,6 +27,7 @@ from capi_backbones.evals.defaults import (  # no torch
     OFFICIAL_ITERATIONS,
     OFFICIAL_LEARNING_RATES,
     OFFICIAL_WEIGHT_DECAYS,
+    PROBE_DTYPES,
     PROBES,
     SELECTION_FRACTION,
     TEST_FRACTION,
@@ -125,9 +128,10 @@ def register(subparsers) -> None:
                           f"batch/{LR_REFERENCE_BATCH})")  # fmt: skip
     classify.add_argument("--probe-micro-batch", type=int, default=None,
                           help="compute each probe batch in pieces of this size (same steps, less memory)")  # fmt: skip
-    classify.add_argument("--probe-dtype", choices=("float32", "bfloat16"), default="float32",
-                          help="probe training precision (default float32, official; bfloat16 autocast is faster on "
-                          "CPUs and GPUs with native bf16, NOT the official protocol)")  # fmt: skip
+    classify.add_argument("--probe-dtype", choices=(*PROBE_DTYPES, "auto"), default=DEFAULT_PROBE_DTYPE,
+                          help="probe training precision (default %(default)s, official; bfloat16 autocast is "
+                          "faster on CPUs and GPUs with native bf16, NOT the official protocol; auto: bfloat16 where "
+                          "the device has native bf16, else float32)")  # fmt: skip
     classify.add_argument("--fast", action="store_true",
                           help=f"quick CPU setting, NOT the official protocol: {FAST_ITERATIONS} steps of batch "
                           f"{FAST_BATCH_SIZE} (--iters/--epochs/--probe-batch-size still override)")  # fmt: skip
@@ -232,12 +236,7 @@ def run_classify(args: argparse.Namespace) -> int:
     try:
         from capi_backbones.evals.classification_protocol import ClassificationSettings, run_classification
         from capi_backbones.evals.datasets import read_classification_folders
-        from capi_backbones.evals.probe_grid import (
-            OFFICIAL_BATCH_SIZE,
-            OFFICIAL_LEARNING_RATES,
-            OFFICIAL_WEIGHT_DECAYS,
-            ProbeTrainingConfig,
-        )
+        from capi_backbones.evals.probe_grid import ProbeTrainingConfig, resolve_probe_dtype
         from capi_backbones.evals.representations import check_representations
 
         data = read_classification_folders(args.data)  # bad layouts fail before a model is loaded
@@ -261,13 +260,16 @@ def run_classify(args: argparse.Namespace) -> int:
             warmup_iterations=iters // 10,
             batch_size=batch,
             micro_batch_size=args.probe_micro_batch,
-            dtype=args.probe_dtype,
+            dtype="float32" if args.probe_dtype == "auto" else args.probe_dtype,  # auto: once the device is known
             learning_rates=args.learning_rates or OFFICIAL_LEARNING_RATES,
             weight_decays=args.weight_decays or OFFICIAL_WEIGHT_DECAYS,
             seed=args.seed,
             checkpoint_every=max(1, iters // 10),
         )
         extractor = _extractor(args)
+        if args.probe_dtype == "auto":  # the probes train on the extractor's device
+            training = replace(training, dtype=resolve_probe_dtype("auto", extractor.device))
+            logger.info("--probe-dtype auto: the probes train in %s on %s", training.dtype, extractor.device)
         settings = ClassificationSettings(
             probes=args.probes, representations=args.representations, knn_ks=args.knn_k, training=training,
             augment=args.augment, head_dim=args.head_dim, device=str(extractor.device),

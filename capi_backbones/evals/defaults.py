@@ -43,6 +43,8 @@ OFFICIAL_ITERATIONS = 12_500
 OFFICIAL_WARMUP_ITERATIONS = 1_250
 LR_REFERENCE_BATCH = 256  # lr = grid lr * batch / 256
 DEFAULT_PROBE_SEED = 0  # probe initialisation and data order (not a setting of the paper)
+PROBE_DTYPES = ("float32", "bfloat16")  # what ProbeTrainingConfig.dtype takes; resolve_probe_dtype also takes "auto"
+DEFAULT_PROBE_DTYPE = "float32"  # the official probes train without autocast
 
 # Segmentation (evals.segmentation_protocol, evals.segmentation, evals.metrics)
 CLASSIFIERS = ("knn", "logreg")

@@ -12,6 +12,7 @@ memory and ``classification.AugmentedBatches`` for images augmented through the 
 """
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from capi_backbones.atomic_files import atomic_path
 from capi_backbones.evals.defaults import (
+    DEFAULT_PROBE_DTYPE,
     DEFAULT_PROBE_SEED,
     LR_REFERENCE_BATCH,
     OFFICIAL_BATCH_SIZE,
@@ -31,8 +33,10 @@ from capi_backbones.evals.defaults import (
     OFFICIAL_LEARNING_RATES,
     OFFICIAL_WARMUP_ITERATIONS,
     OFFICIAL_WEIGHT_DECAYS,
+    PROBE_DTYPES,
 )
 from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, LinearProbe
+from capi_backbones.runtime.precision import native_bf16
 from capi_backbones.runtime.seeding import probe_order_seed
 from capi_backbones.schedules import probe_lr_schedule
 
@@ -40,10 +44,12 @@ __all__ = [
     "OFFICIAL_BATCH_SIZE",
     "OFFICIAL_LEARNING_RATES",
     "OFFICIAL_WEIGHT_DECAYS",
+    "PROBE_DTYPES",
     "CachedBatches",
     "ProbeGrid",
     "ProbeTrainingConfig",
     "predict_grid",
+    "resolve_probe_dtype",
     "train_probe_grid",
 ]
 
@@ -65,7 +71,7 @@ class ProbeTrainingConfig:
     seed: int = DEFAULT_PROBE_SEED  # probe initialisation and data order
     checkpoint_every: int = 1_250  # iterations between checkpoints (when a checkpoint path is given)
     micro_batch_size: int | None = None  # compute each batch in pieces of this size (same step, less memory)
-    dtype: str = "float32"  # "bfloat16": forward and backward under bf16 autocast (faster where native; not official)
+    dtype: str = DEFAULT_PROBE_DTYPE  # "bfloat16": forward and backward under bf16 autocast (faster; not official)
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or not 0 <= self.warmup_iterations <= self.iterations:
@@ -84,7 +90,7 @@ class ProbeTrainingConfig:
             )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {self.micro_batch_size}.")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in PROBE_DTYPES:
             raise ValueError(f"The probe dtype must be 'float32' or 'bfloat16', got '{self.dtype}'.")
 
     @property
@@ -98,6 +104,17 @@ class ProbeTrainingConfig:
             and tuple(self.weight_decays) == OFFICIAL_WEIGHT_DECAYS
             and self.dtype == "float32"
         )
+
+
+def resolve_probe_dtype(dtype: str, device: str | torch.device) -> str:
+    """The probe training dtype for ``dtype``: ``"float32"`` (the official one) and ``"bfloat16"`` as they are;
+    ``"auto"``: ``"bfloat16"`` where ``device`` multiplies bf16 natively (CUDA sm80+, CPUs with AVX512-BF16 or AMX;
+    ``capi_backbones.runtime.precision.native_bf16``), else ``"float32"`` (emulated bf16 is slower)."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if dtype not in PROBE_DTYPES:
+        raise ValueError(f"The probe dtype must be 'auto', 'float32' or 'bfloat16', got '{dtype}'.")
+    return dtype
 
 
 class ProbeGrid(nn.Module):

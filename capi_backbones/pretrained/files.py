@@ -294,8 +294,8 @@ _OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")  # safetensors' 
 
 def _os_error_of(error: Exception, path: Path) -> Exception:
     """The OSError behind a writer's own error (torch: the Python file's OSError underneath; safetensors: "(os error
-    N)" or, in older versions, "Os { code: N" in its message), naming ``path``, so that the atomic writer reports a full disk as one WriteError; else
-    ``error`` itself (a bug keeps its traceback)."""
+    N)" or, in older versions, "Os { code: N" in its message), naming ``path``, so that the atomic writer reports a
+    full disk as one WriteError; else ``error`` itself (a bug keeps its traceback)."""
     cause = error.__context__
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__context__

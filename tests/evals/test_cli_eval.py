@@ -155,6 +155,28 @@ def test_classify_reports_every_probe_skips_a_corrupt_image_and_resumes(tmp_path
     assert json.loads((fresh_out / "results.json").read_text())["results"] == fixed["results"]
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_probe_dtype_auto_trains_in_bfloat16_where_native_and_records_it(tmp_path, capsys, monkeypatch, native,
+                                                                         expected):  # fmt: skip
+    from capi_backbones.evals import classification_protocol, probe_grid
+
+    monkeypatch.setattr(probe_grid, "native_bf16", lambda device: native)
+    seen = []
+    train = classification_protocol.train_probe_grid
+    monkeypatch.setattr(classification_protocol, "train_probe_grid", lambda grid, batches, config, **kw:
+                        seen.append(config.dtype) or train(grid, batches, config, **kw))  # fmt: skip
+    data = write_classification(tmp_path / "cls", n_train=6, n_test=2)
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "eval", "classify", str(data), "--out", str(out), *MODEL, "--probes", "linear",
+                     "--iters", "4", "--probe-batch-size", "8", "--probe-dtype", "auto")  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert seen == [expected]
+    assert results["probe_training"]["dtype"] == expected
+    assert results["settings"]["training"]["dtype"] == expected
+    assert results["config"]["probe_dtype"] == "auto"  # what was asked, beside what ran
+
+
 def test_a_second_classify_into_a_busy_out_folder_is_refused_before_it_deletes_anything(tmp_path, capsys):
     from capi_backbones.features.folder_lock import FolderLock
 

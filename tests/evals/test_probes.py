@@ -263,3 +263,17 @@ def test_bfloat16_probes_train_under_autocast_and_are_not_called_official():
     assert not ProbeTrainingConfig(dtype="bfloat16").is_official
     with pytest.raises(ValueError, match="probe dtype"):
         ProbeTrainingConfig(dtype="float16")
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_probe_dtype_is_bfloat16_only_where_the_device_has_native_bf16(monkeypatch, native, expected):
+    from capi_backbones.evals import probe_grid
+
+    asked = []
+    monkeypatch.setattr(probe_grid, "native_bf16", lambda device: asked.append(str(device)) or native)
+    assert probe_grid.resolve_probe_dtype("auto", "cpu") == expected
+    assert asked == ["cpu"]
+    for dtype in ("float32", "bfloat16"):  # explicit choices hold on any device
+        assert probe_grid.resolve_probe_dtype(dtype, "cpu") == dtype
+    with pytest.raises(ValueError, match="'auto', 'float32' or 'bfloat16', got 'float16'"):
+        probe_grid.resolve_probe_dtype("float16", "cpu")
