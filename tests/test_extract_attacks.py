@@ -334,3 +334,27 @@ def test_a_folder_with_only_our_temporary_index_is_ours(images, tmp_path):
     summary = tiny_extractor().extract_to_disk(images, out, progress=False)
     assert summary.n_written == 2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the temporary deleted
+
+
+@pytest.mark.parametrize("format", ["safetensors", "npy"])
+def test_a_resume_redoes_a_shard_whose_bytes_changed(images, tmp_path, caplog, format):
+    """A flipped byte inside a shard's data (same size) is caught by its checksum when the run is resumed: the
+    shard is dropped and its images are extracted again, to the same features as a fresh run."""
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    tiny_extractor().extract_to_disk(images, fresh, shard_size=1, format=format, progress=False)
+    tiny_extractor().extract_to_disk(images, out, shard_size=1, format=format, progress=False)
+    entry = load_index(out)["shards"][0]
+    target = out / entry["name"] if format == "safetensors" else out / entry["name"] / "patch_features.npy"
+    content = bytearray(target.read_bytes())
+    content[-3] ^= 0x7F
+    target.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_saved_features(out)
+    caplog.clear()
+    summary = tiny_extractor().extract_to_disk(images, out, shard_size=1, format=format, progress=False)
+    assert summary.n_written == 1
+    assert f"Deleting the listed shard {out / entry['name']}: its data differs" in caplog.text
+    assert verify_output(out).ok
+    expected, got = rows_by_name(fresh), rows_by_name(out)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)

@@ -79,7 +79,7 @@ def extract_to_disk(
 
     A re-run into the same ``out_dir`` skips the images already listed in the index (and refuses to mix in
     features made with other settings or another model; it first checks that the listed shards are intact and
-    redoes the images of missing or truncated ones). A second run into a folder that a run is writing raises
+    redoes the images of missing, truncated or damaged ones). A second run into a folder that a run is writing raises
     :class:`FolderBusyError`. An image that cannot be read, is too elongated, or makes the model fail (out of
     memory, ...) is logged with its name, recorded under ``failed`` in the index, and skipped; the run goes on.
     Later runs skip it too (listed in ``failed_before``) until the file changes, or with ``retry_failed=True``.

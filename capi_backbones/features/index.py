@@ -243,9 +243,11 @@ def load_manifest(path: Path) -> dict:
 def check_listed_shards(out_dir: Path, index: dict, *, read: bool = False) -> dict[str, str]:
     """Shard name -> what is wrong with it, for the shards listed in ``index`` (empty when all are fine).
 
-    Cheap (``read=False``, what every resume runs): every listed shard exists and has the size in bytes recorded
-    when it was written (indexes written before sizes were recorded: presence only). Full (``read=True``, what
-    ``verify`` runs): also reads each shard and checks its rows against the index."""
+    Always: every listed shard exists, has the size in bytes recorded when it was written, and the same checksum
+    (indexes written before sizes or checksums were recorded: those checks are skipped). The checksum reads each
+    shard's bytes once without decoding them (SHA-256, about 1-2 GB/s: a small share of what extracting them
+    took). ``read=True`` (what ``verify`` runs) also decodes each shard and checks its rows against the index, before
+    the checksum, so that a renamed or swapped shard is called that rather than damaged."""
     from capi_backbones.features.shards import read_shard, shard_checksum  # torch: only when shards are read
 
     problems = {}
@@ -278,8 +280,13 @@ def check_listed_shards(out_dir: Path, index: dict, *, read: bool = False) -> di
             elif list(shard.grid_size) != entry["grid_size"] or list(shard.image_size) != entry["image_size"]:
                 problems[entry["name"]] = "grid or image size differs from the index"
             elif "sha256" in entry and shard_checksum(path) != entry["sha256"]:
-                problems[entry["name"]] = "its data differs from what was written (checksum mismatch): damaged on disk"
+                problems[entry["name"]] = DAMAGED
+        elif "sha256" in entry and shard_checksum(path) != entry["sha256"]:
+            problems[entry["name"]] = DAMAGED
     return problems
+
+
+DAMAGED = "its data differs from what was written (checksum mismatch): damaged on disk"
 
 
 def find_leftovers(out_dir: Path, index: dict) -> list[Path]:
@@ -296,12 +303,13 @@ def find_leftovers(out_dir: Path, index: dict) -> list[Path]:
 def load_saved_features(out_dir: str | os.PathLike) -> list:
     """Every shard listed in ``out_dir/index.json``, in writing order (``SavedShard`` rows named by ``files``).
 
-    Raises a ValueError naming the shards that are missing or truncated (run ``extract`` again to redo them)."""
+    Raises a ValueError naming the shards that are missing, truncated or damaged (run ``extract`` again to redo
+    them)."""
     from capi_backbones.features.shards import read_shard
 
     out_dir = Path(out_dir)
     index = load_index(out_dir)
-    bad = check_listed_shards(out_dir, index, read=False)
+    bad = check_listed_shards(out_dir, index)
     if bad:
         listing = "; ".join(f"{name}: {problem}" for name, problem in bad.items())
         raise ValueError(

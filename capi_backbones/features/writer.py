@@ -12,8 +12,9 @@ multi-rank run every rank writes shards with its own name suffix (``-r0001``) an
 (one process or any number of ranks) first merges manifests left by an interrupted run, so a resumed run needs no
 knowledge of how many ranks came before.
 
-**Resume does not trust the index.** Before a run, every listed shard must exist with the size recorded at
-writing (the cheap half of ``capi-backbones verify``). A missing or truncated shard is dropped from the index with a
+**Resume does not trust the index.** Before a run, every listed shard must exist with the size and checksum
+recorded at writing (the half of ``capi-backbones verify`` that does not decode shards). A missing, truncated or
+damaged shard is dropped from the index with a
 warning naming it, and its images are extracted again. Unlisted shard files and temporary files of interrupted
 writes (names matching ours only) are deleted; the run lock guarantees that no other run is writing them.
 
@@ -225,7 +226,8 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
     """Open (or start) the index of ``out_dir`` for a run that holds the folder's run lock, and return it.
 
     Refuses other settings; merges rank manifests of an interrupted multi-rank run; drops listed shards that are
-    missing or truncated (their images will be extracted again); deletes unlisted shards and temporary files.
+    missing, truncated or damaged (checksum mismatch; their images will be extracted again); deletes unlisted
+    shards and temporary files.
     """
     make_folder(out_dir)  # refuses a folder that is not ours before anything is deleted
     new_index = _new_index(format=format, dtype=dtype, settings=settings, root=root)
@@ -240,7 +242,7 @@ def prepare_folder(out_dir: Path, *, format: str, dtype: str, settings: dict, ro
                            out_dir, recorded, root)  # fmt: skip
             index["root"] = str(root)  # names are relative to it: the images already done stay done
     index = merge_rank_manifests(out_dir, index)
-    bad = check_listed_shards(out_dir, index, read=False)
+    bad = check_listed_shards(out_dir, index)
     index["shards"] = [entry for entry in index["shards"] if entry["name"] not in bad]
     save_index(out_dir, index)  # first unlisted, then deleted: a crash in between leaves a leftover, never a hole
     for name, problem in bad.items():
