@@ -5,7 +5,8 @@ cancels out).
     python benchmarks/bench_checksum.py --arch capi_vitb14 --images 64 --device cpu
 
 Prints the seconds spent hashing shards (in a thread, overlapping the file write: ``hash``) and the part of it that
-was not hidden behind the write (``exposed``), the seconds spent stamping files, and their share of the total.
+was not hidden behind the write (``exposed``), the seconds spent stamping files, and their share of the total; then
+the check a resume runs before it trusts the listed shards (size and SHA-256 of each), against the same total.
 """
 
 import argparse
@@ -19,7 +20,8 @@ from PIL import Image
 
 import capi_backbones.features.extractor as extractor_module
 import capi_backbones.features.shards as shards_module
-from capi_backbones.features import FeatureExtractor
+from capi_backbones.features import FeatureExtractor, load_index
+from capi_backbones.features.index import check_listed_shards
 from capi_backbones.pretrained import create_model
 
 
@@ -85,11 +87,17 @@ def main() -> None:
         start = time.perf_counter()
         extractor.extract_to_disk(folder, folder / "out", shard_size=args.shard_size, progress=False)
         total = time.perf_counter() - start
+        start = time.perf_counter()
+        resume_check = check_listed_shards(folder / "out", load_index(folder / "out"))  # what every resume runs
+        timings["resume"] = time.perf_counter() - start
+        assert not resume_check, resume_check
     print(f"{args.arch} on {args.device}, {args.images} images, shards of {args.shard_size}: total {total:.2f} s")
     for key in ("hash", "exposed", "write", "stamp"):
         print(f"  {key:8s} {timings[key]:.4f} s = {100 * timings[key] / total:.3f} % of the run")
     cost = timings["exposed"] + timings["stamp"]
     print(f"integrity cost on the critical path (exposed hash + stamps): {100 * cost / total:.3f} %")
+    print(f"a resume's shard check (size and SHA-256 of every shard): {timings['resume']:.4f} s = "
+          f"{100 * timings['resume'] / total:.3f} % of the extraction")
 
 
 if __name__ == "__main__":

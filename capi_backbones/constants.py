@@ -54,4 +54,6 @@ EXPLORER_TITLE = "CAPI feature explorer"
 
 # Exported graphs (capi_backbones.export; ``capi-backbones export-onnx``, ``export-torch``)
 EXPORT_OUTPUTS = ("pooled", "registers", "patch_features")  # the graph's outputs, in this order
+# ``capi-backbones export`` (a run's teacher): suffix -> format
+TEACHER_EXPORT_FORMATS = {".safetensors": "safetensors", ".pth": "official", ".pt": "official"}
 MIN_ONNX_OPSET = 18  # torch's ONNX exporter writes opset 18 when asked for less, without an error

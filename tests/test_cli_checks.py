@@ -48,6 +48,10 @@ MISTAKES = [
     (["convert", "missing.pth", "out.safetensors"], "CHECKPOINT missing.pth does not exist"),
     (["convert", "a.png", "notes.txt"], "notes.txt already exists; add --overwrite to replace it"),
     (["convert", "a.png", "a.png", "--overwrite"], "CHECKPOINT and OUTPUT are the same path"),
+    (["pca", "a.png", "--out", "old.png", "--random-init"], "--out 'old.png' already exists; add --overwrite"),
+    (["explore", "a.png", "--out", "old.html", "--random-init"], "--out 'old.html' already exists; add --overwrite"),
+    (["export", "empty", "old.pth"], "OUT 'old.pth' already exists; add --overwrite to replace it"),
+    (["export", "empty", "teacher.onnx"], "OUT must be a .safetensors or .pth or .pt file, got 'teacher.onnx'"),
     (
         ["eval", "classify", "empty", "--out", "o", "--random-init", "--representations", "cls"],
         "--representations cls: unknown; choose from pooled, avg_patch, pooled+avg_patch, patch, registers",
@@ -84,6 +88,8 @@ def run_in_fresh_interpreter(cases: list[list[str]], cwd) -> dict:
 def folder(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")  # never read: the arguments fail first
     (tmp_path / "notes.txt").write_text("hi")
+    for name in ("old.png", "old.html", "old.pth"):  # a user's files: never replaced without --overwrite
+        (tmp_path / name).write_text("mine")
     (tmp_path / "empty").mkdir()
     (tmp_path / "hidden" / ".cache").mkdir(parents=True)  # what the finder skips: hidden names
     (tmp_path / "hidden" / "._a.jpg").write_bytes(b"")
@@ -105,6 +111,7 @@ def test_mistakes_fail_in_one_line_before_torch_is_imported(folder):
         assert not PYTHON_WORDS.search(lines[0].split(": error: ", 1)[1]), lines[0]
         assert not torch_imported, f"{args}: torch was imported before the mistake was reported"
     assert not (folder / "f").exists() and not (folder / "x.png").exists()
+    assert all((folder / name).read_text() == "mine" for name in ("old.png", "old.html", "old.pth"))
 
 
 def test_devices(monkeypatch):

@@ -162,7 +162,7 @@ def test_an_over_long_image_is_skipped_named_and_exit_1(workdir, capsys):
     assert f"failed: {photos / 'banner.png'}: 600x20 pixels, more than 10 times longer than wide" in stderr, stderr
     assert "add --square" in stderr and "keep_aspect" not in stderr
     assert "(1 image, per-image PCA" in stderr and out.exists()
-    assert main([*args, "--image-size", "28", "--tile-height", "32", "--square"]) == 0  # squares: both drawn
+    assert main([*args, "--image-size", "28", "--tile-height", "32", "--square", "--overwrite"]) == 0  # both drawn
     assert "(2 images" in capsys.readouterr().err
 
 

@@ -260,7 +260,7 @@ def test_cli_too_many_patches(tmp_path, capsys, no_model):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--out", "x.png", "--random-init"], "--out must be an .html file"),
+        (["--out", "x.png", "--random-init"], "--out must be a .html or .htm file"),
         (["--out", "x.html", "--model", "capi_vits14"], "--model capi_vits14 is an architecture without weights"),
         (
             ["--out", "x.html", "--random-init", "--compare-model", "capi_vits14"],
@@ -347,6 +347,7 @@ def test_cli_compare_random_init_takes_the_checkpoint_architecture(tmp_path, cap
     write_safetensors_checkpoint(create_model("capi_vits14", pretrained=False), tmp_path / "mine.safetensors")
     out = tmp_path / "page.html"
     args = ["--out", out, "--compare-random-init", "--image-size", "28", "--device", "cpu", "--no-progress"]
+    args.append("--overwrite")  # the second run writes the same page
     code, err = run_explore(capsys, photo, "--weights", tmp_path / "mine.safetensors", *args)
     assert code == 0, err
     models = page_data(out.read_text(encoding="utf-8"))["models"]

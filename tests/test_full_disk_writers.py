@@ -106,7 +106,7 @@ def test_teacher_export_on_a_disk_that_refuses_the_write(tmp_path, name):
     out.parent.mkdir()
     out.write_bytes(b"the previous export")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "capi_backbones", "export", str(run), str(out)]
+    command = [sys.executable, "-m", "capi_backbones", "export", str(run), str(out), "--overwrite"]
     done = subprocess.run(
         command, capture_output=True, text=True, env=env, preexec_fn=_limit_file_size, timeout=300, cwd=tmp_path
     )

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from capi_backbones.cli.checks import check_output_file
 from capi_backbones.cli.errors import USER_ERRORS, CliError
 from capi_backbones.cli.model_options import add_model_options, build_extractor
 from capi_backbones.constants import (
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="output page (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_model_options(parser, image_size_note=" (both models use the same size)")
     compare = parser.add_argument_group("second model, shown side by side")
     compare.add_argument("--compare-model", default=None, metavar="NAME", help="weights name or architecture")
@@ -72,11 +74,7 @@ def _comparing(args: argparse.Namespace) -> bool:
 
 
 def _check_args(args: argparse.Namespace) -> Path:
-    out = Path(args.out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise CliError(f"--out must be an .html file, got '{args.out}'.")
-    if out.is_dir():
-        raise CliError(f"--out '{args.out}' is a folder; give a file name ending in .html.")
+    out = check_output_file(args.out, (".html", ".htm"), flag="--out", overwrite=args.overwrite)
     if args.dims is not None and args.dims < 1:
         raise CliError(f"--dims must be a positive number of dimensions, got {args.dims}.")
     for prefix in ("", "compare_"):

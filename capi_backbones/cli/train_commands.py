@@ -3,7 +3,9 @@
 import argparse
 import logging
 
+from capi_backbones.cli.checks import check_output_file
 from capi_backbones.cli.errors import USER_ERRORS, CliError, EnvironmentFailure
+from capi_backbones.constants import TEACHER_EXPORT_FORMATS
 
 __all__ = ["register"]
 
@@ -41,7 +43,8 @@ def register(subparsers) -> None:
     )
     export.add_argument("run", metavar="RUN", help="run directory or checkpoint file")
     export.add_argument("out", metavar="OUT", help="output file: .safetensors, .pth or .pt")
-    export.set_defaults(handler=run_export)
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (kept if the export fails)")
+    export.set_defaults(handler=run_export, check=_check_export)
 
 
 def overrides_anywhere(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +70,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     quiet_other_ranks()
     return run(args.config, args.overrides, max_steps=args.max_steps, print_config=args.print_config)
+
+
+def _check_export(args: argparse.Namespace) -> None:
+    """Before torch is imported: OUT has an export suffix, is not a folder, and is new unless --overwrite."""
+    check_output_file(args.out, tuple(TEACHER_EXPORT_FORMATS), flag="OUT", overwrite=args.overwrite)
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="output PNG (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--joint", action="store_true", help="one PCA over all images instead of one per image")
     parser.add_argument(
         "--components",
@@ -89,7 +90,7 @@ def register(subparsers) -> None:
 
 def _check_args(args: argparse.Namespace) -> Path:
     """Everything that can be checked before torch is imported (the shared options: see cli.checks)."""
-    out = check_output_file(args.out, (".png",), flag="--out")
+    out = check_output_file(args.out, (".png",), flag="--out", overwrite=args.overwrite)
     if not 1 <= args.components <= MAX_COMPONENTS:
         raise CliError(f"--components must be between 1 and {MAX_COMPONENTS}, got {args.components}.")
     if args.tile_height < PCA_MIN_TILE_HEIGHT:

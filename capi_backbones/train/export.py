@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from capi_backbones.constants import TEACHER_EXPORT_FORMATS
 from capi_backbones.models import CapiConfig, CapiModel
 from capi_backbones.train.checkpointing import find_resume_checkpoint, load_checkpoint
 from capi_backbones.train.config import config_from_dict
@@ -25,7 +26,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = {".safetensors": "safetensors", ".pth": "official", ".pt": "official"}
+EXPORT_FORMATS = TEACHER_EXPORT_FORMATS  # suffix -> format
 
 
 @dataclass
