@@ -38,26 +38,14 @@ def test_the_probe_config_refuses_non_finite_grids(field):
         ProbeTrainingConfig(**{field: (math.nan,)})
 
 
-def _lock_folders_named(monkeypatch, name: str) -> None:
-    """Folders called ``name`` cannot be listed, as with ``chmod 0`` for a user who is not root."""
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.basename(os.fspath(path)) == name:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-
-
 @pytest.mark.parametrize("command", ["pca", "explore"])
-def test_pca_and_explore_name_an_unreadable_sub_folder_and_exit_1(tmp_path, monkeypatch, capsys, command):
+def test_pca_and_explore_name_an_unreadable_sub_folder_and_exit_1(tmp_path, lock_folders_named, capsys, command):
     """As extract does (issue 20, item 10): pca used to stop with exit 3 ("Permission denied: 'photos/locked'")."""
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png", "locked/c.png"):
         (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "photos" / name)
-    _lock_folders_named(monkeypatch, "locked")
+    lock_folders_named("locked")
     out = tmp_path / ("pca.png" if command == "pca" else "page.html")
     argv = [command, str(tmp_path / "photos"), "--out", str(out), "--random-init", "--image-size", "28", "--device",
             "cpu", "--no-progress"]  # fmt: skip

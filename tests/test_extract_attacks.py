@@ -75,21 +75,11 @@ def test_links_are_recorded_under_their_own_names_and_each_is_an_entry(tmp_path)
 
 
 # ---- item 10: an unreadable sub-folder is named and the run ends with exit code 1 ---------------------------------
-def lock_folders_named(monkeypatch, name: str) -> None:
-    """Folders called ``name`` cannot be listed, as with ``chmod 0`` for a user who is not root."""
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.basename(os.fspath(path)) == name:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
 
 
-def test_an_unreadable_sub_folder_is_named_and_gives_exit_code_1(images, tmp_path, monkeypatch, capsys):
+def test_an_unreadable_sub_folder_is_named_and_gives_exit_code_1(images, tmp_path, lock_folders_named, capsys):
     save(images / "locked" / "hidden_from_us.png", data.camera()[::8, ::8])
-    lock_folders_named(monkeypatch, "locked")
+    lock_folders_named("locked")
     weights = tiny_weights(tmp_path)
     assert cli_extract(images, tmp_path / "out", weights) == 1
     err = capsys.readouterr().err

@@ -84,25 +84,12 @@ def test_links_are_followed_and_named_as_given(tmp_path):
     assert found == ["cats/cat1.jpg", "cats/cat2.jpg", "dogs/dog.png"]
 
 
-def lock_folders_named(monkeypatch, name: str) -> None:
-    """Folders called ``name`` cannot be listed, as with ``chmod 0`` for a user who is not root (tests run as root
-    in CI containers, which reads any folder)."""
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.basename(os.fspath(path)) == name:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-
-
-def test_an_unreadable_sub_folder_is_named(tmp_path, monkeypatch):
+def test_an_unreadable_sub_folder_is_named(tmp_path, lock_folders_named):
     root = tmp_path / "data"
     (root / "locked").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "locked" / "b.png")
-    lock_folders_named(monkeypatch, "locked")
+    lock_folders_named("locked")
     with pytest.raises(UnreadableFolderError, match="Cannot list the folder '.*locked' \\(Permission denied\\)"):
         find_image_files(root)
     with pytest.raises(OSError, match="locked"):
