@@ -47,6 +47,15 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
 
+def _cli_on_a_small_disk(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m capi_backbones ARGS`` where no file may grow past 64 KiB (writes fail with EFBIG)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "capi_backbones", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, preexec_fn=_limit_file_size, timeout=300, cwd=cwd
+    )
+
+
 def _temporaries(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
@@ -59,11 +68,7 @@ def _one_error_line(stderr: str) -> list[str]:
 def test_convert_on_a_disk_that_refuses_the_write(source, tmp_path, name):
     out = tmp_path / name
     previous = _previous(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "capi_backbones", "convert", str(source), str(out), "--overwrite"]
-    done = subprocess.run(
-        command, capture_output=True, text=True, env=env, preexec_fn=_limit_file_size, timeout=300, cwd=tmp_path
-    )
+    done = _cli_on_a_small_disk("convert", str(source), str(out), "--overwrite", cwd=tmp_path)
     errors = _one_error_line(done.stderr)
     assert done.returncode == 3, done.stderr
     assert len(errors) == 1 and "File too large" in errors[0] and str(out) in errors[0], done.stderr
@@ -105,11 +110,7 @@ def test_teacher_export_on_a_disk_that_refuses_the_write(tmp_path, name):
     out = tmp_path / "exports" / name
     out.parent.mkdir()
     out.write_bytes(b"the previous export")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "capi_backbones", "export", str(run), str(out), "--overwrite"]
-    done = subprocess.run(
-        command, capture_output=True, text=True, env=env, preexec_fn=_limit_file_size, timeout=300, cwd=tmp_path
-    )
+    done = _cli_on_a_small_disk("export", str(run), str(out), "--overwrite", cwd=tmp_path)
     errors = _one_error_line(done.stderr)
     assert done.returncode == 3, done.stderr
     assert len(errors) == 1 and "Cannot write" in errors[0] and str(out) in errors[0], done.stderr
