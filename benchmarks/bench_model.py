@@ -1,8 +1,8 @@
 """Inference speed and loading memory of CAPI backbones on this machine (CPU, fp32).
 
 Reports, for each architecture at 224x224:
-  * images/s of ``model(x)`` and the achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode),
-    next to a plain fp32 GEMM measured in the same run;
+  * images/s of ``model(x)`` and the achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode plus the CPU
+    attention kernel it leaves out: ``flop_count.py``), next to a plain fp32 GEMM measured in the same run;
   * ViT-L/14: ``model(x)`` against the official forward, which runs all 12 predictor blocks and keeps block 1,
     with a bit-for-bit check that both give the same outputs;
   * peak RSS while ``from_pretrained`` loads ViT-L/14 weights (official .pth and safetensors, fp32 and bf16 files),
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flop_count import count_flops  # FlopCounterMode plus the CPU attention kernels (benchmarks/ is on sys.path)
 
 from capi_backbones.models import ARCHITECTURES, CapiModel
 
@@ -41,12 +41,6 @@ def gemm_gflops(repeats: int) -> float:
     return 2 * 2048 * 1024 * 4096 / seconds / 1e9
 
 
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def official_forward(model: CapiModel, x: torch.Tensor):
     """What facebookresearch/capi computes: every predictor block runs, block 1's output is kept."""
     b = x.shape[0]
@@ -65,6 +59,7 @@ def official_forward(model: CapiModel, x: torch.Tensor):
 RSS_SCRIPT = """
 import json, sys
 import torch
+from flop_count import count_flops  # FlopCounterMode plus the CPU attention kernels (benchmarks/ is on sys.path)
 import capi_backbones
 
 def status(field):  # bytes; VmHWM is this process's peak RSS (ru_maxrss would include the parent's, via fork)

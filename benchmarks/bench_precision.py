@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from flop_count import count_flops  # FlopCounterMode plus the CPU attention kernels (benchmarks/ is on sys.path)
 from PIL import Image
 from skimage import data
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from capi_backbones.features import FeatureExtractor
 from capi_backbones.models import ARCHITECTURES, CapiModel
@@ -133,9 +133,7 @@ def bench_arch(args, clock, arch: str, models: dict, batch_size: int, photo_batc
     for name, (model, in_dtype, autocast, gemm_dtype) in models.items():
         xi = x.to(in_dtype)
         if name == "fp32":  # the same FLOPs for every dtype (the counter does not see quantized kernels)
-            with FlopCounterMode(display=False) as counter:
-                run_model(model, xi, autocast)
-            flops = counter.get_total_flops()
+            flops = count_flops(functools.partial(run_model, model, xi, autocast))
         gemm = gemm_fn(gemm_dtype)
         gemm()
         model_times, gemm_times = [], []

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from bench_model import official_forward  # the all-predictor-blocks forward, shared with the CPU benchmark
-from torch.utils.flop_counter import FlopCounterMode
+from flop_count import count_flops  # FlopCounterMode plus the CPU attention kernels
 
 from capi_backbones.atomic_files import atomic_write_text
 from capi_backbones.models import ARCHITECTURES, CapiConfig, CapiModel
@@ -110,12 +110,6 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: in
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
