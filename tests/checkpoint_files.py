@@ -6,6 +6,8 @@ Other test modules import it as ``from checkpoint_files import ...`` (``tests/co
 against itself.
 """
 
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,7 +15,13 @@ from safetensors.torch import save_file
 
 from capi_backbones.models import CapiConfig, CapiModel
 
-__all__ = ["TINY_CONFIG", "tiny_model", "write_official_checkpoint", "write_safetensors_checkpoint"]
+__all__ = [
+    "TINY_CONFIG",
+    "flip_a_bit_inside_the_largest_zip_member",
+    "tiny_model",
+    "write_official_checkpoint",
+    "write_safetensors_checkpoint",
+]
 
 TINY_CONFIG = CapiConfig(embed_dim=64, depth=2, num_heads=2, pred_embed_dim=64, pred_depth=2, pred_num_heads=2)
 
@@ -50,3 +58,18 @@ def write_official_checkpoint(
 def write_safetensors_checkpoint(model: CapiModel, path: str | Path) -> None:
     """Plain safetensors of the state dict, no metadata (the architecture must be inferred)."""
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def flip_a_bit_inside_the_largest_zip_member(path: str | Path) -> str:
+    """Change one bit in the middle of the largest member of the ``torch.save`` zip at ``path`` (a tensor's bytes,
+    the zip's structure intact), as a bad disk or copy would; returns the member's name. ``torch.load`` reads such a
+    file without complaint."""
+    path = Path(path)
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda m: m.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length  # after the member's local header
+    raw[start + member.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    return member.filename

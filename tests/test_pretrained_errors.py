@@ -6,7 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from checkpoint_files import TINY_CONFIG, tiny_model, write_official_checkpoint
+from checkpoint_files import (
+    TINY_CONFIG,
+    flip_a_bit_inside_the_largest_zip_member,
+    tiny_model,
+    write_official_checkpoint,
+)
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
@@ -35,7 +40,7 @@ def truncate(path, fraction=0.5):
 
 def test_truncated_pth(official):
     truncate(official)
-    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint") as info:
+    with pytest.raises(CheckpointError, match="is a cut-off or damaged zip") as info:
         from_pretrained(official)
     assert str(official) in str(info.value) and "download it again" in str(info.value)
 
@@ -237,3 +242,11 @@ def test_a_pytorch_file_named_safetensors_is_read_by_its_content(tmp_path):
     path = tmp_path / "misnamed.safetensors"
     torch.save({"a": torch.arange(3.0)}, path)
     assert torch.equal(read_checkpoint(path).tensors["a"], torch.arange(3.0))
+
+
+def test_a_byte_changed_inside_a_pth_weight_is_refused(official):
+    """torch.load does not check the zip's CRC-32s: without the loader's check this file loads with one wrong weight."""
+    member = flip_a_bit_inside_the_largest_zip_member(official)
+    with pytest.raises(CheckpointError, match="does not match the CRC-32") as info:
+        from_pretrained(official)
+    assert str(official) in str(info.value) and member in str(info.value)

@@ -1,7 +1,9 @@
 """Checkpoint files: tell their format by structure, read them safely, write them atomically.
 
 Reading: a mis-named, truncated or non-checkpoint file gets a clear ``CheckpointError``. PyTorch files go through
-``torch.load(weights_only=True, mmap=True)`` (no arbitrary unpickling); safetensors through ``safe_open``. A
+``torch.load(weights_only=True, mmap=True)`` (no arbitrary unpickling), after the CRC-32 of every member of their zip
+is checked (``torch.load`` does not check it, so a changed byte would load as a wrong weight); safetensors through
+``safe_open`` (the format has no checksum). A
 ``save_pretrained`` folder holds ``model.safetensors`` (config also in its metadata) and ``config.json``.
 Writing goes to a temporary file in the target folder, renamed only once complete.
 """
@@ -27,6 +29,7 @@ from capi_backbones.models import CapiConfig
 from capi_backbones.models.config import MAX_IMAGE_SIZE
 from capi_backbones.pretrained.errors import CheckpointError
 from capi_backbones.pretrained.matching import add_backbone_prefix, architecture_name
+from capi_backbones.zip_checksums import ZIP_READ_ERRORS, damaged_zip_member
 
 __all__ = [
     "CONFIG_METADATA_KEY",
@@ -162,6 +165,18 @@ def check_complete(path: str | os.PathLike) -> str:
     return kind
 
 
+def _check_zip_checksums(path: Path) -> None:
+    try:
+        damaged = damaged_zip_member(path)
+    except ZIP_READ_ERRORS as error:
+        raise CheckpointError(f"{path} is a cut-off or damaged zip ({error}). {_fix_hint(path)}") from error
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its member {damaged!r} does not match the CRC-32 recorded when it was written "
+            f"(bytes changed on disk or in transfer). {_fix_hint(path)}"
+        )
+
+
 def _flatten(obj: Mapping, prefix: str, tensors: dict[str, Tensor], skipped: list[str]) -> None:
     for key, value in obj.items():
         name = f"{prefix}{key}"
@@ -236,6 +251,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     if kind == "safetensors":
         tensors, config, image_size = _read_safetensors(path)
     else:
+        if kind == "pytorch-zip":
+            _check_zip_checksums(path)
         tensors, skipped = _read_pytorch(path, mmap=kind == "pytorch-zip")
     if not tensors:
         raise CheckpointError(f"{path} contains no tensors. {_fix_hint(path)}")

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from checkpoint_files import flip_a_bit_inside_the_largest_zip_member
 
 from capi_backbones.evals import (
     AttentiveProbe,
@@ -226,6 +227,23 @@ def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path):
     train_probe_grid(fresh(), counting, config, checkpoint=ckpt, trained_on="b", progress=False)
     assert calls == [0, 1, 2, 3, 4]  # other data: trained again from scratch
     assert torch.load(ckpt, weights_only=True)["trained_on"] == "b"
+
+
+def test_a_probe_checkpoint_with_a_changed_byte_is_refused_in_one_line(tmp_path):
+    features, labels = toy_problem()
+    config = ProbeTrainingConfig(iterations=5, warmup_iterations=1, batch_size=16, learning_rates=(1e-2,),
+                                 weight_decays=(1e-3,))  # fmt: skip
+
+    def fresh():
+        torch.manual_seed(0)
+        return ProbeGrid({"x": ("linear", 8)}, 3, learning_rates=(1e-2,), weight_decays=(1e-3,))
+
+    ckpt = tmp_path / "linear.pt"
+    batches = CachedBatches(features, labels, 16)
+    train_probe_grid(fresh(), batches, config, checkpoint=ckpt, trained_on="a", progress=False)
+    member = flip_a_bit_inside_the_largest_zip_member(ckpt)
+    with pytest.raises(ValueError, match=f"Probe checkpoint '{ckpt}' is damaged \\(its member '{member}' does not"):
+        train_probe_grid(fresh(), batches, config, checkpoint=ckpt, trained_on="a", progress=False)
 
 
 def test_a_full_disk_while_saving_probes_is_a_write_error_and_leaves_nothing(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from checkpoint_files import flip_a_bit_inside_the_largest_zip_member
 from test_loop import tiny_config
 
 from capi_backbones.atomic_files import WriteError
@@ -62,6 +63,18 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         path.write_bytes(b"")
     with pytest.raises(ValueError, match="Could not read training checkpoint"):
         Trainer(tiny_config(tmp_path, "optim.total_steps=2"))
+
+
+def test_a_newest_checkpoint_with_a_changed_byte_falls_back_to_the_previous_one(tmp_path, caplog):
+    """torch.load reads it without complaint: the resume would go on from a wrong weight or optimizer state."""
+    Trainer(tiny_config(tmp_path, "optim.total_steps=2", "train.checkpoint_every=1")).run()
+    newest = checkpointing.checkpoint_path(tmp_path / "run", 2)
+    member = flip_a_bit_inside_the_largest_zip_member(newest)
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(tiny_config(tmp_path, "optim.total_steps=2", "train.checkpoint_every=1"))
+    assert trainer.step == 1 and trainer.resumed_from == checkpointing.checkpoint_path(tmp_path / "run", 1)
+    assert f"Skipping unreadable checkpoint {newest}" in caplog.text
+    assert f"its member {member!r} does not match its CRC-32" in caplog.text
 
 
 @pytest.mark.parametrize("target", ["checkpoint", "config.yaml"])
