@@ -231,6 +231,9 @@ def test_check_complete_finds_cut_off_files(tmp_path, official):
             (tmp_path / "cut").write_bytes(raw[: int(len(raw) * cut)])
             with pytest.raises(CheckpointError, match="cut-off"):
                 check_complete(tmp_path / "cut")
+    flip_a_bit_inside_the_largest_zip_member(official)  # whole, but a byte changed in transfer: not cached either
+    with pytest.raises(CheckpointError, match="does not match the CRC-32"):
+        check_complete(official)
 
 
 def test_a_pytorch_file_named_safetensors_is_read_by_its_content(tmp_path):

@@ -135,8 +135,9 @@ def sniff_format(path: str | os.PathLike) -> str:
 def check_complete(path: str | os.PathLike) -> str:
     """Check by structure that ``path`` is a whole checkpoint, not a cut-off one; returns ``sniff_format``.
 
-    A zip must have its central directory (written last) and every member inside the file; a safetensors file
-    must end where its header's last tensor does. Legacy pickles carry no such structure and pass."""
+    A zip must have its central directory (written last), every member inside the file and every member's bytes
+    matching its CRC-32; a safetensors file must end where its header's last tensor does. Legacy pickles carry no
+    such structure and pass."""
     path = Path(path)
     kind = sniff_format(path)
     size = path.stat().st_size
@@ -149,6 +150,7 @@ def check_complete(path: str | os.PathLike) -> str:
         end = max((m.header_offset + m.compress_size for m in members), default=0)
         if not members or end > size:
             raise CheckpointError(f"{path} is a cut-off or damaged zip (members past its end). {_fix_hint(path)}")
+        _check_zip_checksums(path)
     elif kind == "safetensors":
         with open(path, "rb") as f:
             length, header = _safetensors_header(f, size)
