@@ -110,10 +110,18 @@ def test_stop_signals_raise_interrupted_with_their_exit_code_then_are_restored(s
 
 
 def test_stop_signals_are_ignored_while_work_is_saved():
-    with signals.stop_signals_ignored():
-        for signum in signals.STOP_SIGNALS:
-            os.kill(os.getpid(), signum)  # would end or interrupt the process if not ignored
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler to start from, whatever this process inherited (a job started in the background
+    # with nohup or & inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS}
+        with signals.stop_signals_ignored():
+            for signum in signals.STOP_SIGNALS:
+                os.kill(os.getpid(), signum)  # would end or interrupt the process if not ignored
+        assert {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS} == before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_handler_style_routes_signals_to_a_flag():
