@@ -39,7 +39,7 @@ from capi_backbones.evals.probes import ATTENTION_HEAD_DIM, AttentiveProbe, Line
 from capi_backbones.runtime.precision import native_bf16
 from capi_backbones.runtime.seeding import probe_order_seed
 from capi_backbones.schedules import probe_lr_schedule
-from capi_backbones.zip_checksums import ZIP_READ_ERRORS, damaged_zip_member
+from capi_backbones.zip_checksums import zip_damage
 
 __all__ = [
     "OFFICIAL_BATCH_SIZE",
@@ -271,23 +271,13 @@ def _save(grid: ProbeGrid, optimizer, config: ProbeTrainingConfig, iteration: in
             raise cause from None
 
 
-def _damaged_probe_checkpoint(path) -> str | None:
-    """Why the probe checkpoint at ``path`` cannot be trusted, or None (its zip and its CRC-32s are whole)."""
-    try:
-        member = damaged_zip_member(path)
-    except ZIP_READ_ERRORS as error:
-        return f"not a whole zip: {error}"
-    return None if member is None else f"its member {member!r} does not match its CRC-32"
-
-
 def _resume(grid: ProbeGrid, optimizer, config: ProbeTrainingConfig, path, trained_on) -> int:
     if path is None or not Path(path).exists():
         return 0
-    damaged = _damaged_probe_checkpoint(path)
-    if damaged is not None:
+    damage = zip_damage(path)  # torch.load does not compare the CRC-32s
+    if damage is not None:
         raise ValueError(
-            f"Probe checkpoint '{path}' is damaged ({damaged}). Delete it (or use another --out folder) to train the "
-            "probes again."
+            f"Probe checkpoint '{path}' is {damage}. Delete it (or use another --out folder) to train the probes again."
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("trained_on") != trained_on:

@@ -29,7 +29,7 @@ from capi_backbones.models import CapiConfig
 from capi_backbones.models.config import MAX_IMAGE_SIZE
 from capi_backbones.pretrained.errors import CheckpointError
 from capi_backbones.pretrained.matching import add_backbone_prefix, architecture_name
-from capi_backbones.zip_checksums import ZIP_READ_ERRORS, damaged_zip_member
+from capi_backbones.zip_checksums import zip_damage
 
 __all__ = [
     "CONFIG_METADATA_KEY",
@@ -168,15 +168,9 @@ def check_complete(path: str | os.PathLike) -> str:
 
 
 def _check_zip_checksums(path: Path) -> None:
-    try:
-        damaged = damaged_zip_member(path)
-    except ZIP_READ_ERRORS as error:
-        raise CheckpointError(f"{path} is a cut-off or damaged zip ({error}). {_fix_hint(path)}") from error
-    if damaged is not None:
-        raise CheckpointError(
-            f"{path} is damaged: its member {damaged!r} does not match the CRC-32 recorded when it was written "
-            f"(bytes changed on disk or in transfer). {_fix_hint(path)}"
-        )
+    damage = zip_damage(path)
+    if damage is not None:
+        raise CheckpointError(f"{path} is {damage}. {_fix_hint(path)}")
 
 
 def _flatten(obj: Mapping, prefix: str, tensors: dict[str, Tensor], skipped: list[str]) -> None:

@@ -30,7 +30,7 @@ from capi_backbones.atomic_files import atomic_path
 from capi_backbones.runtime.distributed import DistributedContext
 from capi_backbones.runtime.seeding import rank_seed
 from capi_backbones.train.config import TrainConfig, config_from_dict, config_to_dict
-from capi_backbones.zip_checksums import damaged_zip_member
+from capi_backbones.zip_checksums import zip_damage
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -130,12 +130,12 @@ class _WriteErrorKeeper:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = find_resume_checkpoint(path)
     try:
-        damaged = damaged_zip_member(path)
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
+        damage = zip_damage(path)  # torch.load does not compare the CRC-32s: the state would hold a wrong value
+        state = None if damage else torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a foreign or unreadable file
         raise ValueError(f"Could not read training checkpoint {path}: {error}") from error
-    if damaged is not None:  # torch.load does not compare the CRC-32s: the state would hold a wrong value
-        raise ValueError(f"Training checkpoint {path} is damaged: its member {damaged!r} does not match its CRC-32.")
+    if damage is not None:
+        raise ValueError(f"Could not read training checkpoint {path}: it is {damage}.")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a capi-backbones training checkpoint (expected format {CHECKPOINT_FORMAT!r}). "
