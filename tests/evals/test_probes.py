@@ -204,17 +204,22 @@ def test_micro_batches_take_the_same_steps_as_the_whole_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+ONE_SETTING_CONFIG = ProbeTrainingConfig(iterations=5, warmup_iterations=1, batch_size=16, learning_rates=(1e-2,),
+                                         weight_decays=(1e-3,))  # fmt: skip
+
+
+def one_linear_probe() -> ProbeGrid:
+    """A seeded grid of one linear probe (one lr, one wd) on 8-dim features, 3 classes: ONE_SETTING_CONFIG's."""
+    torch.manual_seed(0)
+    return ProbeGrid({"x": ("linear", 8)}, 3, learning_rates=(1e-2,), weight_decays=(1e-3,))
+
+
 def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path):
     features, labels = toy_problem()
-    config = ProbeTrainingConfig(iterations=5, warmup_iterations=1, batch_size=16, learning_rates=(1e-2,),
-                                 weight_decays=(1e-3,))  # fmt: skip
-
-    def fresh():
-        torch.manual_seed(0)
-        return ProbeGrid({"x": ("linear", 8)}, 3, learning_rates=(1e-2,), weight_decays=(1e-3,))
+    config = ONE_SETTING_CONFIG
 
     ckpt = tmp_path / "linear.pt"
-    train_probe_grid(fresh(), CachedBatches(features, labels, 16), config, checkpoint=ckpt, trained_on="a",
+    train_probe_grid(one_linear_probe(), CachedBatches(features, labels, 16), config, checkpoint=ckpt, trained_on="a",
                      progress=False)  # fmt: skip
     calls = []
 
@@ -222,28 +227,24 @@ def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path):
         calls.append(i)
         return CachedBatches(features, labels, 16)(i)
 
-    train_probe_grid(fresh(), counting, config, checkpoint=ckpt, trained_on="a", progress=False)
+    train_probe_grid(one_linear_probe(), counting, config, checkpoint=ckpt, trained_on="a", progress=False)
     assert calls == []  # same data: the finished grid is reused
-    train_probe_grid(fresh(), counting, config, checkpoint=ckpt, trained_on="b", progress=False)
+    train_probe_grid(one_linear_probe(), counting, config, checkpoint=ckpt, trained_on="b", progress=False)
     assert calls == [0, 1, 2, 3, 4]  # other data: trained again from scratch
     assert torch.load(ckpt, weights_only=True)["trained_on"] == "b"
 
 
 def test_a_probe_checkpoint_with_a_changed_byte_is_refused_in_one_line(tmp_path):
     features, labels = toy_problem()
-    config = ProbeTrainingConfig(iterations=5, warmup_iterations=1, batch_size=16, learning_rates=(1e-2,),
-                                 weight_decays=(1e-3,))  # fmt: skip
-
-    def fresh():
-        torch.manual_seed(0)
-        return ProbeGrid({"x": ("linear", 8)}, 3, learning_rates=(1e-2,), weight_decays=(1e-3,))
+    config = ONE_SETTING_CONFIG
 
     ckpt = tmp_path / "linear.pt"
     batches = CachedBatches(features, labels, 16)
-    train_probe_grid(fresh(), batches, config, checkpoint=ckpt, trained_on="a", progress=False)
+    train_probe_grid(one_linear_probe(), batches, config, checkpoint=ckpt, trained_on="a", progress=False)
     member = flip_a_bit_inside_the_largest_zip_member(ckpt)
-    with pytest.raises(ValueError, match=f"Probe checkpoint '{ckpt}' is damaged \\(its member '{member}' does not"):
-        train_probe_grid(fresh(), batches, config, checkpoint=ckpt, trained_on="a", progress=False)
+    damaged = f"Probe checkpoint '{ckpt}' is damaged: its member '{member}' does not match its CRC-32"
+    with pytest.raises(ValueError, match=damaged):
+        train_probe_grid(one_linear_probe(), batches, config, checkpoint=ckpt, trained_on="a", progress=False)
 
 
 def test_a_full_disk_while_saving_probes_is_a_write_error_and_leaves_nothing(tmp_path):
